@@ -1,0 +1,33 @@
+"""bbt: black-box tuning of language models served as an API (BBT, BBTv2).
+
+The client library imports no torch: CMA-ES (pycma) proposes intrinsic vectors z, a seeded
+random projection maps them to soft prompts, and a Backend scores each population, either in
+this process or on a server over HTTP.
+"""
+
+__version__ = "0.1.0"
+
+from bbt.budget import Budget, Ledger
+from bbt.config import TuneConfig
+from bbt.data import Split, TaskData, k_shot, load_file, load_task_folder
+from bbt.errors import (
+    AuthError,
+    BackendError,
+    BBTError,
+    ConfigError,
+    DataError,
+    ModelNotFound,
+    RequestRejected,
+    ServerUnavailable,
+)
+from bbt.optimizer import CMAES
+from bbt.projection import build_matrix, normal_spec, project, uniform_spec
+from bbt.tasks import BUILTIN_TASKS, load_task_file, resolve_task
+from bbt.tuner import Prompt, TuneResult, tune
+
+__all__ = sorted([
+    "AuthError", "BBTError", "BUILTIN_TASKS", "BackendError", "Budget", "CMAES", "ConfigError", "DataError",
+    "Ledger", "ModelNotFound", "Prompt", "RequestRejected", "ServerUnavailable", "Split", "TaskData",
+    "TuneConfig", "TuneResult", "__version__", "build_matrix", "k_shot", "load_file", "load_task_file",
+    "load_task_folder", "normal_spec", "project", "resolve_task", "tune", "uniform_spec",
+])

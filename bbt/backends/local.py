@@ -1,0 +1,32 @@
+"""In-process backend: the model runs inside this Python process (needs the `server` extra)."""
+
+from __future__ import annotations
+
+from bbt.errors import ConfigError
+from bbt.protocol import EvaluateRequest, EvaluateResponse, ModelInfo, StatsRequest, StatsResponse
+
+
+class LocalBackend:
+    """Calls the server's evaluation code directly, with the same protocol objects as HTTP."""
+
+    def __init__(self, models: list[str] | None = None):
+        try:
+            from servers import service
+        except ImportError as exc:
+            raise ConfigError(
+                f"running a model in process needs the model side ({exc.name} is missing): "
+                "pip install 'bbt[server]', or tune against a server with --endpoint URL"
+            ) from None
+        self._service = service.ModelService(models or [])
+
+    def model_info(self, model: str) -> ModelInfo:
+        return self._service.get(model).info()
+
+    def stats(self, request: StatsRequest) -> StatsResponse:
+        return self._service.stats(request)
+
+    def evaluate(self, request: EvaluateRequest) -> EvaluateResponse:
+        return self._service.evaluate(request)
+
+    def close(self) -> None:
+        pass

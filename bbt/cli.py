@@ -1,0 +1,237 @@
+"""The `bbt` command: tune | evaluate | predict | serve | demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from bbt import __version__
+from bbt.budget import Budget
+from bbt.config import TuneConfig
+from bbt.errors import BBTError
+
+EXAMPLES = """examples:
+  bbt tune --task sst2 --data ../shared/data/sst2 --seed 42 --budget 2000 --out runs/sst2-42
+  bbt tune --task sst2 --data ../shared/data/sst2 --endpoint http://127.0.0.1:8000 --budget 400 --out runs/http
+  bbt evaluate --run runs/sst2-42 --split test
+  bbt predict --run runs/sst2-42 "a gripping, well acted film" "a dull mess"
+  bbt serve --model minilm --port 8000
+  bbt demo
+"""
+
+
+def _add_backend_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("where the model runs")
+    g.add_argument("--endpoint", action="append", metavar="URL",
+                   help="a bbt server (repeat to split each population across several); default: in this process")
+    g.add_argument("--api-key", metavar="KEY", help="API key for the endpoint (or set BBT_API_KEY)")
+    g.add_argument("--timeout", type=float, default=120.0, metavar="S", help="seconds to wait for one answer (default 120)")
+    g.add_argument("--retries", type=int, default=5, metavar="N", help="retries on connection errors, 5xx and 429 (default 5)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bbt",
+        description="Black-box tuning of language models served as an API: CMA-ES searches a small vector z, "
+        "a fixed random matrix maps it to a soft prompt, every candidate costs one query.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"bbt {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    d = TuneConfig()
+    t = sub.add_parser("tune", help="tune a soft prompt for a few-shot task", description=(
+        "Tune a soft prompt with CMA-ES within a query budget, then score it on the test split. "
+        "Writes config.json, log.jsonl, prompt.json and metrics.json to --out."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = t.add_argument_group("task and data")
+    g.add_argument("--task", help="built-in task (sst2 yelpp agnews dbpedia mrpc rte snli) or a .json/.yaml task file; "
+                   "default: DATA/task.json")
+    g.add_argument("--data", required=True, metavar="DIR",
+                   help="task folder: task.json, 16shot/seedS/{train,dev}.jsonl, test.jsonl (or a pool.jsonl to sample from)")
+    g.add_argument("--seed", type=int, default=d.seed, help="picks the 16-shot split and seeds the search")
+    g.add_argument("--k-shot", type=int, default=d.k_shot, help="examples per class when sampling from a pool")
+    g.add_argument("--out", required=True, metavar="DIR", help="run folder to write")
+    m = t.add_argument_group("method")
+    m.add_argument("--method", choices=["bbt", "bbtv2"], default=d.method, help="bbt: input prompt; bbtv2: deep prompt, layer by layer")
+    m.add_argument("--model", default=d.model, help="model name, or a local model directory (in process)")
+    m.add_argument("--prompt-length", type=int, default=d.prompt_length, metavar="L", help="soft-prompt tokens")
+    m.add_argument("--intrinsic-dim", type=int, default=d.intrinsic_dim, metavar="D", help="dimension of z")
+    m.add_argument("--popsize", type=int, default=d.popsize, help="CMA-ES population (queries per generation)")
+    m.add_argument("--sigma", type=float, default=d.sigma, help="CMA-ES initial step size")
+    m.add_argument("--loss", choices=["ce", "hinge", "perf"], default=d.loss, help="loss CMA-ES minimises")
+    m.add_argument("--projection", choices=["normal", "uniform"], default=d.projection, help="random projection A")
+    m.add_argument("--alpha", type=float, default=d.alpha, help="scale of the normal projection")
+    m.add_argument("--bound", type=float, default=None, help="keep z in [-BOUND, BOUND] (default: unbounded)")
+    m.add_argument("--diagonal", action="store_true", help="separable CMA-ES, for a large intrinsic dimension")
+    m.add_argument("--encoding", choices=["intrinsic", "float32", "float16"], default=d.encoding,
+                   help="candidates on the wire: z + projection seed, or prompts as float32/float16")
+    b = t.add_argument_group("budget (tuning: train and dev queries; never exceeded)")
+    b.add_argument("--budget", type=int, default=d.budget.queries, metavar="QUERIES", help="queries (candidates scored)")
+    b.add_argument("--max-requests", type=int, metavar="N", help="round trips")
+    b.add_argument("--max-examples", type=int, metavar="N", help="examples scored (queries x batch)")
+    b.add_argument("--max-tokens", type=int, metavar="N", help="tokens billed")
+    b.add_argument("--max-cost", type=float, metavar="X", help="money, with --price-per-1k-tokens")
+    b.add_argument("--price-per-1k-tokens", type=float, default=0.0, metavar="X", help="price of 1000 tokens")
+    t.add_argument("--dry-run", action="store_true", help="print what the run would spend and exit")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_backend_args(t)
+
+    e = sub.add_parser("evaluate", help="score a tuned prompt on a split", description=(
+        "Score a run's prompt (and the zero-prompt model) on a split of its data folder."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("--run", required=True, metavar="DIR", help="run folder written by bbt tune")
+    e.add_argument("--split", choices=["train", "dev", "test"], default="test", help="which split")
+    e.add_argument("--data", metavar="DIR", help="data folder (default: the one the run used)")
+    _add_backend_args(e)
+
+    p = sub.add_parser("predict", help="label texts with a tuned prompt",
+                       description="Print the predicted label and class probabilities of each text as JSON lines.")
+    p.add_argument("--run", required=True, metavar="DIR", help="run folder written by bbt tune")
+    p.add_argument("texts", nargs="+", metavar="TEXT", help="texts to label (pair tasks: TEXT and PAIR joined by ' ||| ')")
+    _add_backend_args(p)
+
+    s = sub.add_parser("serve", help="start the bundled inference server", description=(
+        "Serve models over HTTP (protocol v1, OpenAPI page at /docs)."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("--model", action="append", metavar="[NAME=]PATH",
+                   help="model to serve: minilm, a local directory, or NAME=DIR (repeat for several); default: minilm")
+    s.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    s.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
+    s.add_argument("--api-keys", metavar="FILE", help="file with one allowed API key per line; default: no keys needed")
+    s.add_argument("--max-candidates", type=int, default=256, help="candidates per request")
+    s.add_argument("--max-examples", type=int, default=10000, help="inputs per request")
+    s.add_argument("--max-body-mb", type=float, default=64.0, help="request body size in MB")
+
+    demo = sub.add_parser("demo", help="a short tuning run on the bundled demo task through a local server",
+                          description="Start the bundled server on a free loopback port, tune the demo task through it, "
+                          "and print accuracy before and after.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    demo.add_argument("--budget", type=int, default=300, help="queries")
+    demo.add_argument("--out", default="runs/demo", help="run folder")
+    demo.add_argument("--in-process", action="store_true", help="skip the server; run the model in this process")
+    return parser
+
+
+def make_backend(args):
+    if getattr(args, "endpoint", None):
+        from bbt.backends.http import HTTPBackend
+
+        return HTTPBackend(args.endpoint, api_key=args.api_key, timeout=args.timeout, retries=args.retries)
+    from bbt.backends.local import LocalBackend
+
+    return LocalBackend()
+
+
+def cmd_tune(args) -> int:
+    from bbt.data import load_task_folder
+    from bbt.run import run_tune
+    from bbt.tasks import resolve_task
+
+    budget = Budget(queries=args.budget, requests=args.max_requests, examples=args.max_examples, tokens=args.max_tokens,
+                    cost=args.max_cost, price_per_1k_tokens=args.price_per_1k_tokens)
+    cfg = TuneConfig(model=args.model, method=args.method, seed=args.seed, prompt_length=args.prompt_length,
+                     intrinsic_dim=args.intrinsic_dim, popsize=args.popsize, sigma=args.sigma, loss=args.loss,
+                     projection=args.projection, alpha=args.alpha, bound=args.bound, diagonal=args.diagonal,
+                     encoding=args.encoding, k_shot=args.k_shot, budget=budget)
+    task = resolve_task(args.task, args.data)
+    data = load_task_folder(args.data, task, seed=args.seed, k=args.k_shot)
+    backend = make_backend(args)
+    try:
+        if args.dry_run:
+            from bbt.estimate import estimate
+
+            print(estimate(backend, cfg, task, data).describe())
+            return 0
+        context = {"data": str(Path(args.data).resolve()), "endpoint": args.endpoint}
+        run_tune(cfg, task, data, backend, args.out, context=context, progress=not args.quiet)
+    finally:
+        backend.close()
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from bbt.data import load_task_folder
+    from bbt.run import evaluate_split, load_artifact, load_run_config
+
+    artifact = load_artifact(args.run)
+    run_cfg = load_run_config(args.run)
+    data_dir = args.data or run_cfg.get("data")
+    if not data_dir:
+        raise BBTError("the run does not record its data folder: pass --data DIR")
+    seed = run_cfg.get("config", {}).get("seed", 42)
+    data = load_task_folder(data_dir, artifact.task, seed=seed, k=run_cfg.get("config", {}).get("k_shot", 16))
+    split = {"train": data.train, "dev": data.dev, "test": data.test}[args.split]
+    backend = make_backend(args)
+    try:
+        tuned, _ = evaluate_split(backend, artifact.model, artifact.task, split, artifact.prompt())
+        zero, _ = evaluate_split(backend, artifact.model, artifact.task, split, None)
+    finally:
+        backend.close()
+    name = data.test_name if args.split == "test" else args.split
+    result = {"split": name, "examples": len(split), "acc": tuned.accuracy, "loss": tuned.loss,
+              "zero_prompt_acc": zero.accuracy}
+    if artifact.task.metric == "f1":
+        result.update(f1=tuned.metric, zero_prompt_f1=zero.metric)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from bbt.run import load_artifact, predict
+
+    artifact = load_artifact(args.run)
+    texts, pairs = args.texts, None
+    if artifact.task.pair:
+        split = [t.split(" ||| ", 1) for t in args.texts]
+        if any(len(s) != 2 for s in split):
+            raise BBTError(f"task {artifact.task.name!r} takes pairs: write each as 'TEXT ||| PAIR'")
+        texts, pairs = [s[0] for s in split], [s[1] for s in split]
+    backend = make_backend(args)
+    try:
+        for text, (label, probs) in zip(args.texts, predict(backend, artifact, texts, pairs)):
+            print(json.dumps({"text": text, "label": label, "probs": dict(zip(artifact.task.labels, probs))}))
+    finally:
+        backend.close()
+    return 0
+
+
+def cmd_serve(args) -> int:
+    try:
+        from servers.app import serve
+    except ImportError as exc:
+        raise BBTError(f"bbt serve needs the server extra ({exc.name} is missing): pip install 'bbt[server]'") from None
+    serve(models=args.model or ["minilm"], host=args.host, port=args.port, api_keys_file=args.api_keys,
+          max_candidates=args.max_candidates, max_examples=args.max_examples, max_body_mb=args.max_body_mb)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from bbt.demo import run_demo
+
+    return run_demo(budget=args.budget, out=args.out, in_process=args.in_process)
+
+
+COMMANDS = {"tune": cmd_tune, "evaluate": cmd_evaluate, "predict": cmd_predict, "serve": cmd_serve, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except BBTError as exc:
+        print(f"bbt {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"bbt {args.command}: interrupted; the run folder keeps what was spent so far", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

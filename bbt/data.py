@@ -1,0 +1,172 @@
+"""Labelled examples: file loaders, the task-folder layout, and a seeded k-shot sampler.
+
+Files: JSONL (one {"text", "text_pair"?, "label"} object a line), CSV or TSV with a header
+holding `text`, optional `text_pair` and `label`. A label is an index or a label name.
+
+Task folder (the layout of the shared benchmark data)::
+
+    TASK/task.json                    {"name", "labels", "pair"} (+ optional template, ...)
+    TASK/16shot/seedS/train.jsonl     k examples per class
+    TASK/16shot/seedS/dev.jsonl
+    TASK/test.jsonl                   optional
+    TASK/pool.jsonl | train.jsonl     optional pool: sampled k-shot when no seedS folder exists
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bbt.errors import DataError
+from bbt.protocol import Example, TaskSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Split:
+    """N examples with their labels."""
+
+    examples: list[Example]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+@dataclass
+class TaskData:
+    train: Split
+    dev: Split
+    test: Split | None
+    test_name: str = "test"  # "dev" where the folder has no test set
+    notes: list[str] = field(default_factory=list)
+
+
+def load_file(path: str | Path, task: TaskSpec) -> Split:
+    """Read a .jsonl, .csv or .tsv file of labelled examples; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    suffix = path.suffix.lower()
+    try:
+        with path.open(encoding="utf-8", newline="") as fh:
+            if suffix == ".jsonl":
+                rows = list(_jsonl_rows(fh, path))
+            elif suffix in (".csv", ".tsv"):
+                reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
+                if reader.fieldnames is None or "text" not in reader.fieldnames or "label" not in reader.fieldnames:
+                    raise DataError(f"{path}: the header must name 'text' and 'label' columns, got {reader.fieldnames}")
+                rows = [(i + 2, row) for i, row in enumerate(reader)]
+            else:
+                raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .csv or .tsv")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    examples, labels = [], []
+    for line_no, row in rows:
+        ex, y = _parse_row(row, task, f"{path}:{line_no}")
+        examples.append(ex)
+        labels.append(y)
+    if not examples:
+        raise DataError(f"{path}: no examples")
+    return Split(examples, labels)
+
+
+def _jsonl_rows(fh, path: Path):
+    for line_no, line in enumerate(fh, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from exc
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{line_no}: expected an object with 'text' and 'label'")
+        yield line_no, row
+
+
+def _parse_row(row: dict, task: TaskSpec, where: str) -> tuple[Example, int]:
+    text = row.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise DataError(f"{where}: 'text' is missing or empty")
+    pair = row.get("text_pair") or None
+    if task.pair and not isinstance(pair, str):
+        raise DataError(f"{where}: task {task.name!r} is a pair task but 'text_pair' is missing")
+    raw = row.get("label")
+    if isinstance(raw, str) and raw in task.labels:
+        label = task.labels.index(raw)
+    else:
+        try:
+            label = int(raw)
+        except (TypeError, ValueError):
+            raise DataError(f"{where}: label {raw!r} is neither an index nor one of {task.labels}") from None
+        if str(raw).strip() != str(label) and not isinstance(raw, int):
+            raise DataError(f"{where}: label {raw!r} is not an integer")
+    if not 0 <= label < len(task.labels):
+        raise DataError(f"{where}: label {label} outside 0..{len(task.labels) - 1}")
+    return Example(text=text, text_pair=pair if task.pair else None), label
+
+
+def k_shot(split: Split, k: int, seed: int, n_classes: int, *, exclude: set[int] | frozenset = frozenset()) -> tuple[Split, list[int]]:
+    """k examples per class drawn without replacement (seeded); returns them and their indices.
+
+    Indices in `exclude` are never drawn, so a dev split sampled with the train indices excluded
+    is disjoint from train. A class with fewer than k candidates is a DataError.
+    """
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(split.labels)
+    chosen: list[int] = []
+    for c in range(n_classes):
+        pool = [i for i in np.flatnonzero(labels == c) if i not in exclude]
+        if len(pool) < k:
+            raise DataError(f"class {c} has {len(pool)} examples left, {k} needed for a {k}-shot split")
+        chosen.extend(int(i) for i in rng.choice(pool, size=k, replace=False))
+    return Split([split.examples[i] for i in chosen], [split.labels[i] for i in chosen]), chosen
+
+
+def load_task_folder(folder: str | Path, task: TaskSpec, *, seed: int, k: int = 16) -> TaskData:
+    """train/dev/test of a task folder: the folder's k-shot split for `seed`, or one sampled from its pool."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"data folder not found: {folder}")
+    notes: list[str] = []
+    shot_dir = folder / f"{k}shot" / f"seed{seed}"
+    if shot_dir.is_dir():
+        train = load_file(_one_of(shot_dir, "train"), task)
+        dev = load_file(_one_of(shot_dir, "dev"), task)
+    else:
+        pool_file = next((p for p in (_maybe(folder, "pool"), _maybe(folder, "train")) if p), None)
+        if pool_file is None:
+            have = sorted(p.name for p in (folder / f"{k}shot").glob("seed*")) if (folder / f"{k}shot").is_dir() else []
+            raise DataError(
+                f"{folder}: no {k}shot/seed{seed}/ split and no pool.jsonl or train.jsonl to sample one from"
+                + (f" (splits present: {', '.join(have)})" if have else "")
+            )
+        pool = load_file(pool_file, task)
+        train, used = k_shot(pool, k, seed, len(task.labels))
+        dev, _ = k_shot(pool, k, seed + 1, len(task.labels), exclude=set(used))
+        notes.append(f"sampled {k}-shot train and dev from {pool_file.name} with seed {seed}")
+    test_file = _maybe(folder, "test")
+    if test_file is not None:
+        return TaskData(train, dev, load_file(test_file, task), "test", notes)
+    notes.append("no test set in the folder: test metrics are measured on the dev split")
+    return TaskData(train, dev, dev, "dev", notes)
+
+
+def _maybe(folder: Path, stem: str) -> Path | None:
+    for suffix in (".jsonl", ".csv", ".tsv"):
+        if (folder / f"{stem}{suffix}").is_file():
+            return folder / f"{stem}{suffix}"
+    return None
+
+
+def _one_of(folder: Path, stem: str) -> Path:
+    found = _maybe(folder, stem)
+    if found is None:
+        raise DataError(f"{folder}: no {stem}.jsonl, {stem}.csv or {stem}.tsv")
+    return found

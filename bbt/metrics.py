@@ -1,0 +1,70 @@
+"""Losses that CMA-ES minimises and the metrics a run reports, on class logits.
+
+All functions take logits of shape [K, N, C] (K candidates, N examples, C classes) and integer
+labels [N], and return one number per candidate, shape [K]. numpy only: the server scores with the
+same code the client uses.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+HINGE_MARGIN = 2.0  # BBT's MultiMarginLoss margin
+
+
+def _check(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    if logits.ndim != 3 or labels.shape != (logits.shape[1],):
+        raise ValueError(f"logits {logits.shape} and labels {labels.shape}: expected [K, N, C] and [N]")
+    return logits, labels
+
+
+def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Mean softmax cross-entropy per candidate (nats)."""
+    logits, labels = _check(logits, labels)
+    shifted = logits - logits.max(axis=2, keepdims=True)
+    log_z = np.log(np.exp(shifted).sum(axis=2))
+    picked = np.take_along_axis(shifted, labels[None, :, None], axis=2)[..., 0]
+    return (log_z - picked).mean(axis=1)
+
+
+def hinge(logits: np.ndarray, labels: np.ndarray, margin: float = HINGE_MARGIN) -> np.ndarray:
+    """Multi-class margin loss: mean over examples of sum_{j != y} max(0, margin - s_y + s_j) / C."""
+    logits, labels = _check(logits, labels)
+    correct = np.take_along_axis(logits, labels[None, :, None], axis=2)
+    terms = np.maximum(0.0, margin - correct + logits)
+    terms[:, np.arange(len(labels)), labels] = 0.0
+    return terms.sum(axis=2).mean(axis=1) / logits.shape[2]
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Fraction of examples whose arg-max class is the label."""
+    logits, labels = _check(logits, labels)
+    return (logits.argmax(axis=2) == labels[None, :]).mean(axis=1)
+
+
+def f1(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Binary F1 with class 1 as positive (MRPC's 'equivalent'); 0 where nothing is predicted positive."""
+    logits, labels = _check(logits, labels)
+    pred = logits.argmax(axis=2) == 1
+    gold = (labels == 1)[None, :]
+    tp = (pred & gold).sum(axis=1)
+    denom = pred.sum(axis=1) + gold.sum(axis=1)
+    return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
+
+
+def loss(kind: str, logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The loss named by `kind`: 'ce' (cross-entropy), 'hinge' (margin 2), 'perf' (negative accuracy)."""
+    if kind == "ce":
+        return cross_entropy(logits, labels)
+    if kind == "hinge":
+        return hinge(logits, labels)
+    if kind == "perf":
+        return -accuracy(logits, labels)
+    raise ValueError(f"unknown loss {kind!r}: choose ce, hinge or perf")
+
+
+def score(metric: str, logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The task's headline metric: 'acc' or 'f1'."""
+    return f1(logits, labels) if metric == "f1" else accuracy(logits, labels)

@@ -1,0 +1,61 @@
+"""The fixed random projection A that maps an intrinsic vector z (d numbers) to a prompt.
+
+    p = A z + p0,   A: D x d,   D = L * H   (L prompt tokens, H hidden size)
+
+A is never stored or sent: it is regenerated from a `ProjectionSpec` (kind, seed, d, D, scale)
+with numpy's PCG64 generator, so the client and any server build the same matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+
+from bbt.protocol import ProjectionSpec
+
+
+def uniform_spec(*, seed: int, d: int, D: int) -> ProjectionSpec:
+    """A as PyTorch's nn.Linear(d, D) default init draws it: U(-1/sqrt(d), 1/sqrt(d)) (the BBT paper)."""
+    return ProjectionSpec(kind="uniform", seed=seed, d=d, D=D, scale=1.0 / math.sqrt(d))
+
+
+def normal_spec(*, seed: int, d: int, D: int, target_std: float, alpha: float = 1.0, sigma: float = 1.0) -> ProjectionSpec:
+    """A ~ N(0, s^2) with s = alpha * target_std / (sqrt(d) * sigma) (BBT code, BBTv2 paper).
+
+    With z ~ N(0, sigma^2 I) (CMA-ES's first population) every entry of A z then has std
+    alpha * target_std: the prompt starts at the scale of the model's own embeddings.
+    """
+    if not (math.isfinite(target_std) and target_std > 0):
+        raise ValueError(f"target_std must be a positive number, got {target_std}")
+    return ProjectionSpec(kind="normal", seed=seed, d=d, D=D, scale=alpha * target_std / (math.sqrt(d) * sigma))
+
+
+def build_matrix(spec: ProjectionSpec) -> np.ndarray:
+    """A as a float32 array of shape (D, d), identical on every machine for the same spec."""
+    rng = np.random.Generator(np.random.PCG64(spec.seed))
+    if spec.kind == "uniform":
+        a = rng.random((spec.D, spec.d), dtype=np.float32)
+        return (a * np.float32(2 * spec.scale) - np.float32(spec.scale)).astype(np.float32)
+    a = rng.standard_normal((spec.D, spec.d), dtype=np.float32)
+    return a * np.float32(spec.scale)
+
+
+@lru_cache(maxsize=8)
+def cached_matrix(spec: ProjectionSpec) -> np.ndarray:
+    """`build_matrix` memoised by spec (a 50x384 prompt with d=500 is a 38 MB matrix)."""
+    matrix = build_matrix(spec)
+    matrix.flags.writeable = False
+    return matrix
+
+
+def project(z: np.ndarray, spec: ProjectionSpec, p0: np.ndarray | None = None) -> np.ndarray:
+    """Prompts for a batch of intrinsic vectors: z [K, d] -> A z + p0, shape [K, D] (float32)."""
+    z = np.asarray(z, dtype=np.float32)
+    if z.ndim != 2 or z.shape[1] != spec.d:
+        raise ValueError(f"z has shape {z.shape}, expected [K, {spec.d}]")
+    out = z @ cached_matrix(spec).T  # (K, D)
+    if p0 is not None:
+        out = out + np.asarray(p0, dtype=np.float32).reshape(1, spec.D)
+    return out

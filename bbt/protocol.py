@@ -1,0 +1,235 @@
+"""Protocol v1: the one contract between the bbt client and a model server.
+
+Every request and answer that crosses the client/model boundary is one of these pydantic
+models, whether it travels as JSON over HTTP (`bbt.backends.http`) or as Python objects to an
+in-process model (`bbt.backends.local`). Keeping both paths on the same objects is what makes an
+HTTP run reproduce an in-process run bit for bit.
+
+Tensors travel as compact binary: base64 of little-endian float32 or float16 with an explicit
+shape (never pickle, never ``torch.load``). A population of K candidate prompts is either
+
+- ``PromptTensor``: the prompts themselves, shape [K, layers, L, H], or
+- ``IntrinsicPrompts``: the intrinsic vectors z, shape [K, layers, d], plus one projection spec
+  per layer; the server rebuilds each A from its seed (about D/d = 40x less upload).
+
+``layers`` is 1 for BBT (a prompt at the input embeddings) or the model's number of layers for
+BBTv2 (entry 0 replaces the input embeddings at the prompt positions, entry l >= 1 is added to
+the hidden states entering layer l).
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from typing import Annotated, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+PROTOCOL_VERSION = "1"
+
+LossKind = Literal["ce", "hinge", "perf"]
+DType = Literal["float32", "float16"]
+
+_NP_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class Tensor(_Model):
+    """A dense array as base64 of little-endian bytes in C order."""
+
+    dtype: DType = "float32"
+    shape: list[Annotated[int, Field(ge=0)]]
+    data: str = Field(description="base64 of the little-endian array bytes, C order")
+
+    @model_validator(mode="after")
+    def _size_matches_shape(self) -> Tensor:
+        expected = math.prod(self.shape) * _NP_DTYPES[self.dtype].itemsize
+        # base64 length is 4 * ceil(n / 3): check before decoding anything large.
+        if len(self.data) != 4 * math.ceil(expected / 3):
+            raise ValueError(
+                f"data holds {len(self.data)} base64 characters, but shape {self.shape} of "
+                f"{self.dtype} needs {4 * math.ceil(expected / 3)} ({expected} bytes)"
+            )
+        return self
+
+    @classmethod
+    def from_numpy(cls, array: np.ndarray, dtype: DType = "float32") -> Tensor:
+        arr = np.ascontiguousarray(array, dtype=_NP_DTYPES[dtype])
+        return cls(dtype=dtype, shape=list(arr.shape), data=base64.b64encode(arr.tobytes()).decode())
+
+    def to_numpy(self) -> np.ndarray:
+        """Decode to a float32 array (float16 payloads are widened)."""
+        try:
+            raw = base64.b64decode(self.data, validate=True)
+        except ValueError as exc:
+            raise ValueError(f"data is not valid base64: {exc}") from exc
+        arr = np.frombuffer(raw, dtype=_NP_DTYPES[self.dtype]).reshape(self.shape)
+        return arr.astype(np.float32)
+
+
+class ProjectionSpec(_Model):
+    """Everything needed to regenerate a random projection A (D x d) exactly."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)  # hashable: a cache key for A
+
+    kind: Literal["uniform", "normal"] = Field(
+        description="uniform: U(-scale, scale), PyTorch Linear's default init when scale = 1/sqrt(d); "
+        "normal: N(0, scale^2)"
+    )
+    seed: int = Field(ge=0, description="seed of numpy's PCG64 generator that draws A")
+    d: int = Field(ge=1, description="intrinsic dimension (columns of A)")
+    D: int = Field(ge=1, description="prompt dimension L * H (rows of A)")
+    scale: float = Field(gt=0, description="uniform: half-width; normal: standard deviation")
+
+    @field_validator("scale")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("scale must be finite")
+        return v
+
+
+class PromptTensor(_Model):
+    """Candidate prompts sent as they are, shape [K, layers, L, H]."""
+
+    type: Literal["prompts"] = "prompts"
+    prompts: Tensor
+
+
+class IntrinsicPrompts(_Model):
+    """Candidates as intrinsic vectors z [K, layers, d]; the server computes p_l = A_l z_l + p0_l."""
+
+    type: Literal["intrinsic"] = "intrinsic"
+    z: Tensor = Field(description="shape [K, layers, d]")
+    projections: list[ProjectionSpec] = Field(min_length=1, description="one spec per prompted layer")
+    prompt_length: int = Field(ge=1, description="L, the number of prompt tokens")
+    p0: Tensor | None = Field(default=None, description="offset, shape [layers, L, H]; zeros if absent")
+
+
+Candidates = Annotated[PromptTensor | IntrinsicPrompts, Field(discriminator="type")]
+
+
+class TaskSpec(_Model):
+    """How a model turns an input into class scores: template, verbalizer, label texts."""
+
+    name: str = Field(min_length=1, max_length=100)
+    labels: list[str] = Field(min_length=2, max_length=100, description="label names, index order")
+    template: str = Field(
+        default="{text} . It was {mask} .",
+        max_length=1000,
+        description="input pattern with {text}, optionally {text_pair}, and {mask} where the "
+        "verbalizer word goes (masked LMs: the mask token; causal LMs: the text before {mask})",
+    )
+    verbalizer: list[str] = Field(description="one word per label, scored at {mask}")
+    label_texts: list[str] = Field(description="one description per label, for sentence encoders")
+    pair: bool = False
+    metric: Literal["acc", "f1"] = "acc"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TaskSpec:
+        n = len(self.labels)
+        for field in ("verbalizer", "label_texts"):
+            if len(getattr(self, field)) != n:
+                raise ValueError(f"{field} has {len(getattr(self, field))} entries, labels has {n}")
+        if "{text}" not in self.template or "{mask}" not in self.template:
+            raise ValueError(f"template must contain {{text}} and {{mask}}: {self.template!r}")
+        if self.pair and "{text_pair}" not in self.template:
+            raise ValueError("a pair task's template must contain {text_pair}")
+        if self.metric == "f1" and n != 2:
+            raise ValueError("metric f1 is for two-class tasks")
+        return self
+
+
+class Example(_Model):
+    text: str
+    text_pair: str | None = None
+
+
+class Usage(_Model):
+    """What a request spent. queries = candidates scored (K); examples = K * N."""
+
+    queries: int = 0
+    requests: int = 0
+    examples: int = 0
+    tokens: int = 0
+
+
+class EvaluateRequest(_Model):
+    """Score K candidate prompts (or none: the zero-prompt model) on N inputs."""
+
+    model: str
+    task: TaskSpec
+    inputs: list[Example] = Field(min_length=1)
+    labels: list[int] | None = Field(default=None, description="needed for losses")
+    loss: LossKind = "ce"
+    return_logits: bool = False
+    candidates: Candidates | None = Field(
+        default=None, description="absent: the frozen model with the template and no soft prompt (K=1)"
+    )
+
+    @model_validator(mode="after")
+    def _labels_fit(self) -> EvaluateRequest:
+        if self.labels is not None:
+            if len(self.labels) != len(self.inputs):
+                raise ValueError(f"{len(self.labels)} labels for {len(self.inputs)} inputs")
+            bad = [y for y in self.labels if not 0 <= y < len(self.task.labels)]
+            if bad:
+                raise ValueError(f"labels {bad[:5]} outside 0..{len(self.task.labels) - 1}")
+        if self.labels is None and not self.return_logits:
+            raise ValueError("nothing to return: give labels (for losses) or set return_logits")
+        return self
+
+
+class EvaluateResponse(_Model):
+    model: str
+    losses: list[float] | None = Field(default=None, description="one per candidate")
+    logits: Tensor | None = Field(default=None, description="class scores, shape [K, N, C]")
+    usage: Usage
+
+
+class StatsRequest(_Model):
+    """Token counts and hidden-state statistics of a task's inputs (no prompt)."""
+
+    model: str
+    task: TaskSpec
+    inputs: list[Example] = Field(min_length=1)
+
+
+class StatsResponse(_Model):
+    model: str
+    tokens: list[int] = Field(description="tokens per input with the template, prompt excluded")
+    hidden_std: list[float] = Field(description="std of the hidden states entering each layer")
+    usage: Usage
+
+
+class ModelInfo(_Model):
+    name: str
+    family: Literal["encoder", "masked", "causal"]
+    hidden_size: int
+    num_layers: int
+    max_prompt_tokens: int
+    max_input_tokens: int
+    embedding_std: float = Field(description="std of the word embedding table")
+    hidden_std: list[float] = Field(description="std of the hidden states entering each layer, on sample text")
+    modes: list[str] = Field(description="'bbt' (input prompt) and/or 'bbtv2' (deep prompt)")
+
+
+class ModelList(_Model):
+    models: list[ModelInfo]
+
+
+class Health(_Model):
+    status: Literal["ok"] = "ok"
+    protocol: str = PROTOCOL_VERSION
+    models: list[str]
+
+
+class ErrorBody(_Model):
+    """The JSON body of every 4xx/5xx answer."""
+
+    error: str = Field(description="a short machine-readable kind, e.g. 'invalid_request'")
+    detail: str = Field(description="what was wrong and how to mend it")

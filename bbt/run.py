@@ -1,0 +1,192 @@
+"""A tuning run from start to finish, and its folder on disk.
+
+    RUN/config.json    the TuneConfig, task and data the run used
+    RUN/log.jsonl      one line per generation
+    RUN/prompt.json    the artifact: z, projection specs, model, task (versioned)
+    RUN/metrics.json   train/dev/test scores, zero-prompt baseline, spending, timings
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from bbt import __version__, metrics
+from bbt.backends.base import Backend
+from bbt.budget import Ledger
+from bbt.config import TuneConfig
+from bbt.data import Split, TaskData
+from bbt.errors import ConfigError
+from bbt.protocol import EvaluateRequest, Example, ProjectionSpec, TaskSpec, Usage
+from bbt.tuner import Evaluation, Prompt, tune
+
+ARTIFACT_VERSION = 1
+EVAL_CHUNK = 500  # examples per evaluation request (servers cap N per request)
+
+
+class PromptArtifact(BaseModel):
+    """prompt.json: everything needed to use a tuned prompt again (A is rebuilt from its seed)."""
+
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    version: int = ARTIFACT_VERSION
+    method: str
+    model: str
+    task: TaskSpec
+    prompt_length: int
+    z: list[list[float]]  # (layers, d)
+    projections: list[ProjectionSpec]
+    p0: None = None  # the offset is zero; kept in the format for later use
+
+    def prompt(self) -> Prompt:
+        return Prompt(z=np.asarray(self.z, dtype=np.float64), projections=self.projections, prompt_length=self.prompt_length)
+
+
+def evaluate_split(backend: Backend, model: str, task: TaskSpec, split: Split, prompt: Prompt | None,
+                   ledger: Ledger | None = None, loss: str = "ce") -> tuple[Evaluation, np.ndarray]:
+    """Scores of one prompt (None: the zero-prompt model) on a whole split; logits [N, C].
+
+    Large splits go out in chunks of EVAL_CHUNK examples; spending is booked as evaluation.
+    """
+    chunks = []
+    for start in range(0, len(split), EVAL_CHUNK):
+        inputs = split.examples[start : start + EVAL_CHUNK]
+        req = EvaluateRequest(
+            model=model, task=task, inputs=inputs, return_logits=True, loss=loss,
+            candidates=None if prompt is None else prompt.candidates(),
+        )
+        resp = backend.evaluate(req)
+        if ledger is not None:
+            ledger.record(resp.usage, expected=Usage(queries=1, requests=1, examples=len(inputs), tokens=resp.usage.tokens), tuning=False)
+        chunks.append(resp.logits.to_numpy()[0])
+    logits = np.concatenate(chunks)  # (N, C)
+    labels = np.asarray(split.labels)
+    ev = Evaluation(
+        loss=float(metrics.loss(loss, logits[None], labels)[0]),
+        metric=float(metrics.score(task.metric, logits[None], labels)[0]),
+        accuracy=float(metrics.accuracy(logits[None], labels)[0]),
+    )
+    return ev, logits
+
+
+def run_tune(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out: str | Path, *,
+             context: dict | None = None, progress: bool = True, log=print) -> dict:
+    """Tune, evaluate, and write the run folder; returns the metrics written to metrics.json."""
+    wall_start = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(
+        {"bbt_version": __version__, "config": cfg.model_dump(), "task": task.model_dump(), **(context or {})}, indent=2))
+    ledger = Ledger(cfg.budget)
+    for note in data.notes:
+        log(f"note: {note}")
+
+    zero, _ = evaluate_split(backend, cfg.model, task, data.test, None, ledger)
+    log(f"zero-prompt {data.test_name} accuracy: {zero.accuracy:.4f}")
+
+    bar = _progress_bar(cfg.budget.queries, progress)
+    log_file = (out / "log.jsonl").open("w")
+
+    def on_generation(record: dict) -> None:
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()  # spent queries are on disk before the next request goes out
+        if bar is not None:
+            bar.update(record["queries_used"] - bar.n)
+            dev = record["best_dev_metric"]
+            bar.set_postfix(loss=f"{record['best_train_loss']:.4f}", train_acc=f"{record['best_train_acc']:.3f}",
+                            dev=f"{dev:.3f}" if dev is not None else "-", refresh=False)
+
+    try:
+        result = tune(backend, cfg, task, data.train, data.dev, ledger, on_generation)
+    finally:
+        log_file.close()
+        if bar is not None:
+            bar.close()
+    prompt = result.prompt
+    artifact = PromptArtifact(method=cfg.method, model=cfg.model, task=task, prompt_length=cfg.prompt_length,
+                              z=prompt.z.tolist(), projections=prompt.projections)
+    (out / "prompt.json").write_text(artifact.model_dump_json(indent=1))
+
+    tuned, _ = evaluate_split(backend, cfg.model, task, data.test, prompt, ledger)
+    dev = result.dev
+    out_metrics = {
+        "train_acc": result.train.accuracy,
+        "dev_acc": dev.accuracy if dev else None,
+        "test_acc": tuned.accuracy,
+        "zero_prompt_test_acc": zero.accuracy,
+        "test_split": data.test_name,
+        "train_loss": result.train.loss,
+        "dev_loss": dev.loss if dev else None,
+        "test_loss": tuned.loss,
+        "queries_used": ledger.tuning.queries,
+        "generations": result.generations,
+        "tuning_seconds": round(result.seconds, 3),
+        "queries_per_second": round(ledger.tuning.queries / result.seconds, 3) if result.seconds > 0 else None,
+        "spending": ledger.summary(),
+    }
+    if task.metric == "f1":
+        out_metrics.update(train_f1=result.train.metric, dev_f1=dev.metric if dev else None,
+                           test_f1=tuned.metric, zero_prompt_test_f1=zero.metric)
+    out_metrics["wall_seconds"] = round(time.perf_counter() - wall_start, 3)
+    (out / "metrics.json").write_text(json.dumps(out_metrics, indent=2))
+    log(f"tuned {data.test_name} accuracy: {tuned.accuracy:.4f} (zero prompt {zero.accuracy:.4f})"
+        + (f", F1 {tuned.metric:.4f} (zero prompt {zero.metric:.4f})" if task.metric == "f1" else ""))
+    log(ledger.describe())
+    if ledger.mismatches:
+        log(f"warning: the server's usage differed from the client's count {len(ledger.mismatches)} times; see metrics.json")
+    log(f"run folder: {out}")
+    return out_metrics
+
+
+def load_artifact(run: str | Path) -> PromptArtifact:
+    """The prompt.json of a run folder, with a clear error for a missing or bad file."""
+    path = Path(run) / "prompt.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{run} is not a run folder: {path} is missing (run bbt tune --out {run} first)") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
+    if isinstance(data, dict) and data.get("version", 0) > ARTIFACT_VERSION:
+        import warnings
+
+        warnings.warn(f"{path} was written by a newer bbt (format {data['version']}); reading what this version knows",
+                      stacklevel=2)
+    try:
+        return PromptArtifact.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{path} is not a bbt prompt artifact: {exc.errors()[0]['msg']} at {exc.errors()[0]['loc']}") from exc
+
+
+def load_run_config(run: str | Path) -> dict:
+    path = Path(run) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{run} is not a run folder: {path} is missing") from None
+
+
+def predict(backend: Backend, artifact: PromptArtifact, texts: list[str], pairs: list[str] | None = None,
+            model: str | None = None) -> list[tuple[str, list[float]]]:
+    """Label and class probabilities for each text with a tuned prompt."""
+    if artifact.task.pair and (pairs is None or len(pairs) != len(texts)):
+        raise ConfigError(f"task {artifact.task.name!r} takes sentence pairs: give a text_pair for every text")
+    examples = [Example(text=t, text_pair=pairs[i] if pairs else None) for i, t in enumerate(texts)]
+    req = EvaluateRequest(model=model or artifact.model, task=artifact.task, inputs=examples, return_logits=True,
+                          candidates=artifact.prompt().candidates())
+    logits = backend.evaluate(req).logits.to_numpy()[0]
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    return [(artifact.task.labels[int(p.argmax())], [round(float(x), 4) for x in p]) for p in probs]
+
+
+def _progress_bar(total: int | None, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="query", desc="tuning", dynamic_ncols=True)

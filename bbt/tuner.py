@@ -1,0 +1,201 @@
+"""The search loops: BBT (one input prompt) and BBTv2 (a prompt per layer, layer by layer).
+
+Each generation: CMA-ES proposes `popsize` intrinsic vectors z, one request scores them all on the
+training split (one query each), CMA-ES is told the losses. Whenever a generation beats the best
+training loss so far, its winner is scored on the dev split (one more query); the prompt returned
+is the best on dev. The ledger is checked before every request, so the budget is never crossed.
+
+BBTv2 keeps one CMA-ES per layer. Generation g tunes layer g mod layers (bottom to top, round
+after round) while every other layer keeps its best z so far: divide and conquer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from bbt import metrics
+from bbt.backends.base import Backend
+from bbt.budget import Ledger
+from bbt.config import TuneConfig
+from bbt.data import Split
+from bbt.errors import ConfigError
+from bbt.optimizer import CMAES
+from bbt.projection import normal_spec, project, uniform_spec
+from bbt.protocol import (
+    EvaluateRequest,
+    IntrinsicPrompts,
+    ModelInfo,
+    ProjectionSpec,
+    PromptTensor,
+    StatsRequest,
+    TaskSpec,
+    Tensor,
+    Usage,
+)
+
+
+def derive_seed(seed: int, *path: int) -> int:
+    """Independent 32-bit seeds for each random stream of a run (projection of layer l, CMA-ES, ...)."""
+    return int(np.random.SeedSequence([seed, *path]).generate_state(1)[0])
+
+
+_PROJECTION, _CMA = 1, 2  # stream ids for derive_seed
+
+
+@dataclass
+class Prompt:
+    """A tuned prompt: z per prompted layer and the projections that map it (p = A z)."""
+
+    z: np.ndarray  # (layers, d)
+    projections: list[ProjectionSpec]
+    prompt_length: int
+
+    def candidates(self, z: np.ndarray | None = None, encoding: str = "intrinsic") -> IntrinsicPrompts | PromptTensor:
+        """Wire form of a population z [K, layers, d] (default: this prompt alone, K=1)."""
+        z = self.z[None] if z is None else z
+        if encoding == "intrinsic":
+            return IntrinsicPrompts(z=Tensor.from_numpy(z), projections=self.projections, prompt_length=self.prompt_length)
+        k, layers, _ = z.shape
+        hidden = self.projections[0].D // self.prompt_length
+        p = np.stack([project(z[:, l], self.projections[l]) for l in range(layers)], axis=1)  # (K, layers, D)
+        return PromptTensor(prompts=Tensor.from_numpy(p.reshape(k, layers, self.prompt_length, hidden), dtype=encoding))
+
+
+@dataclass
+class Evaluation:
+    """One candidate's scores on one split."""
+
+    loss: float
+    metric: float  # accuracy or F1, by the task
+    accuracy: float
+
+
+@dataclass
+class TuneResult:
+    prompt: Prompt
+    train: Evaluation
+    dev: Evaluation | None
+    generations: int
+    seconds: float
+    stop_reason: str
+    history: list[dict] = field(default_factory=list)
+
+
+class Scorer:
+    """Sends populations for one split and books what they cost."""
+
+    def __init__(self, backend: Backend, cfg: TuneConfig, task: TaskSpec, split: Split, ledger: Ledger, *, tuning: bool = True):
+        self.backend, self.cfg, self.task, self.split, self.ledger, self.tuning = backend, cfg, task, split, ledger, tuning
+        stats = backend.stats(StatsRequest(model=cfg.model, task=task, inputs=split.examples))
+        self.hidden_std = stats.hidden_std
+        self.n = len(split)
+        self.tokens_per_query = sum(stats.tokens) + self.n * cfg.prompt_length
+
+    def affordable(self, k: int) -> int:
+        return self.ledger.affordable(k, examples_per_query=self.n, tokens_per_query=self.tokens_per_query) if self.tuning else k
+
+    def score(self, prompt: Prompt, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Losses, metric and accuracy per candidate for z [K, layers, d]."""
+        k = z.shape[0]
+        req = EvaluateRequest(
+            model=self.cfg.model, task=self.task, inputs=self.split.examples, labels=self.split.labels,
+            loss=self.cfg.loss, return_logits=True, candidates=prompt.candidates(z, self.cfg.encoding),
+        )
+        resp = self.backend.evaluate(req)
+        expected = Usage(queries=k, requests=1, examples=k * self.n, tokens=k * self.tokens_per_query)
+        self.ledger.record(resp.usage, expected=expected, tuning=self.tuning)
+        logits = resp.logits.to_numpy()
+        labels = np.asarray(self.split.labels)
+        return np.asarray(resp.losses), metrics.score(self.task.metric, logits, labels), metrics.accuracy(logits, labels)
+
+
+def make_projections(cfg: TuneConfig, info: ModelInfo, layers: int, hidden_std: list[float]) -> list[ProjectionSpec]:
+    """One projection per prompted layer, each from its own derived seed."""
+    D = cfg.prompt_length * info.hidden_size
+    specs = []
+    for layer in range(layers):
+        seed = derive_seed(cfg.seed, _PROJECTION, layer)
+        if cfg.projection == "uniform":
+            specs.append(uniform_spec(seed=seed, d=cfg.intrinsic_dim, D=D))
+        else:
+            target = info.embedding_std if layer == 0 else hidden_std[layer]
+            specs.append(normal_spec(seed=seed, d=cfg.intrinsic_dim, D=D, target_std=target, alpha=cfg.alpha, sigma=cfg.sigma))
+    return specs
+
+
+def tune(backend: Backend, cfg: TuneConfig, task: TaskSpec, train: Split, dev: Split, ledger: Ledger,
+         on_generation: Callable[[dict], None] | None = None) -> TuneResult:
+    """Search a prompt with CMA-ES within the ledger's budget; the best on dev is returned.
+
+    `on_generation` gets one dict per generation (what log.jsonl records).
+    """
+    info = backend.model_info(cfg.model)
+    if cfg.prompt_length > info.max_prompt_tokens:
+        raise ConfigError(f"prompt length {cfg.prompt_length} is over model {cfg.model!r}'s limit of {info.max_prompt_tokens} tokens")
+    layers = 1 if cfg.method == "bbt" else info.num_layers
+    train_scorer = Scorer(backend, cfg, task, train, ledger)
+    dev_scorer = Scorer(backend, cfg, task, dev, ledger)
+    prompt = Prompt(
+        z=np.zeros((layers, cfg.intrinsic_dim)),
+        projections=make_projections(cfg, info, layers, train_scorer.hidden_std),
+        prompt_length=cfg.prompt_length,
+    )
+    optimizers = [
+        CMAES(cfg.intrinsic_dim, popsize=cfg.popsize, sigma=cfg.sigma, seed=derive_seed(cfg.seed, _CMA, layer),
+              bound=cfg.bound, diagonal=cfg.diagonal)
+        for layer in range(layers)
+    ]
+    best_train = Evaluation(float("inf"), 0.0, 0.0)
+    best_dev: Evaluation | None = None
+    chosen_train = best_train  # train scores of the prompt picked on dev
+    best_z = prompt.z.copy()  # best on train: the base the next generation builds on (BBTv2)
+    history: list[dict] = []
+    start = time.perf_counter()
+    generation, stop_reason = 0, "budget"
+    while True:
+        k = train_scorer.affordable(cfg.popsize)
+        if k == 0:
+            break
+        layer = generation % layers
+        es = optimizers[layer]
+        proposals = es.ask()  # (popsize, d)
+        z = np.repeat(best_z[None], k, axis=0)  # (K, layers, d)
+        z[:, layer] = proposals[:k]
+        losses, scores, accs = train_scorer.score(prompt, z)
+        if k == cfg.popsize:
+            es.tell(proposals, losses)  # a cut final generation is scored but not told: pycma needs all of it
+        i = int(np.argmin(losses))
+        record = {
+            "generation": generation, "layer": layer, "candidates": k,
+            "loss_mean": float(losses.mean()), "loss_min": float(losses[i]), "train_acc": float(accs[i]),
+        }
+        if losses[i] < best_train.loss:
+            best_train = Evaluation(float(losses[i]), float(scores[i]), float(accs[i]))
+            best_z = z[i].copy()
+            if dev_scorer.affordable(1):
+                d_loss, d_score, d_acc = dev_scorer.score(prompt, z[i : i + 1])
+                candidate = Evaluation(float(d_loss[0]), float(d_score[0]), float(d_acc[0]))
+                record.update(dev_loss=candidate.loss, dev_metric=candidate.metric)
+                if best_dev is None or (candidate.metric, -candidate.loss) > (best_dev.metric, -best_dev.loss):
+                    best_dev, chosen_train, prompt.z = candidate, best_train, z[i].copy()
+        if best_dev is None:  # nothing scored on dev yet: fall back to the best on train
+            chosen_train, prompt.z = best_train, best_z.copy()
+        record.update(
+            best_train_loss=best_train.loss, best_train_acc=best_train.accuracy,
+            best_dev_metric=None if best_dev is None else best_dev.metric,
+            queries_used=ledger.tuning.queries, seconds=round(time.perf_counter() - start, 3),
+        )
+        history.append(record)
+        if on_generation is not None:
+            on_generation(record)
+        generation += 1
+        if k < cfg.popsize:
+            break
+    return TuneResult(
+        prompt=prompt, train=chosen_train, dev=best_dev, generations=generation,
+        seconds=time.perf_counter() - start, stop_reason=stop_reason, history=history,
+    )

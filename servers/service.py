@@ -1,0 +1,215 @@
+"""Answers protocol requests with loaded models: validation, prompt building, scoring, usage.
+
+Both the in-process backend and the HTTP app call `ModelService`, so a request gets the same
+answer, bit for bit, whichever way it arrives. Every problem with a request raises a bbt error
+(`ConfigError` for a bad request, `ModelNotFound` for an unknown model) whose message says what to
+mend; nothing here unpickles or `torch.load`s request data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections import OrderedDict
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from bbt import metrics
+from bbt.errors import ConfigError, ModelNotFound
+from bbt.projection import cached_matrix
+from bbt.protocol import (
+    EvaluateRequest,
+    EvaluateResponse,
+    IntrinsicPrompts,
+    PromptTensor,
+    StatsRequest,
+    StatsResponse,
+    Tensor,
+    Usage,
+)
+from servers.models import DEFAULT_MODEL, Encoded, PromptModel, as_tensor, load_model
+
+log = logging.getLogger(__name__)
+
+
+class Limits(BaseModel):
+    """What one request may ask for. Larger requests get a 413/422 that names the limit."""
+
+    max_candidates: int = Field(default=256, ge=1, description="K, candidates per request")
+    max_examples: int = Field(default=10000, ge=1, description="N, inputs per request")
+    max_text_chars: int = Field(default=20000, ge=1, description="characters per text field")
+    max_intrinsic_dim: int = Field(default=10000, ge=1, description="d of intrinsic vectors")
+    max_body_bytes: int = Field(default=64 * 2**20, ge=1024, description="bytes of a request body")
+
+
+class ModelService:
+    """The models a process serves, by name, and the one `evaluate` every path goes through.
+
+    Args:
+        models: specs 'NAME=PATH', 'PATH' or 'minilm' loaded up front; with `lazy`, other names
+            are loaded on first use (the in-process backend), otherwise they are unknown (a server).
+    """
+
+    def __init__(self, models: list[str], *, limits: Limits | None = None, lazy: bool = True):
+        self.limits = limits or Limits()
+        self.lazy = lazy
+        self._models: dict[str, PromptModel] = {}
+        self._lock = threading.Lock()  # one forward pass at a time: torch already uses every core
+        self._encodings: OrderedDict[str, Encoded] = OrderedDict()
+        for spec in models:
+            self.add(spec)
+
+    def add(self, spec: str) -> PromptModel:
+        name, _, path = spec.partition("=") if "=" in spec else (spec, "", spec)
+        model = _shared_model(path, name)
+        self._models[name] = model
+        return model
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._models)
+
+    def get(self, name: str) -> PromptModel:
+        if name not in self._models:
+            if not self.lazy:
+                raise ModelNotFound(f"model {name!r} is not served here; models: {', '.join(self._models) or 'none'}")
+            return self.add(name)
+        return self._models[name]
+
+    # ---- requests -------------------------------------------------------------------------
+    def stats(self, req: StatsRequest) -> StatsResponse:
+        model = self.get(req.model)
+        self._check_inputs(req.inputs)
+        with self._lock:
+            enc = self._encode(model, req)
+            std = model.hidden_std(enc)
+        return StatsResponse(
+            model=req.model,
+            tokens=enc.tokens,
+            hidden_std=std,
+            usage=Usage(requests=1, examples=len(enc.tokens), tokens=sum(enc.tokens)),
+        )
+
+    def evaluate(self, req: EvaluateRequest) -> EvaluateResponse:
+        model = self.get(req.model)
+        self._check_inputs(req.inputs)
+        prompts = self._prompts(model, req)  # (K, layers, L, H) or None
+        k = 1 if prompts is None else prompts.shape[0]
+        length = 0 if prompts is None else prompts.shape[2]
+        with self._lock:
+            enc = self._encode(model, req)
+            logits = model.logits(req.task, enc, None if prompts is None else as_tensor(prompts)).numpy()
+        if not np.isfinite(logits).all():
+            raise ConfigError("the model produced non-finite scores for these prompts; their values are too large")
+        losses = None
+        if req.labels is not None:
+            losses = [float(x) for x in metrics.loss(req.loss, logits, np.asarray(req.labels))]
+        n = len(req.inputs)
+        return EvaluateResponse(
+            model=req.model,
+            losses=losses,
+            logits=Tensor.from_numpy(logits) if req.return_logits else None,
+            usage=Usage(queries=k, requests=1, examples=k * n, tokens=k * (sum(enc.tokens) + n * length)),
+        )
+
+    # ---- helpers --------------------------------------------------------------------------
+    def _check_inputs(self, inputs) -> None:
+        lim = self.limits
+        if len(inputs) > lim.max_examples:
+            raise ConfigError(f"{len(inputs)} inputs in one request; the limit is {lim.max_examples}: split the set")
+        for i, ex in enumerate(inputs):
+            for field in ("text", "text_pair"):
+                value = getattr(ex, field)
+                if value is not None and len(value) > lim.max_text_chars:
+                    raise ConfigError(f"inputs[{i}].{field} has {len(value)} characters; the limit is {lim.max_text_chars}")
+
+    def _encode(self, model: PromptModel, req) -> Encoded:
+        key = hashlib.sha1(
+            json.dumps([model.name, req.task.model_dump(), [e.model_dump() for e in req.inputs]]).encode()
+        ).hexdigest()
+        if key in self._encodings:
+            self._encodings.move_to_end(key)
+            return self._encodings[key]
+        enc = model.encode(req.task, req.inputs)
+        self._encodings[key] = enc
+        if len(self._encodings) > 32:
+            self._encodings.popitem(last=False)
+        return enc
+
+    def _prompts(self, model: PromptModel, req: EvaluateRequest) -> np.ndarray | None:
+        c = req.candidates
+        if c is None:
+            return None
+        h, n_layers, lim = model.hidden_size, model.num_layers, self.limits
+        if isinstance(c, PromptTensor):
+            shape = c.prompts.shape
+            if len(shape) != 4 or shape[3] != h or shape[1] not in (1, n_layers):
+                raise ConfigError(f"prompts have shape {shape}; expected [K, 1 or {n_layers}, L, {h}] for model {req.model!r}")
+            _check_k_l(shape[0], shape[2], lim.max_candidates, model.max_prompt_tokens)
+            prompts = _finite(c.prompts, "prompts")
+        else:
+            prompts = self._project(model, c)
+        if not np.isfinite(prompts).all():
+            raise ConfigError("the projected prompts are not finite: z or the projection scale is too large")
+        return prompts
+
+    def _project(self, model: PromptModel, c: IntrinsicPrompts) -> np.ndarray:
+        h, n_layers, lim = model.hidden_size, model.num_layers, self.limits
+        shape = c.z.shape
+        if len(shape) != 3 or shape[1] not in (1, n_layers):
+            raise ConfigError(f"z has shape {shape}; expected [K, 1 or {n_layers}, d]")
+        k, layers, d = shape
+        length = c.prompt_length
+        _check_k_l(k, length, lim.max_candidates, model.max_prompt_tokens)
+        if d > lim.max_intrinsic_dim:
+            raise ConfigError(f"intrinsic dimension {d} is over the limit {lim.max_intrinsic_dim}")
+        if len(c.projections) != layers:
+            raise ConfigError(f"{len(c.projections)} projection specs for {layers} prompted layers; give one per layer")
+        for i, spec in enumerate(c.projections):
+            if spec.d != d or spec.D != length * h:
+                raise ConfigError(f"projections[{i}] is {spec.D}x{spec.d}; z and the model need D = L*H = {length * h}, d = {d}")
+        z = _finite(c.z, "z")
+        p0 = None
+        if c.p0 is not None:
+            if c.p0.shape != [layers, length, h]:
+                raise ConfigError(f"p0 has shape {c.p0.shape}; expected [{layers}, {length}, {h}]")
+            p0 = _finite(c.p0, "p0")
+        out = np.zeros((k, layers, length * h), dtype=np.float32)
+        for layer, spec in enumerate(c.projections):
+            zl = z[:, layer]
+            if zl.any():  # BBTv2 sends zeros for layers without a prompt yet: skip their matmul
+                out[:, layer] = zl @ cached_matrix(spec).T  # (K, d) @ (d, D) -> (K, D)
+        out = out.reshape(k, layers, length, h)
+        return out if p0 is None else out + p0[None]
+
+
+_LOADED: dict[str, PromptModel] = {}
+_LOAD_LOCK = threading.Lock()
+
+
+def _shared_model(path: str, name: str) -> PromptModel:
+    """Load each model directory once per process, whatever name it is served under."""
+    with _LOAD_LOCK:
+        if path not in _LOADED:
+            _LOADED[path] = load_model(path or DEFAULT_MODEL, name=name)
+        return _LOADED[path]
+
+
+def _check_k_l(k: int, length: int, max_k: int, max_l: int) -> None:
+    if not 1 <= k <= max_k:
+        raise ConfigError(f"{k} candidates in one request; the limit is {max_k}: split the population")
+    if not 1 <= length <= max_l:
+        raise ConfigError(f"prompt length {length} tokens; this model takes 1 to {max_l}")
+
+
+def _finite(t: Tensor, what: str) -> np.ndarray:
+    try:
+        arr = t.to_numpy()
+    except ValueError as exc:
+        raise ConfigError(f"{what}: {exc}") from exc
+    if not np.isfinite(arr).all():
+        raise ConfigError(f"{what} holds NaN or infinite values")
+    return arr
