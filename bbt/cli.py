@@ -7,10 +7,12 @@ import json
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from bbt import __version__
 from bbt.budget import Budget
 from bbt.config import TuneConfig
-from bbt.errors import BBTError
+from bbt.errors import BBTError, ConfigError
 
 EXAMPLES = """examples:
   bbt tune --task sst2 --data ../shared/data/sst2 --seed 42 --budget 2000 --out runs/sst2-42
@@ -125,17 +127,32 @@ def make_backend(args):
     return LocalBackend()
 
 
+_BUDGET_FLAGS = {"queries": "--budget", "requests": "--max-requests", "examples": "--max-examples",
+                 "tokens": "--max-tokens", "cost": "--max-cost"}
+
+
+def _option_errors(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        field = str(err["loc"][-1]) if err["loc"] else "option"
+        parts.append(f"{_BUDGET_FLAGS.get(field, '--' + field.replace('_', '-'))} {err.get('input')!r}: {err['msg']}")
+    return "bad option " + "; ".join(parts)
+
+
 def cmd_tune(args) -> int:
     from bbt.data import load_task_folder
     from bbt.run import run_tune
     from bbt.tasks import resolve_task
 
-    budget = Budget(queries=args.budget, requests=args.max_requests, examples=args.max_examples, tokens=args.max_tokens,
-                    cost=args.max_cost, price_per_1k_tokens=args.price_per_1k_tokens)
-    cfg = TuneConfig(model=args.model, method=args.method, seed=args.seed, prompt_length=args.prompt_length,
-                     intrinsic_dim=args.intrinsic_dim, popsize=args.popsize, sigma=args.sigma, loss=args.loss,
-                     projection=args.projection, alpha=args.alpha, bound=args.bound, diagonal=args.diagonal,
-                     encoding=args.encoding, k_shot=args.k_shot, budget=budget)
+    try:
+        budget = Budget(queries=args.budget, requests=args.max_requests, examples=args.max_examples, tokens=args.max_tokens,
+                        cost=args.max_cost, price_per_1k_tokens=args.price_per_1k_tokens)
+        cfg = TuneConfig(model=args.model, method=args.method, seed=args.seed, prompt_length=args.prompt_length,
+                         intrinsic_dim=args.intrinsic_dim, popsize=args.popsize, sigma=args.sigma, loss=args.loss,
+                         projection=args.projection, alpha=args.alpha, bound=args.bound, diagonal=args.diagonal,
+                         encoding=args.encoding, k_shot=args.k_shot, budget=budget)
+    except ValidationError as exc:  # e.g. --popsize 1, --budget 0: one line naming the option, no traceback
+        raise ConfigError(_option_errors(exc)) from None
     task = resolve_task(args.task, args.data)
     data = load_task_folder(args.data, task, seed=args.seed, k=args.k_shot)
     backend = make_backend(args)

@@ -296,8 +296,16 @@ class CausalLMModel(PromptModel):
             self.pad_id = self.tokenizer.eos_token_id or 0
 
     def _encode_one(self, task: TaskSpec, ex: Example) -> tuple[list[int], int]:
-        text, pair = self._fit_texts(ex, self._template_overhead(task))
         before_mask = task.template.split("{mask}")[0].rstrip()
+        # the class is read at the next token after before_mask: text placed after {mask} would be dropped
+        needed = ["{text}"] + (["{text_pair}"] if ex.text_pair is not None else [])
+        if any(field not in before_mask for field in needed):
+            raise ConfigError(
+                f"task {task.name!r}: a causal LM reads the class right after the input, so its template must put "
+                f"{' and '.join(needed)} before {{mask}}; got {task.template!r}. Use a task file with such a template, "
+                "e.g. '{text} ? {text_pair} . Answer: {mask}'"
+            )
+        text, pair = self._fit_texts(ex, self._template_overhead(task))
         ids = self.tokenizer(before_mask.format(text=text, text_pair=pair or "")).input_ids
         eos = self.tokenizer.eos_token_id
         if len(ids) > 1 and eos is not None and ids[-1] == eos:

@@ -1,0 +1,239 @@
+"""The `bbt` command: help, a whole tune -> evaluate -> predict round on a tiny model, clean errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bbt.cli import build_parser, main
+from conftest import write_jsonl
+
+SUBCOMMANDS = ["tune", "evaluate", "predict", "serve", "demo"]
+METRIC_KEYS = {"train_acc", "dev_acc", "test_acc", "zero_prompt_test_acc", "queries_used", "tuning_seconds", "wall_seconds"}
+
+
+def bbt(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The installed console script when there is one, else `python -m bbt.cli`."""
+    script = Path(sys.executable).parent / "bbt"
+    cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "bbt.cli"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_help_from_the_shell():
+    out = bbt("--help")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage: bbt")
+    for name in SUBCOMMANDS:
+        assert name in out.stdout
+    assert "bbt tune --task sst2" in out.stdout  # the examples epilog
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_each_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: bbt {command}")
+
+
+def test_tune_help_shows_every_documented_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["tune", "--help"])
+    out = capsys.readouterr().out
+    for option in ("--task", "--data", "--seed", "--budget", "--out", "--method", "--model", "--endpoint",
+                   "--prompt-length", "--intrinsic-dim", "--popsize", "--sigma", "--loss"):
+        assert option in out
+
+
+def test_no_command_prints_help_and_fails(capsys):
+    assert main([]) == 2
+    assert "usage: bbt" in capsys.readouterr().out
+
+
+def test_version(capsys):
+    from bbt import __version__
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and __version__ in capsys.readouterr().out
+
+
+def test_parser_defaults_come_from_tuneconfig():
+    from bbt.config import TuneConfig
+
+    args = build_parser().parse_args(["tune", "--data", "d", "--out", "o"])
+    d = TuneConfig()
+    assert (args.prompt_length, args.intrinsic_dim, args.popsize, args.sigma, args.budget, args.model) == (
+        d.prompt_length, d.intrinsic_dim, d.popsize, d.sigma, d.budget.queries, d.model)
+
+
+# ---- a whole run on a tiny model ------------------------------------------------------------
+
+BUDGET = 45
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_encoder, data_dir):
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    code = main(["tune", "--task", "sst2", "--data", str(data_dir), "--seed", "42", "--budget", str(BUDGET),
+                 "--out", str(out), "--model", str(tiny_encoder), "--prompt-length", "4", "--intrinsic-dim", "16",
+                 "--popsize", "8", "--quiet"])
+    assert code == 0
+    return out
+
+
+def test_tune_writes_the_run_folder(tiny_run, tiny_encoder, data_dir):
+    assert {p.name for p in tiny_run.iterdir()} >= {"config.json", "log.jsonl", "prompt.json", "metrics.json"}
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    assert METRIC_KEYS <= set(metrics)
+    for key in ("train_acc", "dev_acc", "test_acc", "zero_prompt_test_acc"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert 0 < metrics["queries_used"] <= BUDGET
+    assert 0 < metrics["tuning_seconds"] <= metrics["wall_seconds"]
+    assert metrics["test_split"] == "test"
+    spending = metrics["spending"]
+    assert spending["tuning"]["queries"] == metrics["queries_used"]
+    assert spending["usage_mismatches"] == []
+    # zero-prompt and tuned prompt on the 12 test examples: reported, not charged to the budget
+    assert spending["evaluation"]["queries"] == 2 and spending["evaluation"]["examples"] == 24
+    assert "test_f1" not in metrics  # sst2 is scored by accuracy
+    log = [json.loads(line) for line in (tiny_run / "log.jsonl").read_text().splitlines()]
+    assert len(log) == metrics["generations"] >= 2
+    assert log[-1]["queries_used"] == metrics["queries_used"]
+    config = json.loads((tiny_run / "config.json").read_text())
+    assert config["config"]["model"] == str(tiny_encoder)
+    assert config["config"]["budget"]["queries"] == BUDGET
+    assert config["task"]["name"] == "sst2"
+    assert Path(config["data"]) == data_dir.resolve()
+    prompt = json.loads((tiny_run / "prompt.json").read_text())
+    assert prompt["version"] == 1 and prompt["method"] == "bbt" and prompt["prompt_length"] == 4
+    assert len(prompt["z"]) == 1 and len(prompt["z"][0]) == 16
+    assert prompt["projections"][0]["D"] == 4 * 32
+
+
+def test_evaluate_reproduces_the_run_metrics(tiny_run, capsys):
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    assert main(["evaluate", "--run", str(tiny_run)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["split"] == "test" and result["examples"] == 12
+    assert result["acc"] == pytest.approx(metrics["test_acc"])
+    assert result["loss"] == pytest.approx(metrics["test_loss"], rel=1e-4)
+    assert result["zero_prompt_acc"] == pytest.approx(metrics["zero_prompt_test_acc"])
+    assert main(["evaluate", "--run", str(tiny_run), "--split", "train"]) == 0
+    train = json.loads(capsys.readouterr().out)
+    assert train["split"] == "train" and train["examples"] == 8
+    assert train["acc"] == pytest.approx(metrics["train_acc"])
+    assert train["loss"] == pytest.approx(metrics["train_loss"], rel=1e-4)
+
+
+def test_predict_labels_texts(tiny_run, capsys):
+    texts = ["the film was great and good", "the story was awful and dull", "nice"]
+    assert main(["predict", "--run", str(tiny_run), *texts]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [x["text"] for x in lines] == texts
+    for x in lines:
+        assert x["label"] in ("negative", "positive")
+        assert set(x["probs"]) == {"negative", "positive"}
+        assert sum(x["probs"].values()) == pytest.approx(1.0, abs=1e-3)
+        assert x["label"] == max(x["probs"], key=x["probs"].get)
+
+
+def test_predict_agrees_with_evaluate(tiny_run, capsys, data_dir):
+    """The labels predict prints give the accuracy evaluate reports on the same texts."""
+    from bbt.data import load_file
+    from bbt.tasks import BUILTIN_TASKS
+
+    test = load_file(data_dir / "test.jsonl", BUILTIN_TASKS["sst2"])
+    assert main(["predict", "--run", str(tiny_run), *[e.text for e in test.examples]]) == 0
+    labels = [json.loads(line)["label"] for line in capsys.readouterr().out.splitlines()]
+    acc = sum(lab == ["negative", "positive"][y] for lab, y in zip(labels, test.labels)) / len(test)
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    assert acc == pytest.approx(metrics["test_acc"])
+
+
+# ---- errors are one clean line and exit code 1 ----------------------------------------------
+
+def _assert_clean_error(out: subprocess.CompletedProcess, *needles: str) -> None:
+    assert out.returncode == 1, (out.returncode, out.stdout, out.stderr)
+    assert "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.startswith("bbt "), out.stderr
+    for needle in needles:
+        assert needle in out.stderr, out.stderr
+
+
+def test_unknown_task(data_dir, tmp_path):
+    out = bbt("tune", "--task", "nosuch", "--data", str(data_dir), "--out", str(tmp_path / "r"))
+    _assert_clean_error(out, "unknown task 'nosuch'", "sst2")
+
+
+def test_missing_data_folder(tmp_path):
+    out = bbt("tune", "--task", "sst2", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"))
+    _assert_clean_error(out, "data folder not found", str(tmp_path / "nowhere"))
+
+
+def test_malformed_jsonl_line_names_file_and_line(tmp_path, data_dir):
+    import shutil
+
+    folder = tmp_path / "broken"
+    shutil.copytree(data_dir, folder)
+    train = folder / "16shot" / "seed42" / "train.jsonl"
+    lines = train.read_text().splitlines()
+    lines[2] = '{"text": "cut off in the mid'
+    train.write_text("\n".join(lines) + "\n")
+    out = bbt("tune", "--data", str(folder), "--out", str(tmp_path / "r"))
+    _assert_clean_error(out, f"{train}:3:", "not valid JSON")
+
+
+def test_bad_option_values_are_clean_errors(tmp_path, data_dir):
+    out = bbt("tune", "--data", str(data_dir), "--out", str(tmp_path / "r"), "--popsize", "1")
+    _assert_clean_error(out, "--popsize 1", "greater than or equal to 2")
+    out = bbt("tune", "--data", str(data_dir), "--out", str(tmp_path / "r"), "--budget", "0")
+    _assert_clean_error(out, "--budget 0")
+
+
+def test_unknown_model_and_missing_run_folder(tmp_path, data_dir, capsys):
+    assert main(["tune", "--data", str(data_dir), "--out", str(tmp_path / "r"), "--model", str(tmp_path / "no-model"),
+                 "--quiet"]) == 1
+    assert "unknown model" in capsys.readouterr().err
+    for command in (["evaluate", "--run", str(tmp_path / "none")], ["predict", "--run", str(tmp_path / "none"), "hi"]):
+        assert main(command) == 1
+        err = capsys.readouterr().err
+        assert "is not a run folder" in err and "prompt.json" in err
+
+
+def test_a_bad_row_in_the_test_set_is_found_before_any_model_runs(tmp_path, data_dir):
+    import shutil
+
+    folder = tmp_path / "badtest"
+    shutil.copytree(data_dir, folder)
+    write_jsonl(folder / "test.jsonl", [{"text": "fine", "label": 0}, {"text": "fine", "label": 5}])
+    out = bbt("tune", "--data", str(folder), "--out", str(tmp_path / "r"), "--model", str(tmp_path / "no-model"))
+    _assert_clean_error(out, f"{folder / 'test.jsonl'}:2:", "label 5 outside 0..1")
+
+
+def test_predict_pairs(tmp_path, tiny_bert_mlm, capsys):
+    """A pair task's texts are given as 'TEXT ||| PAIR'; a text without its pair is a clean error."""
+    import numpy as np
+
+    from bbt.projection import normal_spec
+    from bbt.run import PromptArtifact
+    from bbt.tasks import BUILTIN_TASKS
+
+    z = np.random.default_rng(0).standard_normal((1, 8))
+    art = PromptArtifact(method="bbt", model=str(tiny_bert_mlm), task=BUILTIN_TASKS["rte"], prompt_length=3,
+                         z=z.tolist(), projections=[normal_spec(seed=1, d=8, D=3 * 32, target_std=0.5)])
+    (tmp_path / "prompt.json").write_text(art.model_dump_json())
+    assert main(["predict", "--run", str(tmp_path), "the cat sat ||| a cat sat", "it rained ||| it was dry"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [x["text"] for x in lines] == ["the cat sat ||| a cat sat", "it rained ||| it was dry"]
+    assert all(x["label"] in ("entailment", "not_entailment") for x in lines)
+    assert lines[0]["probs"] != lines[1]["probs"]
+    assert main(["predict", "--run", str(tmp_path), "no pair here"]) == 1
+    assert "TEXT ||| PAIR" in capsys.readouterr().err

@@ -1,0 +1,250 @@
+"""CMA-ES (seeded, saved and resumed exactly) and the budget: limits are never crossed."""
+
+from __future__ import annotations
+
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from bbt.budget import Budget, Ledger
+from bbt.optimizer import CMAES
+from bbt.protocol import Usage
+
+
+def sphere(x: np.ndarray) -> np.ndarray:
+    return ((np.asarray(x) - 0.5) ** 2).sum(axis=-1)
+
+
+def run(es: CMAES, generations: int) -> list[np.ndarray]:
+    asked = []
+    for _ in range(generations):
+        x = es.ask()
+        asked.append(x)
+        es.tell(x, sphere(x))
+    return asked
+
+
+# ---- CMA-ES ---------------------------------------------------------------------------------
+
+def test_same_seed_same_candidates_whatever_else_uses_np_random():
+    a = CMAES(12, popsize=6, sigma=0.5, seed=3)
+    np.random.seed(0)
+    first = run(a, 4)
+    b = CMAES(12, popsize=6, sigma=0.5, seed=3)
+    np.random.seed(12345)
+    np.random.rand(1000)  # global numpy state must not leak into the search
+    second = run(b, 4)
+    for x, y in zip(first, second):
+        np.testing.assert_array_equal(x, y)
+    assert first[0].shape == (6, 12)
+
+
+def test_different_seeds_differ():
+    a, b = CMAES(5, popsize=4, seed=0), CMAES(5, popsize=4, seed=1)
+    assert not np.allclose(a.ask(), b.ask())
+
+
+def test_first_population_is_centred_on_x0_with_step_sigma():
+    es = CMAES(200, popsize=50, sigma=0.3, seed=9)
+    x = es.ask()
+    assert abs(x.mean()) < 0.01
+    assert x.std() == pytest.approx(0.3, rel=0.03)
+    shifted = CMAES(3, popsize=40, sigma=1e-3, seed=9, x0=np.array([1.0, -2.0, 5.0]))
+    np.testing.assert_allclose(shifted.ask().mean(axis=0), [1.0, -2.0, 5.0], atol=1e-3)
+
+
+def test_it_minimises():
+    es = CMAES(10, popsize=10, sigma=0.5, seed=0)
+    start = sphere(es.mean)
+    run(es, 60)
+    assert es.generation == 60
+    assert sphere(es.mean) < start / 100
+
+
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_save_and_load_resume_identically(tmp_path, diagonal):
+    es = CMAES(8, popsize=6, sigma=0.7, seed=21, diagonal=diagonal)
+    run(es, 3)
+    es.save(tmp_path / "es.pkl")
+    resumed = CMAES.load(tmp_path / "es.pkl")
+    assert resumed.generation == es.generation == 3
+    np.random.seed(7)  # nothing global may matter after the restore either
+    cont = run(es, 4)
+    np.random.seed(8)
+    cont_resumed = run(resumed, 4)
+    for x, y in zip(cont, cont_resumed):
+        np.testing.assert_array_equal(x, y)
+    np.testing.assert_array_equal(es.mean, resumed.mean)
+    # and the continuation is new ground, not a replay of the start
+    assert not np.allclose(cont[0], run(CMAES(8, popsize=6, sigma=0.7, seed=21, diagonal=diagonal), 1)[0])
+
+
+def test_bound_keeps_candidates_inside():
+    es = CMAES(6, popsize=8, sigma=5.0, seed=0, bound=1.0)
+    for x in run(es, 5):
+        assert np.abs(x).max() <= 1.0 + 1e-12
+    free = CMAES(6, popsize=8, sigma=5.0, seed=0)
+    assert np.abs(free.ask()).max() > 1.0  # the bound is what keeps them in
+
+
+@pytest.mark.parametrize("kwargs", [dict(dim=0), dict(popsize=1), dict(sigma=0.0), dict(sigma=-1.0)])
+def test_bad_arguments(kwargs):
+    args = dict(dim=3, popsize=4, sigma=1.0) | kwargs
+    with pytest.raises(ValueError, match="need dim >= 1"):
+        CMAES(args.pop("dim"), **args)
+
+
+# ---- budget and ledger ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("field,value", [("queries", 0), ("requests", 0), ("examples", -5), ("tokens", 0),
+                                         ("cost", 0.0), ("price_per_1k_tokens", -1.0), ("queries_max", 3)])
+def test_budget_rejects_bad_values(field, value):
+    with pytest.raises(ValidationError, match=field):
+        Budget(**{field: value})
+
+
+LIMITS = ("queries", "requests", "examples", "tokens", "cost")
+
+
+def _within(ledger: Ledger) -> list[str]:
+    """The limits the ledger's tuning spending has crossed."""
+    b, s = ledger.budget, ledger.tuning
+    crossed = [u for u in ("queries", "requests", "examples", "tokens")
+               if getattr(b, u) is not None and getattr(s, u) > getattr(b, u)]
+    if b.cost is not None and s.cost > b.cost * (1 + 1e-12):
+        crossed.append("cost")
+    return crossed
+
+
+def _spend(ledger: Ledger, k: int, examples_per_query: int, tokens_per_query: int) -> None:
+    usage = Usage(queries=k, requests=1, examples=k * examples_per_query, tokens=k * tokens_per_query)
+    ledger.record(usage, expected=usage)
+
+
+def test_affordable_never_crosses_and_is_tight():
+    """Random budgets, spending histories and query sizes: what `affordable` allows fits every limit,
+    and one candidate more (or one request more) would cross one."""
+    rng = np.random.default_rng(0)
+    checked_cut = 0
+    for case in range(600):
+        price = float(rng.choice([0.0, 0.01, 0.37, 2.5]))
+        budget = Budget(
+            queries=int(rng.integers(1, 300)) if rng.random() < 0.7 else None,
+            requests=int(rng.integers(1, 30)) if rng.random() < 0.5 else None,
+            examples=int(rng.integers(1, 5000)) if rng.random() < 0.5 else None,
+            tokens=int(rng.integers(1, 100_000)) if rng.random() < 0.5 else None,
+            cost=float(rng.uniform(0.01, 5)) if rng.random() < 0.5 else None,
+            price_per_1k_tokens=price,
+        )
+        ledger = Ledger(budget)
+        epq, tpq = int(rng.integers(1, 64)), int(rng.integers(1, 2000))
+        popsize = int(rng.integers(2, 40))
+        for _ in range(200):
+            k = ledger.affordable(popsize, examples_per_query=epq, tokens_per_query=tpq)
+            assert 0 <= k <= popsize
+            if k < popsize:
+                trial = Ledger(budget)
+                trial.tuning = ledger.tuning.model_copy()
+                if k > 0:
+                    _spend(trial, k + 1, epq, tpq)  # one more candidate in the same request
+                else:
+                    _spend(trial, 1, epq, tpq)
+                assert _within(trial), f"case {case}: affordable said {k} but {k + 1} fits {budget}"
+                checked_cut += 1
+            if k == 0:
+                break
+            _spend(ledger, k, epq, tpq)
+            assert not _within(ledger), f"case {case}: crossed {_within(ledger)} with {ledger.tuning} under {budget}"
+        else:
+            assert budget.queries is None or ledger.tuning.queries <= budget.queries
+    assert checked_cut > 300  # the tight branch was really exercised
+
+
+def test_affordable_exact_fits_are_allowed():
+    # 0.7 / 0.001 is 699.9999999999999 in floating point: 700 queries must still fit, and do not cross
+    ledger = Ledger(Budget(queries=None, cost=0.7, price_per_1k_tokens=1.0))
+    assert 0.7 / (1 / 1000 * 1.0) < 700
+    assert ledger.affordable(1000, examples_per_query=1, tokens_per_query=1) == 700
+    _spend(ledger, 700, 1, 1)
+    assert not _within(ledger)
+    assert ledger.affordable(1000, examples_per_query=1, tokens_per_query=1) == 0
+    ledger = Ledger(Budget(queries=None, examples=64, tokens=640))
+    assert ledger.affordable(10, examples_per_query=8, tokens_per_query=80) == 8
+    assert Ledger(Budget(queries=5)).affordable(20, examples_per_query=1, tokens_per_query=1) == 5
+    assert Ledger(Budget(queries=None)).affordable(20, examples_per_query=1, tokens_per_query=1) == 20
+
+
+def test_requests_limit_counts_round_trips():
+    ledger = Ledger(Budget(queries=None, requests=2))
+    assert ledger.affordable(50, examples_per_query=1, tokens_per_query=1) == 50
+    _spend(ledger, 50, 1, 1)
+    _spend(ledger, 1, 1, 1)
+    assert ledger.affordable(50, examples_per_query=1, tokens_per_query=1) == 0
+
+
+def test_cost_without_a_price_is_no_limit():
+    ledger = Ledger(Budget(queries=None, cost=0.5))
+    _spend(ledger, 10, 10, 10_000)
+    assert ledger.tuning.cost == 0.0
+    assert ledger.affordable(3, examples_per_query=10, tokens_per_query=10_000) == 3
+
+
+def test_record_keeps_the_larger_count_and_notes_mismatches():
+    ledger = Ledger(Budget(price_per_1k_tokens=2.0))
+    expected = Usage(queries=4, requests=1, examples=32, tokens=1000)
+    ledger.record(Usage(queries=4, requests=1, examples=32, tokens=1500), expected=expected)
+    assert ledger.tuning.tokens == 1500 and ledger.tuning.cost == pytest.approx(3.0)
+    assert ledger.mismatches == ["server reported 1500 tokens, client counted 1000"]
+    ledger.record(Usage(queries=3, requests=1, examples=24, tokens=10), expected=expected)
+    # a server that under-reports does not get the client to under-count
+    assert ledger.tuning.tokens == 2500
+    assert ledger.tuning.queries == 8 and ledger.tuning.requests == 2 and ledger.tuning.examples == 64
+    assert len(ledger.mismatches) == 4
+
+
+def test_evaluation_spending_is_reported_but_not_limited():
+    ledger = Ledger(Budget(queries=3))
+    usage = Usage(queries=100, requests=1, examples=100, tokens=100)
+    ledger.record(usage, expected=usage, tuning=False)
+    assert ledger.tuning.queries == 0 and ledger.evaluation.queries == 100
+    assert ledger.affordable(5, examples_per_query=1, tokens_per_query=1) == 3
+    summary = ledger.summary()
+    assert summary["evaluation"]["queries"] == 100 and summary["budget"]["queries"] == 3
+    assert "0/3 queries" in ledger.describe()
+
+
+# ---- a real tuning run under each limit -----------------------------------------------------
+
+@pytest.mark.parametrize("limit", LIMITS)
+def test_tuning_stops_at_or_under_each_limit(limit, tiny_encoder, tiny_data, sst2_task, local_backend):
+    """A run with only one limit set spends up to it and not past it; the last query that did not fit
+    would have crossed it."""
+    from bbt.config import TuneConfig
+    from bbt.protocol import StatsRequest
+    from bbt.tuner import tune
+
+    model, length = str(tiny_encoder), 4
+    stats = local_backend.stats(StatsRequest(model=model, task=sst2_task, inputs=tiny_data.train.examples))
+    n = len(tiny_data.train)
+    tokens_per_query = sum(stats.tokens) + n * length
+    price = 0.5
+    per_query = {"queries": 1, "requests": None, "examples": n, "tokens": tokens_per_query,
+                 "cost": tokens_per_query / 1000 * price}[limit]
+    # 37 train-sized queries' worth: a generation of 6 is cut part-way (37 = 6 * 6 + 1 minus dev queries)
+    value = {"queries": 37, "requests": 9, "examples": 37 * n, "tokens": 37 * tokens_per_query + 5,
+             "cost": 37 * tokens_per_query / 1000 * price * 1.0001}[limit]
+    budget = Budget(**{"queries": None, limit: value, "price_per_1k_tokens": price})
+    cfg = TuneConfig(model=model, seed=1, prompt_length=length, intrinsic_dim=10, popsize=6, budget=budget)
+    ledger = Ledger(budget)
+    result = tune(local_backend, cfg, sst2_task, tiny_data.train, tiny_data.dev, ledger)
+    spent = getattr(ledger.tuning, limit)
+    assert spent <= value, f"{limit}: spent {spent} over the limit {value}"
+    if per_query is None:
+        assert spent == value  # every request allowed was used
+    else:
+        assert value - spent < per_query, f"{limit}: stopped with {value - spent} left, a query costs {per_query}"
+    assert ledger.evaluation.queries == 0
+    assert ledger.mismatches == []  # the client's count (what the limits were checked on) is the server's
+    assert result.history[-1]["queries_used"] == ledger.tuning.queries
+    assert result.generations >= 4
