@@ -14,13 +14,20 @@ from __future__ import annotations
 
 import math
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from bbt.errors import ConfigError
 from bbt.protocol import Usage
+
+LIMITS = ("queries", "requests", "examples", "tokens", "cost")
 
 
 class Budget(BaseModel):
-    """Spending limits of a tuning run. None = no limit in that unit."""
+    """Spending limits of a tuning run. None = no limit in that unit, but at least one unit is limited.
+
+    A budget with no limit at all would let a run go on forever, so it is refused; so is a `cost`
+    without a `price_per_1k_tokens` (nothing would ever be charged against it).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -30,6 +37,23 @@ class Budget(BaseModel):
     tokens: int | None = Field(default=None, ge=1, description="tokens billed by the server")
     cost: float | None = Field(default=None, gt=0, description="money, in the unit of price_per_1k_tokens")
     price_per_1k_tokens: float = Field(default=0.0, ge=0, description="what 1000 billed tokens cost")
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> Budget:
+        if self.cost is not None and self.price_per_1k_tokens == 0:
+            raise ValueError(f"cost={self.cost} needs a price_per_1k_tokens above 0: without a price nothing is "
+                             "charged, so the cost limit would never stop the run")
+        if not self.limits():
+            raise ValueError("a budget needs at least one limit (queries, requests, examples, tokens, or cost with "
+                             "a price_per_1k_tokens), else the run never ends; e.g. Budget(queries=8000)")
+        return self
+
+    def limits(self) -> dict[str, float]:
+        """The units that really limit a run, with their limits (cost only where it has a price)."""
+        found = {unit: getattr(self, unit) for unit in LIMITS if getattr(self, unit) is not None}
+        if self.price_per_1k_tokens == 0:
+            found.pop("cost", None)
+        return found
 
 
 class Spent(BaseModel):
@@ -42,6 +66,18 @@ class Spent(BaseModel):
     cost: float = 0.0
 
 
+def _how_many(left: float, each: float) -> float:
+    """How many items costing `each` fit in what is `left` of a limit (inf where they cost nothing)."""
+    if left < 0:
+        return 0
+    if each <= 0:
+        return math.inf
+    if isinstance(left, int) and isinstance(each, int):
+        return left // each
+    # a hair of slack so that float rounding never turns "exactly fits" into "crosses"
+    return math.floor(left / each + 1e-9)
+
+
 class Ledger:
     """What a run spent, written down before the next request goes out.
 
@@ -50,13 +86,25 @@ class Ledger:
     """
 
     def __init__(self, budget: Budget):
+        if not budget.limits():  # only a budget changed after validation, or never validated, gets here
+            raise ConfigError("the budget has no limit, so tuning would never stop: set queries, requests, "
+                              "examples, tokens or cost (bbt tune --budget QUERIES)")
         self.budget = budget
         self.tuning = Spent()
         self.evaluation = Spent()
         self.mismatches: list[str] = []
 
     def affordable(self, queries: int, *, examples_per_query: int, tokens_per_query: int) -> int:
-        """How many of `queries` candidates fit in every remaining limit (0: none; the run ends)."""
+        """How many of `queries` candidates fit in every remaining limit (0: none; the run ends).
+
+        A unit a query does not spend (0 examples or tokens per query, or a price of 0) cannot be
+        what cuts the run; a limit already crossed (a server that billed more than the client
+        counted) lets nothing more through.
+        """
+        for name, value in (("queries", queries), ("examples_per_query", examples_per_query),
+                            ("tokens_per_query", tokens_per_query)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
         b, s = self.budget, self.tuning
         fits = [queries]
         if b.queries is not None:
@@ -64,13 +112,11 @@ class Ledger:
         if b.requests is not None and s.requests >= b.requests:
             fits.append(0)
         if b.examples is not None:
-            fits.append((b.examples - s.examples) // max(examples_per_query, 1))
+            fits.append(_how_many(b.examples - s.examples, examples_per_query))
         if b.tokens is not None:
-            fits.append((b.tokens - s.tokens) // max(tokens_per_query, 1))
+            fits.append(_how_many(b.tokens - s.tokens, tokens_per_query))
         if b.cost is not None and b.price_per_1k_tokens > 0:
-            cost_per_query = tokens_per_query / 1000 * b.price_per_1k_tokens
-            # a hair of slack so that float rounding never turns "exactly fits" into "crosses"
-            fits.append(math.floor((b.cost - s.cost) / cost_per_query + 1e-9))
+            fits.append(_how_many(b.cost - s.cost, tokens_per_query / 1000 * b.price_per_1k_tokens))
         return max(0, min(fits))
 
     def record(self, usage: Usage, *, expected: Usage, tuning: bool = True) -> None:

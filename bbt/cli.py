@@ -24,6 +24,16 @@ EXAMPLES = """examples:
 """
 
 
+def _query_limit(value: str) -> int | None:
+    """--budget: a number of queries, or 'none' (another limit must then be given)."""
+    if value.strip().lower() == "none":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of queries or 'none', got {value!r}") from None
+
+
 def _add_backend_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("where the model runs")
     g.add_argument("--endpoint", action="append", metavar="URL",
@@ -67,12 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--loss", choices=["ce", "hinge", "perf"], default=d.loss, help="loss CMA-ES minimises")
     m.add_argument("--projection", choices=["normal", "uniform"], default=d.projection, help="random projection A")
     m.add_argument("--alpha", type=float, default=d.alpha, help="scale of the normal projection")
+    m.add_argument("--init", choices=["vocab", "zero"], default=d.init,
+                   help="p0, where the search starts: embeddings of random vocabulary tokens (BBT) or zeros")
     m.add_argument("--bound", type=float, default=None, help="keep z in [-BOUND, BOUND] (default: unbounded)")
     m.add_argument("--diagonal", action="store_true", help="separable CMA-ES, for a large intrinsic dimension")
     m.add_argument("--encoding", choices=["intrinsic", "float32", "float16"], default=d.encoding,
                    help="candidates on the wire: z + projection seed, or prompts as float32/float16")
     b = t.add_argument_group("budget (tuning: train and dev queries; never exceeded)")
-    b.add_argument("--budget", type=int, default=d.budget.queries, metavar="QUERIES", help="queries (candidates scored)")
+    b.add_argument("--budget", type=_query_limit, default=d.budget.queries, metavar="QUERIES",
+                   help="queries (candidates scored); 'none' for no query limit, with one of the limits below")
     b.add_argument("--max-requests", type=int, metavar="N", help="round trips")
     b.add_argument("--max-examples", type=int, metavar="N", help="examples scored (queries x batch)")
     b.add_argument("--max-tokens", type=int, metavar="N", help="tokens billed")
@@ -83,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backend_args(t)
 
     e = sub.add_parser("evaluate", help="score a tuned prompt on a split", description=(
-        "Score a run's prompt (and the zero-prompt model) on a split of its data folder."),
+        "Score a run's prompt, its untuned start (z = 0) and the model without a prompt on a split of its data folder."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     e.add_argument("--run", required=True, metavar="DIR", help="run folder written by bbt tune")
     e.add_argument("--split", choices=["train", "dev", "test"], default="test", help="which split")
@@ -134,7 +147,10 @@ _BUDGET_FLAGS = {"queries": "--budget", "requests": "--max-requests", "examples"
 def _option_errors(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
-        field = str(err["loc"][-1]) if err["loc"] else "option"
+        if not err["loc"]:  # a rule across several fields
+            parts.append(err["msg"].removeprefix("Value error, "))
+            continue
+        field = str(err["loc"][-1])
         parts.append(f"{_BUDGET_FLAGS.get(field, '--' + field.replace('_', '-'))} {err.get('input')!r}: {err['msg']}")
     return "bad option " + "; ".join(parts)
 
@@ -144,12 +160,18 @@ def cmd_tune(args) -> int:
     from bbt.run import run_tune
     from bbt.tasks import resolve_task
 
+    # the rules Budget enforces, in the words of the command line
+    if args.max_cost is not None and not args.price_per_1k_tokens:
+        raise ConfigError("--max-cost needs --price-per-1k-tokens: without a price nothing is charged against it")
+    if all(v is None for v in (args.budget, args.max_requests, args.max_examples, args.max_tokens, args.max_cost)):
+        raise ConfigError("--budget none needs another limit (--max-requests, --max-examples, --max-tokens or "
+                          "--max-cost), else tuning never stops")
     try:
         budget = Budget(queries=args.budget, requests=args.max_requests, examples=args.max_examples, tokens=args.max_tokens,
                         cost=args.max_cost, price_per_1k_tokens=args.price_per_1k_tokens)
         cfg = TuneConfig(model=args.model, method=args.method, seed=args.seed, prompt_length=args.prompt_length,
                          intrinsic_dim=args.intrinsic_dim, popsize=args.popsize, sigma=args.sigma, loss=args.loss,
-                         projection=args.projection, alpha=args.alpha, bound=args.bound, diagonal=args.diagonal,
+                         projection=args.projection, alpha=args.alpha, init=args.init, bound=args.bound, diagonal=args.diagonal,
                          encoding=args.encoding, k_shot=args.k_shot, budget=budget)
     except ValidationError as exc:  # e.g. --popsize 1, --budget 0: one line naming the option, no traceback
         raise ConfigError(_option_errors(exc)) from None
@@ -183,15 +205,17 @@ def cmd_evaluate(args) -> int:
     split = {"train": data.train, "dev": data.dev, "test": data.test}[args.split]
     backend = make_backend(args)
     try:
-        tuned, _ = evaluate_split(backend, artifact.model, artifact.task, split, artifact.prompt())
-        zero, _ = evaluate_split(backend, artifact.model, artifact.task, split, None)
+        prompt = artifact.prompt()
+        tuned, _ = evaluate_split(backend, artifact.model, artifact.task, split, prompt)
+        zero, _ = evaluate_split(backend, artifact.model, artifact.task, split, prompt.untuned())
+        plain, _ = evaluate_split(backend, artifact.model, artifact.task, split, None)
     finally:
         backend.close()
     name = data.test_name if args.split == "test" else args.split
     result = {"split": name, "examples": len(split), "acc": tuned.accuracy, "loss": tuned.loss,
-              "zero_prompt_acc": zero.accuracy}
+              "zero_prompt_acc": zero.accuracy, "no_prompt_acc": plain.accuracy}
     if artifact.task.metric == "f1":
-        result.update(f1=tuned.metric, zero_prompt_f1=zero.metric)
+        result.update(f1=tuned.metric, zero_prompt_f1=zero.metric, no_prompt_f1=plain.metric)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -26,6 +26,9 @@ class TuneConfig(BaseModel):
     projection: Literal["normal", "uniform"] = Field(
         default="normal", description="normal: std alpha*sigma_hat/(sqrt(d)*sigma); uniform: PyTorch Linear init"
     )
+    init: Literal["vocab", "zero"] = Field(
+        default="zero", description="p0: embeddings of random vocabulary tokens (as in BBT), or zeros"
+    )
     alpha: float = Field(default=1.0, gt=0, description="scale of the normal projection")
     bound: float | None = Field(default=None, gt=0, description="keep z in [-bound, bound]; none: unbounded")
     diagonal: bool = Field(default=False, description="separable CMA-ES (diagonal covariance), for large d")

@@ -49,22 +49,22 @@ class TaskData:
 
 
 def load_file(path: str | Path, task: TaskSpec) -> Split:
-    """Read a .jsonl, .csv or .tsv file of labelled examples; errors name the file and line."""
+    """Read a .jsonl, .csv or .tsv file of labelled examples; errors name the file and line.
+
+    Files are UTF-8, with or without a byte-order mark (as spreadsheet programs write them).
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".csv", ".tsv"):
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .csv or .tsv")
     try:
-        with path.open(encoding="utf-8", newline="") as fh:
+        with path.open(encoding="utf-8-sig", newline="") as fh:
             if suffix == ".jsonl":
                 rows = list(_jsonl_rows(fh, path))
-            elif suffix in (".csv", ".tsv"):
-                reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
-                if reader.fieldnames is None or "text" not in reader.fieldnames or "label" not in reader.fieldnames:
-                    raise DataError(f"{path}: the header must name 'text' and 'label' columns, got {reader.fieldnames}")
-                rows = [(i + 2, row) for i, row in enumerate(reader)]
             else:
-                raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .csv or .tsv")
+                rows = list(_table_rows(fh, path, delimiter="\t" if suffix == ".tsv" else ","))
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     examples, labels = [], []
@@ -88,6 +88,28 @@ def _jsonl_rows(fh, path: Path):
         if not isinstance(row, dict):
             raise DataError(f"{path}:{line_no}: expected an object with 'text' and 'label'")
         yield line_no, row
+
+
+def _table_rows(fh, path: Path, delimiter: str):
+    """(line, {column: value}) of a CSV/TSV file with a header; the line is where the row starts
+    (a quoted field may span several lines); blank lines are skipped."""
+    reader = csv.reader(fh, delimiter=delimiter)
+    kind, sep = ("TSV", "tab") if delimiter == "\t" else ("CSV", "comma")
+    try:
+        header = next(reader, None)
+        names = [name.strip() for name in header] if header else None
+        if names is None or "text" not in names or "label" not in names:
+            raise DataError(f"{path}: the header must name 'text' and 'label' columns, got {names}")
+        start = reader.line_num + 1
+        for row in reader:
+            if row and any(cell.strip() for cell in row):
+                if len(row) != len(names):
+                    raise DataError(f"{path}:{start}: {len(row)} fields, the header has {len(names)} "
+                                    f"({sep}-separated: quote a field that holds a {sep})")
+                yield start, dict(zip(names, row))
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        raise DataError(f"{path}:{reader.line_num}: not valid {kind} ({exc})") from exc
 
 
 def _parse_row(row: dict, task: TaskSpec, where: str) -> tuple[Example, int]:

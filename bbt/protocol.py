@@ -93,21 +93,28 @@ class ProjectionSpec(_Model):
         return v
 
 
-class PromptTensor(_Model):
-    """Candidate prompts sent as they are, shape [K, layers, L, H]."""
+class _Candidates(_Model):
+    init_seed: int | None = Field(
+        default=None, ge=0, lt=2**32,
+        description="p0 of the input prompt: the input embeddings of L ordinary vocabulary tokens that the server "
+        "draws with this seed (BBT's initialisation), added to every candidate; none: p0 = 0",
+    )
+
+
+class PromptTensor(_Candidates):
+    """Candidate prompts sent as they are, shape [K, layers, L, H] (plus p0 where init_seed is set)."""
 
     type: Literal["prompts"] = "prompts"
     prompts: Tensor
 
 
-class IntrinsicPrompts(_Model):
-    """Candidates as intrinsic vectors z [K, layers, d]; the server computes p_l = A_l z_l + p0_l."""
+class IntrinsicPrompts(_Candidates):
+    """Candidates as intrinsic vectors z [K, layers, d]; the server computes p_l = A_l z_l (+ p0 at the input)."""
 
     type: Literal["intrinsic"] = "intrinsic"
     z: Tensor = Field(description="shape [K, layers, d]")
     projections: list[ProjectionSpec] = Field(min_length=1, description="one spec per prompted layer")
     prompt_length: int = Field(ge=1, description="L, the number of prompt tokens")
-    p0: Tensor | None = Field(default=None, description="offset, shape [layers, L, H]; zeros if absent")
 
 
 Candidates = Annotated[PromptTensor | IntrinsicPrompts, Field(discriminator="type")]

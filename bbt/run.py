@@ -3,7 +3,7 @@
     RUN/config.json    the TuneConfig, task and data the run used
     RUN/log.jsonl      one line per generation
     RUN/prompt.json    the artifact: z, projection specs, model, task (versioned)
-    RUN/metrics.json   train/dev/test scores, zero-prompt baseline, spending, timings
+    RUN/metrics.json   train/dev/test scores, zero-prompt (z = 0) and no-prompt baselines, spending, timings
 """
 
 from __future__ import annotations
@@ -40,15 +40,16 @@ class PromptArtifact(BaseModel):
     prompt_length: int
     z: list[list[float]]  # (layers, d)
     projections: list[ProjectionSpec]
-    p0: None = None  # the offset is zero; kept in the format for later use
+    init_seed: int | None = None  # p0: the server's vocabulary embeddings drawn with this seed; none: zeros
 
     def prompt(self) -> Prompt:
-        return Prompt(z=np.asarray(self.z, dtype=np.float64), projections=self.projections, prompt_length=self.prompt_length)
+        return Prompt(z=np.asarray(self.z, dtype=np.float64), projections=self.projections,
+                      prompt_length=self.prompt_length, init_seed=self.init_seed)
 
 
 def evaluate_split(backend: Backend, model: str, task: TaskSpec, split: Split, prompt: Prompt | None,
                    ledger: Ledger | None = None, loss: str = "ce") -> tuple[Evaluation, np.ndarray]:
-    """Scores of one prompt (None: the zero-prompt model) on a whole split; logits [N, C].
+    """Scores of one prompt (None: the model without a soft prompt) on a whole split; logits [N, C].
 
     Large splits go out in chunks of EVAL_CHUNK examples; spending is booked as evaluation.
     """
@@ -85,8 +86,8 @@ def run_tune(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, 
     for note in data.notes:
         log(f"note: {note}")
 
-    zero, _ = evaluate_split(backend, cfg.model, task, data.test, None, ledger)
-    log(f"zero-prompt {data.test_name} accuracy: {zero.accuracy:.4f}")
+    plain, _ = evaluate_split(backend, cfg.model, task, data.test, None, ledger)
+    log(f"no-prompt {data.test_name} accuracy: {plain.accuracy:.4f}")
 
     bar = _progress_bar(cfg.budget.queries, progress)
     log_file = (out / "log.jsonl").open("w")
@@ -108,16 +109,18 @@ def run_tune(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, 
             bar.close()
     prompt = result.prompt
     artifact = PromptArtifact(method=cfg.method, model=cfg.model, task=task, prompt_length=cfg.prompt_length,
-                              z=prompt.z.tolist(), projections=prompt.projections)
+                              z=prompt.z.tolist(), projections=prompt.projections, init_seed=prompt.init_seed)
     (out / "prompt.json").write_text(artifact.model_dump_json(indent=1))
 
+    zero, _ = evaluate_split(backend, cfg.model, task, data.test, prompt.untuned(), ledger)
     tuned, _ = evaluate_split(backend, cfg.model, task, data.test, prompt, ledger)
     dev = result.dev
     out_metrics = {
         "train_acc": result.train.accuracy,
         "dev_acc": dev.accuracy if dev else None,
         "test_acc": tuned.accuracy,
-        "zero_prompt_test_acc": zero.accuracy,
+        "zero_prompt_test_acc": zero.accuracy,  # the untuned prompt, z = 0: where the search started
+        "no_prompt_test_acc": plain.accuracy,  # the model without a soft prompt
         "test_split": data.test_name,
         "train_loss": result.train.loss,
         "dev_loss": dev.loss if dev else None,
@@ -130,11 +133,12 @@ def run_tune(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, 
     }
     if task.metric == "f1":
         out_metrics.update(train_f1=result.train.metric, dev_f1=dev.metric if dev else None,
-                           test_f1=tuned.metric, zero_prompt_test_f1=zero.metric)
+                           test_f1=tuned.metric, zero_prompt_test_f1=zero.metric, no_prompt_test_f1=plain.metric)
     out_metrics["wall_seconds"] = round(time.perf_counter() - wall_start, 3)
     (out / "metrics.json").write_text(json.dumps(out_metrics, indent=2))
-    log(f"tuned {data.test_name} accuracy: {tuned.accuracy:.4f} (zero prompt {zero.accuracy:.4f})"
-        + (f", F1 {tuned.metric:.4f} (zero prompt {zero.metric:.4f})" if task.metric == "f1" else ""))
+    log(f"tuned {data.test_name} accuracy: {tuned.accuracy:.4f} (zero prompt z = 0: {zero.accuracy:.4f}, "
+        f"no prompt: {plain.accuracy:.4f})"
+        + (f", F1 {tuned.metric:.4f} (zero prompt {zero.metric:.4f}, no prompt {plain.metric:.4f})" if task.metric == "f1" else ""))
     log(ledger.describe())
     if ledger.mismatches:
         log(f"warning: the server's usage differed from the client's count {len(ledger.mismatches)} times; see metrics.json")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -43,7 +43,7 @@ def derive_seed(seed: int, *path: int) -> int:
     return int(np.random.SeedSequence([seed, *path]).generate_state(1)[0])
 
 
-_PROJECTION, _CMA = 1, 2  # stream ids for derive_seed
+_PROJECTION, _CMA, _INIT = 1, 2, 3  # stream ids for derive_seed
 
 
 @dataclass
@@ -53,16 +53,23 @@ class Prompt:
     z: np.ndarray  # (layers, d)
     projections: list[ProjectionSpec]
     prompt_length: int
+    init_seed: int | None = None  # p0 = embeddings of vocabulary tokens the server draws with this seed
+
+    def untuned(self) -> Prompt:
+        """The search's starting point, z = 0 (p = p0): the "zero prompt" the metrics compare against."""
+        return replace(self, z=np.zeros_like(self.z))
 
     def candidates(self, z: np.ndarray | None = None, encoding: str = "intrinsic") -> IntrinsicPrompts | PromptTensor:
         """Wire form of a population z [K, layers, d] (default: this prompt alone, K=1)."""
         z = self.z[None] if z is None else z
         if encoding == "intrinsic":
-            return IntrinsicPrompts(z=Tensor.from_numpy(z), projections=self.projections, prompt_length=self.prompt_length)
+            return IntrinsicPrompts(z=Tensor.from_numpy(z), projections=self.projections,
+                                    prompt_length=self.prompt_length, init_seed=self.init_seed)
         k, layers, _ = z.shape
         hidden = self.projections[0].D // self.prompt_length
         p = np.stack([project(z[:, l], self.projections[l]) for l in range(layers)], axis=1)  # (K, layers, D)
-        return PromptTensor(prompts=Tensor.from_numpy(p.reshape(k, layers, self.prompt_length, hidden), dtype=encoding))
+        return PromptTensor(prompts=Tensor.from_numpy(p.reshape(k, layers, self.prompt_length, hidden), dtype=encoding),
+                            init_seed=self.init_seed)
 
 
 @dataclass
@@ -143,6 +150,7 @@ def tune(backend: Backend, cfg: TuneConfig, task: TaskSpec, train: Split, dev: S
         z=np.zeros((layers, cfg.intrinsic_dim)),
         projections=make_projections(cfg, info, layers, train_scorer.hidden_std),
         prompt_length=cfg.prompt_length,
+        init_seed=derive_seed(cfg.seed, _INIT) if cfg.init == "vocab" else None,
     )
     optimizers = [
         CMAES(cfg.intrinsic_dim, popsize=cfg.popsize, sigma=cfg.sigma, seed=derive_seed(cfg.seed, _CMA, layer),

@@ -78,6 +78,7 @@ class PromptModel:
         self.prompt_at = _leading_specials(tokenizer)
         self.space_prefix = _space_sensitive(tokenizer)
         self._info: ModelInfo | None = None
+        self._init_cache: dict[tuple[int, int], np.ndarray] = {}
 
     # ---- inputs -------------------------------------------------------------------------
     def encode(self, task: TaskSpec, examples: list[Example]) -> Encoded:
@@ -178,6 +179,29 @@ class PromptModel:
 
     def _head(self, task: TaskSpec):
         raise NotImplementedError
+
+    def init_prompt(self, seed: int, length: int) -> np.ndarray:
+        """p0 [L, H]: input embeddings of `length` ordinary vocabulary tokens drawn with `seed`.
+
+        BBT starts the search from real token embeddings rather than zeros: a prompt of zero vectors
+        is far off the embedding manifold and drags accuracy well below the no-prompt model.
+        """
+        key = (seed, length)
+        if key not in self._init_cache:
+            rng = np.random.Generator(np.random.PCG64(seed))
+            ids = rng.choice(self._ordinary_ids(), size=length, replace=False)
+            with torch.inference_mode():
+                self._init_cache[key] = self.word_embeddings(torch.as_tensor(ids)).float().numpy()
+        return self._init_cache[key]
+
+    def _ordinary_ids(self) -> np.ndarray:
+        """Vocabulary ids that are neither special tokens nor unused slots, in id order."""
+        special = set(self.tokenizer.all_special_ids)
+        vocab = self.tokenizer.get_vocab()
+        n = min(self.word_embeddings.num_embeddings, len(vocab))
+        return np.array(sorted(
+            i for tok, i in vocab.items() if i < n and i not in special and not tok.startswith("[unused")
+        ))
 
     # ---- statistics ---------------------------------------------------------------------
     @torch.inference_mode()

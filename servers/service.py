@@ -154,6 +154,9 @@ class ModelService:
             prompts = self._project(model, c)
         if not np.isfinite(prompts).all():
             raise ConfigError("the projected prompts are not finite: z or the projection scale is too large")
+        if c.init_seed is not None:
+            prompts = np.array(prompts)  # the decoded tensor may be a read-only view of the request body
+            prompts[:, 0] += model.init_prompt(c.init_seed, prompts.shape[2])
         return prompts
 
     def _project(self, model: PromptModel, c: IntrinsicPrompts) -> np.ndarray:
@@ -172,18 +175,12 @@ class ModelService:
             if spec.d != d or spec.D != length * h:
                 raise ConfigError(f"projections[{i}] is {spec.D}x{spec.d}; z and the model need D = L*H = {length * h}, d = {d}")
         z = _finite(c.z, "z")
-        p0 = None
-        if c.p0 is not None:
-            if c.p0.shape != [layers, length, h]:
-                raise ConfigError(f"p0 has shape {c.p0.shape}; expected [{layers}, {length}, {h}]")
-            p0 = _finite(c.p0, "p0")
         out = np.zeros((k, layers, length * h), dtype=np.float32)
         for layer, spec in enumerate(c.projections):
             zl = z[:, layer]
             if zl.any():  # BBTv2 sends zeros for layers without a prompt yet: skip their matmul
                 out[:, layer] = zl @ cached_matrix(spec).T  # (K, d) @ (d, D) -> (K, D)
-        out = out.reshape(k, layers, length, h)
-        return out if p0 is None else out + p0[None]
+        return out.reshape(k, layers, length, h)
 
 
 _LOADED: dict[str, PromptModel] = {}

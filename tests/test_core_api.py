@@ -68,7 +68,7 @@ ROUND_TRIPS = {
                          encoding="float16", k_shot=4,
                          budget=Budget(queries=100, requests=20, examples=800, tokens=10**6, cost=1.5,
                                        price_per_1k_tokens=0.02)),
-    "budget-unlimited": Budget(queries=None),
+    "budget-no-query-limit": Budget(queries=None, tokens=10**6),
     "artifact": _artifact(),
     "projection": normal_spec(seed=3, d=4, D=8, target_std=0.7, alpha=0.2, sigma=0.5),
 }

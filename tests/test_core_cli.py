@@ -14,7 +14,7 @@ from bbt.cli import build_parser, main
 from conftest import write_jsonl
 
 SUBCOMMANDS = ["tune", "evaluate", "predict", "serve", "demo"]
-METRIC_KEYS = {"train_acc", "dev_acc", "test_acc", "zero_prompt_test_acc", "queries_used", "tuning_seconds", "wall_seconds"}
+METRIC_KEYS = {"train_acc", "dev_acc", "test_acc", "zero_prompt_test_acc", "no_prompt_test_acc", "queries_used", "tuning_seconds", "wall_seconds"}
 
 
 def bbt(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -93,7 +93,7 @@ def test_tune_writes_the_run_folder(tiny_run, tiny_encoder, data_dir):
     assert {p.name for p in tiny_run.iterdir()} >= {"config.json", "log.jsonl", "prompt.json", "metrics.json"}
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     assert METRIC_KEYS <= set(metrics)
-    for key in ("train_acc", "dev_acc", "test_acc", "zero_prompt_test_acc"):
+    for key in ("train_acc", "dev_acc", "test_acc", "zero_prompt_test_acc", "no_prompt_test_acc"):
         assert 0.0 <= metrics[key] <= 1.0, key
     assert 0 < metrics["queries_used"] <= BUDGET
     assert 0 < metrics["tuning_seconds"] <= metrics["wall_seconds"]
@@ -101,8 +101,8 @@ def test_tune_writes_the_run_folder(tiny_run, tiny_encoder, data_dir):
     spending = metrics["spending"]
     assert spending["tuning"]["queries"] == metrics["queries_used"]
     assert spending["usage_mismatches"] == []
-    # zero-prompt and tuned prompt on the 12 test examples: reported, not charged to the budget
-    assert spending["evaluation"]["queries"] == 2 and spending["evaluation"]["examples"] == 24
+    # no prompt, zero prompt (z = 0) and tuned prompt on the 12 test examples: reported, not charged to the budget
+    assert spending["evaluation"]["queries"] == 3 and spending["evaluation"]["examples"] == 36
     assert "test_f1" not in metrics  # sst2 is scored by accuracy
     log = [json.loads(line) for line in (tiny_run / "log.jsonl").read_text().splitlines()]
     assert len(log) == metrics["generations"] >= 2
@@ -126,6 +126,7 @@ def test_evaluate_reproduces_the_run_metrics(tiny_run, capsys):
     assert result["acc"] == pytest.approx(metrics["test_acc"])
     assert result["loss"] == pytest.approx(metrics["test_loss"], rel=1e-4)
     assert result["zero_prompt_acc"] == pytest.approx(metrics["zero_prompt_test_acc"])
+    assert result["no_prompt_acc"] == pytest.approx(metrics["no_prompt_test_acc"])
     assert main(["evaluate", "--run", str(tiny_run), "--split", "train"]) == 0
     train = json.loads(capsys.readouterr().out)
     assert train["split"] == "train" and train["examples"] == 8

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 from pydantic import ValidationError
 
 from bbt.budget import Budget, Ledger
+from bbt.config import TuneConfig
+from bbt.errors import ConfigError
 from bbt.optimizer import CMAES
 from bbt.protocol import Usage
 
@@ -129,14 +130,16 @@ def test_affordable_never_crosses_and_is_tight():
     checked_cut = 0
     for case in range(600):
         price = float(rng.choice([0.0, 0.01, 0.37, 2.5]))
-        budget = Budget(
+        limits = dict(
             queries=int(rng.integers(1, 300)) if rng.random() < 0.7 else None,
             requests=int(rng.integers(1, 30)) if rng.random() < 0.5 else None,
             examples=int(rng.integers(1, 5000)) if rng.random() < 0.5 else None,
             tokens=int(rng.integers(1, 100_000)) if rng.random() < 0.5 else None,
-            cost=float(rng.uniform(0.01, 5)) if rng.random() < 0.5 else None,
-            price_per_1k_tokens=price,
+            cost=float(rng.uniform(0.01, 5)) if price > 0 and rng.random() < 0.5 else None,
         )
+        if all(v is None for v in limits.values()):
+            limits["queries"] = int(rng.integers(1, 300))  # a budget with no limit is refused
+        budget = Budget(**limits, price_per_1k_tokens=price)
         ledger = Ledger(budget)
         epq, tpq = int(rng.integers(1, 64)), int(rng.integers(1, 2000))
         popsize = int(rng.integers(2, 40))
@@ -172,7 +175,7 @@ def test_affordable_exact_fits_are_allowed():
     ledger = Ledger(Budget(queries=None, examples=64, tokens=640))
     assert ledger.affordable(10, examples_per_query=8, tokens_per_query=80) == 8
     assert Ledger(Budget(queries=5)).affordable(20, examples_per_query=1, tokens_per_query=1) == 5
-    assert Ledger(Budget(queries=None)).affordable(20, examples_per_query=1, tokens_per_query=1) == 20
+    assert Ledger(Budget(queries=None, requests=1)).affordable(20, examples_per_query=1, tokens_per_query=1) == 20
 
 
 def test_requests_limit_counts_round_trips():
@@ -183,11 +186,71 @@ def test_requests_limit_counts_round_trips():
     assert ledger.affordable(50, examples_per_query=1, tokens_per_query=1) == 0
 
 
-def test_cost_without_a_price_is_no_limit():
-    ledger = Ledger(Budget(queries=None, cost=0.5))
-    _spend(ledger, 10, 10, 10_000)
-    assert ledger.tuning.cost == 0.0
-    assert ledger.affordable(3, examples_per_query=10, tokens_per_query=10_000) == 3
+def test_a_budget_without_any_limit_is_refused():
+    """No limit at all would let a run go on forever; a cost without a price never binds either."""
+    with pytest.raises(ValidationError, match="at least one limit"):
+        Budget(queries=None)
+    with pytest.raises(ValidationError, match="cost=0.5 needs a price_per_1k_tokens"):
+        Budget(cost=0.5)  # even with a query limit: the cost limit would silently do nothing
+    with pytest.raises(ValidationError, match="at least one limit"):
+        TuneConfig.model_validate({"budget": {"queries": None}})  # a hand-edited config.json
+    assert Budget().limits() == {"queries": 8000}
+    assert Budget(queries=None, cost=0.5, price_per_1k_tokens=0.1).limits() == {"cost": 0.5}
+
+
+def test_a_ledger_refuses_a_budget_that_skipped_validation():
+    unlimited = Budget.model_construct(queries=None, requests=None, examples=None, tokens=None, cost=None,
+                                       price_per_1k_tokens=0.0)
+    with pytest.raises(ConfigError, match="no limit, so tuning would never stop"):
+        Ledger(unlimited)
+    changed = Budget(queries=10)
+    changed.queries = None  # assignment is not validated
+    with pytest.raises(ConfigError, match="no limit"):
+        Ledger(changed)
+
+
+def test_affordable_when_a_query_costs_nothing_in_a_unit():
+    """0 tokens or examples per query (or a price that makes a query free) cannot divide by zero:
+    that unit just does not limit the run."""
+    ledger = Ledger(Budget(queries=7, examples=5, tokens=5, cost=0.01, price_per_1k_tokens=1.0))
+    assert ledger.affordable(20, examples_per_query=0, tokens_per_query=0) == 7
+    ledger = Ledger(Budget(queries=None, tokens=100, cost=1.0, price_per_1k_tokens=2.0))
+    assert ledger.affordable(20, examples_per_query=3, tokens_per_query=0) == 20
+    assert ledger.affordable(20, examples_per_query=3, tokens_per_query=10) == 10
+    assert Ledger(Budget(queries=None, examples=10)).affordable(4, examples_per_query=0, tokens_per_query=0) == 4
+    assert Ledger(Budget(queries=3)).affordable(0, examples_per_query=1, tokens_per_query=1) == 0
+
+
+def test_affordable_after_a_server_overbilled_is_zero():
+    ledger = Ledger(Budget(queries=None, tokens=100, cost=1.0, price_per_1k_tokens=1.0))
+    ledger.record(Usage(queries=1, requests=1, examples=1, tokens=150), expected=Usage(queries=1, requests=1, examples=1, tokens=90))
+    assert ledger.tuning.tokens == 150  # the larger count is charged, and now the limit is crossed
+    assert ledger.affordable(5, examples_per_query=1, tokens_per_query=0) == 0
+    assert ledger.affordable(5, examples_per_query=1, tokens_per_query=10) == 0
+
+
+@pytest.mark.parametrize("kwargs", [dict(queries=-1), dict(examples_per_query=-1), dict(tokens_per_query=-2)])
+def test_affordable_rejects_negative_sizes(kwargs):
+    args = dict(queries=4, examples_per_query=1, tokens_per_query=1) | kwargs
+    with pytest.raises(ValueError, match=f"{next(iter(kwargs))} must be >= 0"):
+        Ledger(Budget()).affordable(args.pop("queries"), **args)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--budget", "none"], "--budget none needs another limit"),
+    (["--max-cost", "2"], "--max-cost needs --price-per-1k-tokens"),
+    (["--budget", "0"], "--budget 0"),
+])
+def test_cli_refuses_a_budget_without_a_limit(tmp_path, capsys, flags, message):
+    from bbt.cli import build_parser, main
+
+    assert main(["tune", "--data", str(tmp_path), "--out", str(tmp_path / "run"), *flags]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    args = build_parser().parse_args(["tune", "--data", "D", "--out", "O"])
+    assert args.budget == TuneConfig().budget.queries == 8000  # no --budget: the default limit
+    args = build_parser().parse_args(["tune", "--data", "D", "--out", "O", "--budget", "None", "--max-tokens", "9"])
+    assert args.budget is None and args.max_tokens == 9
 
 
 def test_record_keeps_the_larger_count_and_notes_mismatches():
@@ -220,7 +283,6 @@ def test_evaluation_spending_is_reported_but_not_limited():
 def test_tuning_stops_at_or_under_each_limit(limit, tiny_encoder, tiny_data, sst2_task, local_backend):
     """A run with only one limit set spends up to it and not past it; the last query that did not fit
     would have crossed it."""
-    from bbt.config import TuneConfig
     from bbt.protocol import StatsRequest
     from bbt.tuner import tune
 

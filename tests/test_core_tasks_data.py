@@ -205,6 +205,48 @@ def test_bad_csv_rows_name_the_line(tmp_path, sst2_task):
         load_file(path, sst2_task)
 
 
+@pytest.mark.parametrize("name,content", [
+    ("b.csv", 'text,label\n"fine, really",1\nbad,negative\n'),
+    ("b.tsv", "text\tlabel\nfine, really\t1\nbad\tnegative\n"),
+    ("b.jsonl", '{"text": "fine, really", "label": 1}\n{"text": "bad", "label": "negative"}\n'),
+])
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path, sst2_task, name, content):
+    """Spreadsheet programs save "CSV UTF-8" with a BOM; the first column must still be 'text'."""
+    want = Split([Example(text="fine, really"), Example(text="bad")], [1, 0])
+    (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + content.encode("utf-8"))
+    assert load_file(tmp_path / name, sst2_task) == want
+    # and errors still name the right line
+    (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + content.replace("negative", "neutral").encode("utf-8"))
+    line = 2 if name.endswith(".jsonl") else 3  # a table's first line is its header
+    with pytest.raises(DataError, match=f"{tmp_path / name}:{line}: label 'neutral'"):
+        load_file(tmp_path / name, sst2_task)
+
+
+def test_csv_lines_count_blank_lines_and_multiline_fields(tmp_path, sst2_task):
+    path = tmp_path / "d.csv"
+    path.write_text('text,label\n\n"two\nlines",1\n\nok,0\n"three\n\nlines",1\n , \nbad,9\n')
+    with pytest.raises(DataError, match=f"{path}:11: label 9"):
+        load_file(path, sst2_task)
+    path.write_text('text,label\n\n"two\nlines",1\n\nok,0\n"three\n\nlines",1\n , \n')
+    assert load_file(path, sst2_task).examples[2] == Example(text="three\n\nlines")
+    path.write_text(" text , label \nok,1\n")  # spaces around header names
+    assert load_file(path, sst2_task).labels == [1]
+
+
+@pytest.mark.parametrize("name,content,line,message", [
+    ("d.csv", "text,label\nok,1\nwell, fine,1\n", 3, "3 fields, the header has 2 .comma-separated"),
+    ("d.tsv", "text\tlabel\nok\n", 2, "1 fields, the header has 2 .tab-separated"),
+    ("d.csv", 'text,label\nok,1\n"never closed,1\n', 3, "1 fields"),
+    ("d.csv", "text,label\nok,1\n" + "x" * 140_000 + ",1\n", 3, "not valid CSV .field larger than field limit"),
+])
+def test_malformed_csv_rows_name_file_and_line(tmp_path, sst2_task, name, content, line, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError, match=message) as info:
+        load_file(path, sst2_task)
+    assert f"{path}:{line}:" in str(info.value)
+
+
 @pytest.mark.parametrize("name,content,message", [
     ("d.csv", "sentence,label\na,1\n", "header must name 'text' and 'label'"),
     ("d.csv", "", "header must name"),

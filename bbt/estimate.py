@@ -1,0 +1,241 @@
+"""What a tuning run would spend, worked out before it starts (`bbt tune --dry-run`).
+
+    est = estimate(backend, cfg, task, data)   # sends stats requests only, never an evaluate query
+    print(est.describe())
+
+Units are those of `bbt.budget`: queries (candidates scored), requests (round trips), examples
+(queries x examples per query), tokens (what the server bills: inputs with template, plus
+prompt_length per example when a prompt is sent) and cost (tokens / 1000 x price_per_1k_tokens).
+
+Tuning is what `bbt.tuner.tune` books against the budget: one request of `popsize` train queries
+per generation, plus one dev query whenever a generation finds a new best on train. How often it
+does depends on the losses, so the estimate replays the tuner's accounting loop on a `Ledger`
+with the run's `Budget` (the same `Ledger.affordable` decides what fits, so every limit ends the
+replay where it ends the run) for the two extremes: a new best in *every* generation (the most dev
+queries and requests) and in the first generation only (the first always beats "no best yet").
+Each unit's upper bound is the larger of the two, its lower bound the smaller.
+Evaluation is what `bbt.run.run_tune` spends outside the budget: the zero-prompt model and the
+tuned prompt on the test split, in chunks of EVAL_CHUNK examples, one query each; it is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bbt.backends.base import Backend
+from bbt.budget import LIMITS, Budget, Ledger, Spent
+from bbt.config import TuneConfig
+from bbt.data import Split, TaskData
+from bbt.errors import ConfigError
+from bbt.protocol import StatsRequest, TaskSpec, Usage
+from bbt.run import EVAL_CHUNK
+
+_FLAGS = {"queries": "--budget", "requests": "--max-requests", "examples": "--max-examples",
+          "tokens": "--max-tokens", "cost": "--max-cost"}
+_LEAP_AFTER = 2000  # generations replayed one by one before whole identical ones are added in bulk
+
+
+@dataclass
+class Estimate:
+    """Spending of a planned run: tuning (against the budget) and evaluation (outside it)."""
+
+    budget: Budget
+    popsize: int
+    train_examples: int  # examples per train query
+    dev_examples: int  # examples per dev query
+    test_examples: int
+    test_name: str
+    train_tokens_per_query: int  # tokens billed for one candidate on the train split, prompt included
+    dev_tokens_per_query: int
+    tuning: Spent  # upper bound, per unit
+    tuning_min: Spent  # lower bound, per unit
+    generations: tuple[int, int]  # (least, most): a new best every generation leaves room for fewer
+    dev_queries: tuple[int, int]  # (least, most)
+    evaluation: Spent  # zero-prompt and tuned prompt on the test split, exact
+    ends_by: list[str] = field(default_factory=list)  # the limits that end the run
+    stats_requests: int = 0  # what the estimate itself sent (no queries; a server may bill their tokens)
+
+    def describe(self) -> str:
+        """A few lines for the terminal."""
+        b, money = self.budget, self.budget.price_per_1k_tokens > 0
+        lines = [
+            f"dry run: nothing was tuned and no evaluate query was sent ({self.stats_requests} stats requests "
+            "counted the tokens)",
+            f"per query: train {self.train_examples} examples, {self.train_tokens_per_query:,} tokens; "
+            f"dev {self.dev_examples} examples, {self.dev_tokens_per_query:,} tokens (prompt tokens included)",
+            "budget: " + ", ".join(f"{_fmt(limit)} {unit}" for unit, limit in b.limits().items())
+            + (f"; price {b.price_per_1k_tokens:g} per 1k tokens" if money else ""),
+        ]
+        if self.generations[1] == 0:
+            lines.append("tuning: the budget does not afford one train query: the run would go straight to evaluation")
+        else:
+            (g_lo, g_hi), (d_lo, d_hi) = self.generations, self.dev_queries
+            lines += [
+                f"tuning, counted against the budget: {_range(g_lo, g_hi)} generations of up to {self.popsize} train "
+                f"queries, plus one dev query per new best on train ({_range(d_lo, d_hi)})",
+                f"  upper bound (a new best in every generation): {_spent(self.tuning, money)}",
+                f"  lower bound (a new best in the first only):   {_spent(self.tuning_min, money)}",
+                "  the run ends when " + " and ".join(f"the {u} limit ({_fmt(getattr(b, u))}, {_FLAGS[u]})"
+                                                      for u in self.ends_by) + " is reached",
+            ]
+        lines += [
+            f"evaluation, outside the budget (zero prompt and tuned prompt on {self.test_examples} {self.test_name} "
+            f"examples, in chunks of up to {EVAL_CHUNK}; exact):",
+            f"  {_spent(self.evaluation, money)}",
+        ]
+        lines.append(f"whole run, upper bound: {_spent(_add(self.tuning, self.evaluation), money)}")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _PerQuery:
+    examples: int
+    tokens: int
+
+    def affordable(self, ledger: Ledger, k: int) -> int:
+        return ledger.affordable(k, examples_per_query=self.examples, tokens_per_query=self.tokens)
+
+    def book(self, ledger: Ledger, k: int, *, tuning: bool = True) -> None:
+        usage = Usage(queries=k, requests=1, examples=k * self.examples, tokens=k * self.tokens)
+        ledger.record(usage, expected=usage, tuning=tuning)
+
+
+def estimate(backend: Backend, cfg: TuneConfig, task: TaskSpec, data: TaskData) -> Estimate:
+    """Replay the run's accounting without scoring anything (stats and model-info requests only)."""
+    if not cfg.budget.limits():  # a validated Budget refuses this; one built unchecked still gets a clear answer
+        raise ConfigError("the budget sets no limit, so the search would never end and bbt tune refuses to start it: "
+                          "set --budget QUERIES (or --max-requests, --max-examples, --max-tokens, or --max-cost "
+                          "with --price-per-1k-tokens)")
+    info = backend.model_info(cfg.model)
+    if cfg.prompt_length > info.max_prompt_tokens:  # the tuner refuses this too, before its first query
+        raise ConfigError(f"prompt length {cfg.prompt_length} is over model {cfg.model!r}'s limit of {info.max_prompt_tokens} tokens")
+    test = data.test if data.test is not None else data.dev
+    stats_requests = 0
+
+    def tokens(split: Split) -> list[int]:  # tokens per input with the template, prompt excluded
+        nonlocal stats_requests
+        counts = []
+        for start in range(0, len(split), EVAL_CHUNK):
+            counts += backend.stats(StatsRequest(model=cfg.model, task=task, inputs=split.examples[start : start + EVAL_CHUNK])).tokens
+            stats_requests += 1
+        return counts
+
+    L = cfg.prompt_length
+    train = _PerQuery(len(data.train), sum(tokens(data.train)) + len(data.train) * L)  # as tuner.Scorer counts
+    dev = _PerQuery(len(data.dev), sum(tokens(data.dev)) + len(data.dev) * L)
+
+    # as run.evaluate_split books it: one query per chunk, zero prompt then tuned; no limit applies
+    evaluation = Ledger(Budget(queries=1, price_per_1k_tokens=cfg.budget.price_per_1k_tokens))
+    test_tokens = tokens(test)
+    for prompt_tokens in (0, L):
+        for start in range(0, len(test), EVAL_CHUNK):
+            chunk = test_tokens[start : start + EVAL_CHUNK]
+            _PerQuery(len(chunk), sum(chunk) + len(chunk) * prompt_tokens).book(evaluation, 1, tuning=False)
+
+    every = _replay(cfg.budget, cfg.popsize, train, dev, every_generation_improves=True)
+    first = _replay(cfg.budget, cfg.popsize, train, dev, every_generation_improves=False)
+    pair = (every.ledger.tuning, first.ledger.tuning)
+    return Estimate(
+        budget=cfg.budget, popsize=cfg.popsize, train_examples=train.examples, dev_examples=dev.examples,
+        test_examples=len(test), test_name=data.test_name, train_tokens_per_query=train.tokens,
+        dev_tokens_per_query=dev.tokens,
+        tuning=Spent(**{u: max(getattr(x, u) for x in pair) for u in LIMITS}),
+        tuning_min=Spent(**{u: min(getattr(x, u) for x in pair) for u in LIMITS}),
+        generations=(every.generations, first.generations), dev_queries=(first.dev_queries, every.dev_queries),
+        evaluation=evaluation.evaluation, ends_by=every.ends_by + [u for u in first.ends_by if u not in every.ends_by],
+        stats_requests=stats_requests,
+    )
+
+
+@dataclass
+class _Replay:
+    ledger: Ledger
+    generations: int = 0
+    dev_queries: int = 0
+    ends_by: list[str] = field(default_factory=list)
+
+
+def _replay(budget: Budget, popsize: int, train: _PerQuery, dev: _PerQuery, *, every_generation_improves: bool) -> _Replay:
+    """The accounting of `bbt.tuner.tune`, step for step, with the train losses left out."""
+    r = _Replay(Ledger(budget))
+
+    def improves(generation: int) -> bool:
+        return every_generation_improves or generation == 0
+
+    while True:
+        k = train.affordable(r.ledger, popsize)
+        if k < popsize:
+            r.ends_by = _ends_by(r.ledger, popsize, train)
+        if k == 0:
+            break
+        train.book(r.ledger, k)
+        if improves(r.generations) and dev.affordable(r.ledger, 1):
+            dev.book(r.ledger, 1)
+            r.dev_queries += 1
+        r.generations += 1
+        if k < popsize:
+            break
+        if r.generations == _LEAP_AFTER:
+            _leap(r, popsize, train, dev if every_generation_improves else None)
+    return r
+
+
+def _leap(r: _Replay, popsize: int, train: _PerQuery, dev: _PerQuery | None) -> None:
+    """Add in bulk the whole generations that would still go out identically (full, plus their dev query).
+
+    Only very long runs get here (thousands of generations): it keeps the replay fast. Each limit
+    is checked with Ledger.affordable as in the step-by-step replay; the summed cost may differ from
+    the run's in the last float digits.
+    """
+    one = Ledger(r.ledger.budget)
+    train.book(one, popsize)
+    if dev is not None:
+        dev.book(one, 1)
+
+    def still_whole(m: int) -> bool:  # does generation m+1 after now go out like the others?
+        probe = Ledger(r.ledger.budget)
+        probe.tuning = _add(r.ledger.tuning, one.tuning, m)
+        if train.affordable(probe, popsize) < popsize:
+            return False
+        train.book(probe, popsize)
+        return dev is None or dev.affordable(probe, 1) == 1
+
+    lo, hi = 0, 1  # galloping, then bisection: still_whole(lo) holds, still_whole(hi) does not
+    while still_whole(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if still_whole(mid) else (lo, mid)
+    r.ledger.tuning = _add(r.ledger.tuning, one.tuning, lo)
+    r.generations += lo
+    r.dev_queries += lo if dev is not None else 0
+
+
+def _ends_by(ledger: Ledger, popsize: int, train: _PerQuery) -> list[str]:
+    """The limits that cut the next generation short: each alone affords as few queries as all together."""
+    k = train.affordable(ledger, popsize)
+    found = []
+    for unit in ledger.budget.limits():
+        alone = Ledger(Budget(**{"queries": None, unit: getattr(ledger.budget, unit)},
+                              price_per_1k_tokens=ledger.budget.price_per_1k_tokens))
+        alone.tuning = ledger.tuning
+        if train.affordable(alone, popsize) == k:
+            found.append(unit)
+    return found
+
+
+def _add(a: Spent, b: Spent, times: int = 1) -> Spent:
+    return Spent(**{u: getattr(a, u) + times * getattr(b, u) for u in LIMITS})
+
+
+def _fmt(x) -> str:
+    return f"{x:,}" if isinstance(x, int) else f"{x:g}"
+
+
+def _range(lo: int, hi: int) -> str:
+    return f"{lo:,}" if lo == hi else f"{lo:,} to {hi:,}"
+
+
+def _spent(s: Spent, money: bool) -> str:
+    return (f"{s.queries:,} queries, {s.requests:,} requests, {s.examples:,} examples, {s.tokens:,} tokens"
+            + (f", cost {s.cost:.4f}" if money else ""))
