@@ -63,8 +63,9 @@ def run_demo(budget: int, out: str, in_process: bool) -> int:
             metrics = _tune(cfg, task, data, HTTPBackend([server.url]), out, endpoint=server.url)
         print("server stopped")
     seconds = time.perf_counter() - start
-    print(f"\ntest accuracy: {metrics['zero_prompt_test_acc']:.3f} before tuning (no prompt), "
-          f"{metrics['test_acc']:.3f} after, on {len(data.test)} examples")
+    print(f"\ntest accuracy on {len(data.test)} examples: {metrics['zero_prompt_test_acc']:.3f} before tuning "
+          f"(the untuned prompt, where the search starts), {metrics['test_acc']:.3f} after; "
+          f"the model with no prompt at all: {metrics['no_prompt_test_acc']:.3f}")
     print(f"spent {metrics['queries_used']} queries in {metrics['tuning_seconds']:.0f} s of tuning "
           f"({seconds:.0f} s in all); run folder: {out}")
     print(f'try it: bbt predict --run {out} "the zipper broke on day one" "arrived early and works great"')

@@ -14,8 +14,9 @@ with the run's `Budget` (the same `Ledger.affordable` decides what fits, so ever
 replay where it ends the run) for the two extremes: a new best in *every* generation (the most dev
 queries and requests) and in the first generation only (the first always beats "no best yet").
 Each unit's upper bound is the larger of the two, its lower bound the smaller.
-Evaluation is what `bbt.run.run_tune` spends outside the budget: the zero-prompt model and the
-tuned prompt on the test split, in chunks of EVAL_CHUNK examples, one query each; it is exact.
+Evaluation is what `bbt.run.run_tune` spends outside the budget: the plain model (no prompt), the
+untuned prompt (z = 0) and the tuned prompt on the test split, in chunks of EVAL_CHUNK examples,
+one query each; it is exact.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class Estimate:
     tuning_min: Spent  # lower bound, per unit
     generations: tuple[int, int]  # (least, most): a new best every generation leaves room for fewer
     dev_queries: tuple[int, int]  # (least, most)
-    evaluation: Spent  # zero-prompt and tuned prompt on the test split, exact
+    evaluation: Spent  # no prompt, zero prompt and tuned prompt on the test split, exact
     ends_by: list[str] = field(default_factory=list)  # the limits that end the run
     stats_requests: int = 0  # what the estimate itself sent (no queries; a server may bill their tokens)
 
@@ -79,7 +80,7 @@ class Estimate:
                                                       for u in self.ends_by) + " is reached",
             ]
         lines += [
-            f"evaluation, outside the budget (zero prompt and tuned prompt on {self.test_examples} {self.test_name} "
+            f"evaluation, outside the budget (no prompt, zero prompt and tuned prompt on {self.test_examples} {self.test_name} "
             f"examples, in chunks of up to {EVAL_CHUNK}; exact):",
             f"  {_spent(self.evaluation, money)}",
         ]
@@ -124,10 +125,11 @@ def estimate(backend: Backend, cfg: TuneConfig, task: TaskSpec, data: TaskData) 
     train = _PerQuery(len(data.train), sum(tokens(data.train)) + len(data.train) * L)  # as tuner.Scorer counts
     dev = _PerQuery(len(data.dev), sum(tokens(data.dev)) + len(data.dev) * L)
 
-    # as run.evaluate_split books it: one query per chunk, zero prompt then tuned; no limit applies
+    # as run.run_tune books it: one query per chunk for the plain model (no prompt), then the untuned
+    # prompt (z = 0) and the tuned one, L prompt tokens each; no limit applies
     evaluation = Ledger(Budget(queries=1, price_per_1k_tokens=cfg.budget.price_per_1k_tokens))
     test_tokens = tokens(test)
-    for prompt_tokens in (0, L):
+    for prompt_tokens in (0, L, L):
         for start in range(0, len(test), EVAL_CHUNK):
             chunk = test_tokens[start : start + EVAL_CHUNK]
             _PerQuery(len(chunk), sum(chunk) + len(chunk) * prompt_tokens).book(evaluation, 1, tuning=False)

@@ -115,7 +115,7 @@ def load_task_file(path: str | Path) -> TaskSpec:
     """A TaskSpec from a .json, .yaml or .yml file."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except OSError as exc:
         raise ConfigError(f"cannot read task file {path}: {exc.strerror}") from exc
     try:

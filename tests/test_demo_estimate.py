@@ -180,7 +180,11 @@ def test_demo_without_the_server_extra_says_what_to_install(monkeypatch, tmp_pat
 def _check_demo_output(text: str, out) -> dict:
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 < metrics["queries_used"] <= 40
-    assert re.search(r"test accuracy: \d\.\d{3} before tuning \(no prompt\), \d\.\d{3} after", text), text
+    found = re.search(r"test accuracy on \d+ examples: (\d\.\d{3}) before tuning .*, (\d\.\d{3}) after; "
+                      r"the model with no prompt at all: (\d\.\d{3})", text)
+    assert found, text
+    shown = [float(x) for x in found.groups()]
+    assert shown == [round(metrics[k], 3) for k in ("zero_prompt_test_acc", "test_acc", "no_prompt_test_acc")]
     assert f"spent {metrics['queries_used']} queries" in text and str(out) in text
     return metrics
 
@@ -190,7 +194,7 @@ def test_demo_in_process(minilm_dir, tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--in-process", "--budget", "40", "--out", str(out)]) == 0
     metrics = _check_demo_output(capsys.readouterr().out, out)
-    assert metrics["spending"]["evaluation"]["queries"] == 2
+    assert metrics["spending"]["evaluation"]["queries"] == 3  # no prompt, zero prompt, tuned
 
 
 @pytest.mark.slow
