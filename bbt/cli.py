@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="p0, where the search starts: embeddings of random vocabulary tokens (BBT) or zeros")
     m.add_argument("--bound", type=float, default=None, help="keep z in [-BOUND, BOUND] (default: unbounded)")
     m.add_argument("--diagonal", action="store_true", help="separable CMA-ES, for a large intrinsic dimension")
+    m.add_argument("--rounds", type=int, default=None, metavar="R",
+                   help="stop after R rounds of one generation per prompted layer (bbtv2: each layer R times; "
+                   "bbt: R generations); default: when the budget ends")
     m.add_argument("--encoding", choices=["intrinsic", "float32", "float16"], default=d.encoding,
                    help="candidates on the wire: z + projection seed, or prompts as float32/float16")
     b = t.add_argument_group("budget (tuning: train and dev queries; never exceeded)")
@@ -172,7 +175,7 @@ def cmd_tune(args) -> int:
         cfg = TuneConfig(model=args.model, method=args.method, seed=args.seed, prompt_length=args.prompt_length,
                          intrinsic_dim=args.intrinsic_dim, popsize=args.popsize, sigma=args.sigma, loss=args.loss,
                          projection=args.projection, alpha=args.alpha, init=args.init, bound=args.bound, diagonal=args.diagonal,
-                         encoding=args.encoding, k_shot=args.k_shot, budget=budget)
+                         rounds=args.rounds, encoding=args.encoding, k_shot=args.k_shot, budget=budget)
     except ValidationError as exc:  # e.g. --popsize 1, --budget 0: one line naming the option, no traceback
         raise ConfigError(_option_errors(exc)) from None
     task = resolve_task(args.task, args.data)

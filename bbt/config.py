@@ -35,5 +35,10 @@ class TuneConfig(BaseModel):
     encoding: Literal["intrinsic", "float32", "float16"] = Field(
         default="intrinsic", description="how candidates travel: z + projection seed, or prompts as float32/float16"
     )
+    rounds: int | None = Field(
+        default=None, ge=1,
+        description="stop after this many rounds, a round being one generation per prompted layer "
+        "(BBT: one generation; BBTv2: one per layer, bottom to top); none: when the budget ends",
+    )
     k_shot: int = Field(default=16, ge=1, description="examples per class when a split is sampled from a pool")
     budget: Budget = Field(default_factory=Budget)

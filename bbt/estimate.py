@@ -34,6 +34,7 @@ from bbt.run import EVAL_CHUNK
 _FLAGS = {"queries": "--budget", "requests": "--max-requests", "examples": "--max-examples",
           "tokens": "--max-tokens", "cost": "--max-cost"}
 _LEAP_AFTER = 2000  # generations replayed one by one before whole identical ones are added in bulk
+ROUNDS = "rounds"  # in Estimate.ends_by: the run ends after --rounds rounds, not at a limit
 
 
 @dataclass
@@ -53,7 +54,8 @@ class Estimate:
     generations: tuple[int, int]  # (least, most): a new best every generation leaves room for fewer
     dev_queries: tuple[int, int]  # (least, most)
     evaluation: Spent  # no prompt, zero prompt and tuned prompt on the test split, exact
-    ends_by: list[str] = field(default_factory=list)  # the limits that end the run
+    ends_by: list[str] = field(default_factory=list)  # the limits that end the run, or ROUNDS
+    rounds: int | None = None
     stats_requests: int = 0  # what the estimate itself sent (no queries; a server may bill their tokens)
 
     def describe(self) -> str:
@@ -76,9 +78,14 @@ class Estimate:
                 f"queries, plus one dev query per new best on train ({_range(d_lo, d_hi)})",
                 f"  upper bound (a new best in every generation): {_spent(self.tuning, money)}",
                 f"  lower bound (a new best in the first only):   {_spent(self.tuning_min, money)}",
-                "  the run ends when " + " and ".join(f"the {u} limit ({_fmt(getattr(b, u))}, {_FLAGS[u]})"
-                                                      for u in self.ends_by) + " is reached",
             ]
+            limits = [u for u in self.ends_by if u != ROUNDS]
+            if limits:
+                lines.append("  the run ends when " + " and ".join(f"the {u} limit ({_fmt(getattr(b, u))}, {_FLAGS[u]})"
+                                                                   for u in limits) + " is reached")
+            if ROUNDS in self.ends_by:
+                lines.append(f"  the run ends after {self.rounds} round{'s' * (self.rounds != 1)} (--rounds)"
+                             f"{' at the latest' if limits else ''}")
         lines += [
             f"evaluation, outside the budget (no prompt, zero prompt and tuned prompt on {self.test_examples} {self.test_name} "
             f"examples, in chunks of up to {EVAL_CHUNK}; exact):",
@@ -134,8 +141,10 @@ def estimate(backend: Backend, cfg: TuneConfig, task: TaskSpec, data: TaskData) 
             chunk = test_tokens[start : start + EVAL_CHUNK]
             _PerQuery(len(chunk), sum(chunk) + len(chunk) * prompt_tokens).book(evaluation, 1, tuning=False)
 
-    every = _replay(cfg.budget, cfg.popsize, train, dev, every_generation_improves=True)
-    first = _replay(cfg.budget, cfg.popsize, train, dev, every_generation_improves=False)
+    layers = 1 if cfg.method == "bbt" else info.num_layers
+    most = None if cfg.rounds is None else cfg.rounds * layers  # generations
+    every = _replay(cfg.budget, cfg.popsize, train, dev, every_generation_improves=True, most=most)
+    first = _replay(cfg.budget, cfg.popsize, train, dev, every_generation_improves=False, most=most)
     pair = (every.ledger.tuning, first.ledger.tuning)
     return Estimate(
         budget=cfg.budget, popsize=cfg.popsize, train_examples=train.examples, dev_examples=dev.examples,
@@ -145,7 +154,7 @@ def estimate(backend: Backend, cfg: TuneConfig, task: TaskSpec, data: TaskData) 
         tuning_min=Spent(**{u: min(getattr(x, u) for x in pair) for u in LIMITS}),
         generations=(every.generations, first.generations), dev_queries=(first.dev_queries, every.dev_queries),
         evaluation=evaluation.evaluation, ends_by=every.ends_by + [u for u in first.ends_by if u not in every.ends_by],
-        stats_requests=stats_requests,
+        stats_requests=stats_requests, rounds=cfg.rounds,
     )
 
 
@@ -157,14 +166,19 @@ class _Replay:
     ends_by: list[str] = field(default_factory=list)
 
 
-def _replay(budget: Budget, popsize: int, train: _PerQuery, dev: _PerQuery, *, every_generation_improves: bool) -> _Replay:
-    """The accounting of `bbt.tuner.tune`, step for step, with the train losses left out."""
+def _replay(budget: Budget, popsize: int, train: _PerQuery, dev: _PerQuery, *, every_generation_improves: bool,
+            most: int | None = None) -> _Replay:
+    """The accounting of `bbt.tuner.tune`, step for step, with the train losses left out; `most`
+    generations at the most (--rounds)."""
     r = _Replay(Ledger(budget))
 
     def improves(generation: int) -> bool:
         return every_generation_improves or generation == 0
 
     while True:
+        if r.generations == most:
+            r.ends_by = [ROUNDS]
+            break
         k = train.affordable(r.ledger, popsize)
         if k < popsize:
             r.ends_by = _ends_by(r.ledger, popsize, train)
@@ -178,11 +192,11 @@ def _replay(budget: Budget, popsize: int, train: _PerQuery, dev: _PerQuery, *, e
         if k < popsize:
             break
         if r.generations == _LEAP_AFTER:
-            _leap(r, popsize, train, dev if every_generation_improves else None)
+            _leap(r, popsize, train, dev if every_generation_improves else None, most)
     return r
 
 
-def _leap(r: _Replay, popsize: int, train: _PerQuery, dev: _PerQuery | None) -> None:
+def _leap(r: _Replay, popsize: int, train: _PerQuery, dev: _PerQuery | None, most: int | None) -> None:
     """Add in bulk the whole generations that would still go out identically (full, plus their dev query).
 
     Only very long runs get here (thousands of generations): it keeps the replay fast. Each limit
@@ -208,6 +222,8 @@ def _leap(r: _Replay, popsize: int, train: _PerQuery, dev: _PerQuery | None) -> 
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if still_whole(mid) else (lo, mid)
+    if most is not None:
+        lo = min(lo, most - r.generations)
     r.ledger.tuning = _add(r.ledger.tuning, one.tuning, lo)
     r.generations += lo
     r.dev_queries += lo if dev is not None else 0

@@ -55,7 +55,14 @@ def project(z: np.ndarray, spec: ProjectionSpec, p0: np.ndarray | None = None) -
     z = np.asarray(z, dtype=np.float32)
     if z.ndim != 2 or z.shape[1] != spec.d:
         raise ValueError(f"z has shape {z.shape}, expected [K, {spec.d}]")
-    out = z @ cached_matrix(spec).T  # (K, D)
+    rows, inverse = np.unique(z, axis=0, return_inverse=True)
+    if len(rows) < len(z):
+        # A GEMM may round identical rows differently by where they sit; BBTv2 sends the same z for
+        # every layer but the tuned one, and the model side reuses work only when the prompts it
+        # gets are bit-identical. So each distinct row is projected once.
+        out = (rows @ cached_matrix(spec).T)[inverse.reshape(-1)]
+    else:
+        out = z @ cached_matrix(spec).T  # (K, D)
     if p0 is not None:
         out = out + np.asarray(p0, dtype=np.float32).reshape(1, spec.D)
     return out

@@ -127,6 +127,7 @@ def run_tune(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, 
         "test_loss": tuned.loss,
         "queries_used": ledger.tuning.queries,
         "generations": result.generations,
+        "stop_reason": result.stop_reason,  # "budget" or "rounds"
         "tuning_seconds": round(result.seconds, 3),
         "queries_per_second": round(ledger.tuning.queries / result.seconds, 3) if result.seconds > 0 else None,
         "spending": ledger.summary(),

@@ -6,7 +6,8 @@ training loss so far, its winner is scored on the dev split (one more query); th
 is the best on dev. The ledger is checked before every request, so the budget is never crossed.
 
 BBTv2 keeps one CMA-ES per layer. Generation g tunes layer g mod layers (bottom to top, round
-after round) while every other layer keeps its best z so far: divide and conquer.
+after round) while every other layer keeps its best z so far: divide and conquer. A run ends when
+the budget affords no more train queries, or after `rounds` rounds.
 """
 
 from __future__ import annotations
@@ -164,7 +165,11 @@ def tune(backend: Backend, cfg: TuneConfig, task: TaskSpec, train: Split, dev: S
     history: list[dict] = []
     start = time.perf_counter()
     generation, stop_reason = 0, "budget"
+    max_generations = None if cfg.rounds is None else cfg.rounds * layers
     while True:
+        if generation == max_generations:
+            stop_reason = "rounds"
+            break
         k = train_scorer.affordable(cfg.popsize)
         if k == 0:
             break

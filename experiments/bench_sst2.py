@@ -9,8 +9,8 @@ Runs, as a subprocess in this interpreter (in-process backend, default model):
 
     bbt tune --task sst2 --data DATA --seed SEED --budget BUDGET --out OUT [other options]
 
-then reads OUT/metrics.json and prints the zero-prompt and tuned test accuracy, the gain in
-points, queries used, tuning seconds (the search loop alone) and queries per second. OUT is a
+then reads OUT/metrics.json and prints the zero-prompt, no-prompt and tuned test accuracy, the gain
+in points, queries used, tuning seconds (the search loop alone) and queries per second. OUT is a
 temporary folder unless --out is given. DATA defaults to ../shared/data/sst2 beside the repo.
 """
 
@@ -48,6 +48,9 @@ def report(m: dict, wall: float) -> None:
           f"{100 * m['test_acc']:.1f} ({gain:+.1f} points)")
     print(f"{'zero_prompt_test_acc':<22}{m['zero_prompt_test_acc']:.4f}")
     print(f"{'test_acc':<22}{m['test_acc']:.4f}")
+    if m.get("no_prompt_test_acc") is not None:  # the plain model, no soft prompt: the other baseline
+        print(f"{'no_prompt_test_acc':<22}{m['no_prompt_test_acc']:.4f} "
+              f"(tuned {100 * (m['test_acc'] - m['no_prompt_test_acc']):+.1f} points)")
     print(f"{'gain (points)':<22}{gain:+.2f}")
     print(f"{'dev_acc':<22}{m['dev_acc']:.4f}" if m.get("dev_acc") is not None else f"{'dev_acc':<22}-")
     print(f"{'queries_used':<22}{m['queries_used']}")

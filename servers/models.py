@@ -79,6 +79,7 @@ class PromptModel:
         self.space_prefix = _space_sensitive(tokenizer)
         self._info: ModelInfo | None = None
         self._init_cache: dict[tuple[int, int], np.ndarray] = {}
+        self.reuse_lower_layers = True  # see logits(); a switch for tests and benchmarks
 
     # ---- inputs -------------------------------------------------------------------------
     def encode(self, task: TaskSpec, examples: list[Example]) -> Encoded:
@@ -132,26 +133,33 @@ class PromptModel:
     # ---- forward ------------------------------------------------------------------------
     @torch.inference_mode()
     def logits(self, task: TaskSpec, enc: Encoded, prompts: torch.Tensor | None) -> torch.Tensor:
-        """Class logits [K, N, C] for prompts [K, layers, L, H] (None: no soft prompt, K=1)."""
+        """Class logits [K, N, C] for prompts [K, layers, L, H] (None: no soft prompt, K=1).
+
+        When every candidate carries the same prompt below layer l (BBTv2 tunes one layer at a
+        time), the hidden states entering layer l are computed once per example and only layers
+        l.. run per candidate (`reuse_lower_layers`; off: every candidate runs the whole stack).
+        """
         n = len(enc.ids)
         k = 1 if prompts is None else prompts.shape[0]
         length = 0 if prompts is None else prompts.shape[2]
         head = self._head(task)
+        start = first_varying_layer(prompts) if prompts is not None and k > 1 and self.reuse_lower_layers else 0
+        lower = self._states_entering(start, enc, prompts[0]) if start > 0 else None
         out = torch.empty(k, n, head.n_classes)
         # Example-major order over length-sorted examples: each chunk pads to its own longest.
         order = sorted(range(n), key=lambda i: len(enc.ids[i]))
         pairs = [(kk, i) for i in order for kk in range(k)]
         max_len = max(len(s) for s in enc.ids) + length
         per_chunk = max(1, TOKENS_PER_CHUNK // max_len)
-        for start in range(0, len(pairs), per_chunk):
-            chunk = pairs[start : start + per_chunk]
+        for begin in range(0, len(pairs), per_chunk):
+            chunk = pairs[begin : begin + per_chunk]
             cand = torch.tensor([c for c, _ in chunk])
             ex_idx = [i for _, i in chunk]
-            out[cand, torch.tensor(ex_idx)] = self._forward_chunk(enc, ex_idx, cand, prompts, head)
+            out[cand, torch.tensor(ex_idx)] = self._forward_chunk(enc, ex_idx, cand, prompts, head, lower, start)
         return out
 
-    def _forward_chunk(self, enc: Encoded, ex_idx, cand, prompts, head) -> torch.Tensor:
-        length = 0 if prompts is None else prompts.shape[2]
+    def _batch(self, enc: Encoded, ex_idx: list[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask (B, T), with `length` prompt slots after the leading specials."""
         seqs = [enc.ids[i] for i in ex_idx]
         t = max(len(s) for s in seqs) + length
         a = self.prompt_at
@@ -161,18 +169,75 @@ class PromptModel:
             full = s[:a] + [self.pad_id] * length + s[a:]
             ids[row, : len(full)] = torch.tensor(full)
             mask[row, : len(full)] = 1
+        return ids, mask
+
+    def _run(self, ids: torch.Tensor, mask: torch.Tensor, prompts: torch.Tensor | None, hooks: list) -> torch.Tensor:
+        """The base model's last hidden states for prompts (B, layers, L, H), extra pre-hooks
+        (layer index, hook) registered first so that they run before the prompt adders."""
+        a = self.prompt_at
         embeds = self.word_embeddings(ids)  # (B, T, H)
-        hooks = []
-        if prompts is not None:
-            p = prompts[cand]  # (B, layers, L, H)
-            embeds[:, a : a + length] = p[:, 0].to(embeds.dtype)
-            for layer in range(1, p.shape[1]):
-                hooks.append(self.layers[layer].register_forward_pre_hook(_adder(p[:, layer], a), with_kwargs=True))
+        handles = [self.layers[layer].register_forward_pre_hook(hook, with_kwargs=True) for layer, hook in hooks]
         try:
-            hidden = self.model.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+            if prompts is not None:
+                length = prompts.shape[2]
+                embeds[:, a : a + length] = prompts[:, 0].to(embeds.dtype)
+                for layer in range(1, prompts.shape[1]):
+                    handles.append(self.layers[layer].register_forward_pre_hook(_adder(prompts[:, layer], a), with_kwargs=True))
+            return self.model.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         finally:
-            for h in hooks:
+            for h in handles:
                 h.remove()
+
+    def _states_entering(self, layer: int, enc: Encoded, prompt: torch.Tensor) -> list[torch.Tensor]:
+        """Per example, the hidden states (T_i, H) entering `layer` under prompt (layers, L, H);
+        only the layers below it run."""
+        length = prompt.shape[1]
+        below = prompt[None, :layer]  # the adders of layers >= `layer` are not needed
+        states: list[torch.Tensor] = [torch.empty(0)] * len(enc.ids)
+        order = sorted(range(len(enc.ids)), key=lambda i: len(enc.ids[i]))
+        per_chunk = max(1, TOKENS_PER_CHUNK // (max(len(s) for s in enc.ids) + length))
+        for begin in range(0, len(order), per_chunk):
+            ex_idx = order[begin : begin + per_chunk]
+            ids, mask = self._batch(enc, ex_idx, length)
+            captured: list[torch.Tensor] = []
+
+            def capture(module, args, kwargs):
+                captured.append(_hidden_of(args, kwargs))
+                raise _Stop
+
+            try:
+                self._run(ids, mask, below.expand(len(ex_idx), *below.shape[1:]), [(layer, capture)])
+            except _Stop:
+                pass
+            hidden = captured[0]
+            for row, i in enumerate(ex_idx):
+                states[i] = hidden[row, : int(mask[row].sum())].clone()
+        return states
+
+    def _forward_chunk(self, enc: Encoded, ex_idx, cand, prompts, head, lower=None, start: int = 0) -> torch.Tensor:
+        length = 0 if prompts is None else prompts.shape[2]
+        a = self.prompt_at
+        ids, mask = self._batch(enc, ex_idx, length)
+        p = None if prompts is None else prompts[cand]  # (B, layers, L, H)
+        if lower is None:
+            hidden = self._run(ids, mask, p, [])
+        else:
+            rows = torch.zeros(len(ex_idx), ids.shape[1], self.hidden_size)
+            for row, i in enumerate(ex_idx):
+                rows[row, : lower[i].shape[0]] = lower[i]
+
+            def resume(module, args, kwargs):  # the shared states replace what the skipped layers would give
+                return _with_hidden(args, kwargs, rows.to(_hidden_of(args, kwargs).dtype))
+
+            skipped = [self.layers[j] for j in range(start)]
+            for j in range(start):
+                self.layers[j] = _Skip(skipped[j])
+            try:
+                # layers below `start` are skipped, so only the adders from `start` up matter
+                hidden = self._run(ids, mask, p, [(start, resume)])
+            finally:
+                for j in range(start):
+                    self.layers[j] = skipped[j]
         readout = torch.tensor([enc.readout[i] for i in ex_idx])
         shift = torch.where(readout >= a, readout + length, readout)
         return head(hidden, mask, shift, a, length)  # (B, C)
@@ -433,15 +498,47 @@ def _adder(prompt: torch.Tensor, at: int):
     length = prompt.shape[1]
 
     def hook(module, args, kwargs):
-        if args:
-            hidden = args[0].clone()
-            hidden[:, at : at + length] += prompt.to(hidden.dtype)
-            return (hidden, *args[1:]), kwargs
-        hidden = kwargs["hidden_states"].clone()
+        hidden = _hidden_of(args, kwargs).clone()
         hidden[:, at : at + length] += prompt.to(hidden.dtype)
-        return args, {**kwargs, "hidden_states": hidden}
+        return _with_hidden(args, kwargs, hidden)
 
     return hook
+
+
+def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a transformer layer is called with (positional or keyword)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    """A pre-hook's answer: the same call with other hidden states."""
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+class _Stop(Exception):
+    """Raised by a pre-hook to end a forward pass once the states it needs are captured."""
+
+
+class _Skip(torch.nn.Module):
+    """Stands in for a layer whose output is already known: returns its input unchanged."""
+
+    def __init__(self, layer: torch.nn.Module):
+        super().__init__()
+        if hasattr(layer, "attention_type"):  # some decoder loops look this up on every layer
+            self.attention_type = layer.attention_type
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+def first_varying_layer(prompts: torch.Tensor) -> int:
+    """The lowest layer at which candidates' prompts [K, layers, L, H] differ (the top one if none do)."""
+    for layer in range(prompts.shape[1] - 1):
+        if not bool((prompts[:, layer] == prompts[:1, layer]).all()):
+            return layer
+    return prompts.shape[1] - 1
 
 
 def _leading_specials(tokenizer) -> int:

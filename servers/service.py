@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 
 from bbt import metrics
 from bbt.errors import ConfigError, ModelNotFound
-from bbt.projection import cached_matrix
+from bbt.projection import project
 from bbt.protocol import (
     EvaluateRequest,
     EvaluateResponse,
@@ -179,7 +179,7 @@ class ModelService:
         for layer, spec in enumerate(c.projections):
             zl = z[:, layer]
             if zl.any():  # BBTv2 sends zeros for layers without a prompt yet: skip their matmul
-                out[:, layer] = zl @ cached_matrix(spec).T  # (K, d) @ (d, D) -> (K, D)
+                out[:, layer] = project(zl, spec)  # as the client would: the float32 wire form gives the same prompts
         return out.reshape(k, layers, length, h)
 
 

@@ -168,3 +168,15 @@ def test_minilm_short_run_improves_over_the_zero_prompt(local_backend):
     assert result.train.loss < zero_z, f"tuned train loss {result.train.loss:.4f} not below the z=0 prompt's {zero_z:.4f}"
     assert best < first["loss_min"], f"no progress past the first generation: {best:.4f} vs {first['loss_min']:.4f}"
     assert best < first["loss_mean"] - 0.05
+
+
+@pytest.mark.parametrize("method,layers", [("bbt", 1), ("bbtv2", 2)])
+def test_rounds_end_the_run_before_the_budget(tiny_encoder, local_backend, tiny_data, sst2_task, method, layers):
+    """--rounds R: R generations per prompted layer, every layer in turn, one budget for all."""
+    cfg = _cfg(tiny_encoder, budget=10_000, method=method, rounds=3, popsize=4)
+    ledger = Ledger(cfg.budget)
+    result = tune(local_backend, cfg, sst2_task, tiny_data.train, tiny_data.dev, ledger)
+    assert result.stop_reason == "rounds" and result.generations == 3 * layers
+    assert [h["layer"] for h in result.history] == [g % layers for g in range(3 * layers)]
+    dev_queries = sum("dev_loss" in h for h in result.history)
+    assert ledger.tuning.queries == 4 * 3 * layers + dev_queries == result.history[-1]["queries_used"]

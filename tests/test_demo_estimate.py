@@ -102,6 +102,18 @@ def test_estimate_bounds_what_a_real_run_spends(kind, tiny_encoder, local_backen
     assert est.evaluation.cost == pytest.approx(real_eval["cost"])
 
 
+@pytest.mark.parametrize("method", ["bbt", "bbtv2"])
+def test_estimate_knows_when_rounds_end_the_run(method, tiny_encoder, local_backend, tiny_data, sst2_task, tmp_path):
+    cfg = _cfg(tiny_encoder, Budget(queries=5000), method=method, rounds=2)
+    est = estimate(local_backend, cfg, sst2_task, tiny_data)
+    metrics = run_tune(cfg, sst2_task, tiny_data, local_backend, tmp_path / "run", progress=False, log=lambda *a: None)
+    layers = 1 if method == "bbt" else 2
+    assert est.ends_by == [est_mod.ROUNDS] and est.generations == (2 * layers, 2 * layers)
+    assert metrics["generations"] == 2 * layers and metrics["stop_reason"] == "rounds"
+    assert est.tuning_min.queries <= metrics["queries_used"] <= est.tuning.queries
+    assert "the run ends after 2 rounds (--rounds)" in est.describe()
+
+
 def test_a_budget_without_limits_is_refused_before_any_request(tiny_encoder, local_backend, tiny_data, sst2_task):
     backend = CountingBackend(local_backend)
     unchecked = Budget.model_construct(queries=None, requests=None, examples=None, tokens=None, cost=5.0,
@@ -141,6 +153,14 @@ def test_dry_run_from_the_command_line(tiny_encoder, data_dir, tmp_path, capsys)
     text = capsys.readouterr().out
     assert "upper bound" in text and "cost" in text and "the run ends when" in text
     assert not out.exists()  # nothing tuned, nothing written
+
+
+def test_rounds_from_the_command_line(tiny_encoder, data_dir, tmp_path, capsys):
+    code = main(["tune", "--data", str(data_dir), "--model", str(tiny_encoder), "--method", "bbtv2", "--rounds", "1",
+                 "--prompt-length", "4", "--intrinsic-dim", "16", "--popsize", "4", "--out", str(tmp_path / "r"), "--dry-run"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "2 generations of up to 4 train queries" in text and "the run ends after 1 round (--rounds)" in text
 
 
 # ---- the demo --------------------------------------------------------------------------------

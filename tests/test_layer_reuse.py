@@ -1,0 +1,144 @@
+"""BBTv2's layer reuse on the model side: while only layer l's prompt differs between candidates,
+the states entering layer l are computed once per example, and only layers l.. run per candidate.
+
+Checked on 4-layer tiny models of every family: the same logits as the full pass at every l, the
+lower layers really see one pass instead of K, the model is left as it was, and the intrinsic wire
+form (the server projecting z itself) triggers it too.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from bbt.projection import normal_spec
+from bbt.protocol import EvaluateRequest, Example, IntrinsicPrompts, Tensor
+from conftest import FAMILIES
+
+LAYERS = 4
+TEXTS = ["the film was great and good", "this movie was dull", "nice", "the story was awful and boring and weak"]
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def deep_model(request, tmp_path_factory):
+    """(kind, PromptModel): the tiny model of a family rebuilt with 4 layers (random weights, seeded)."""
+    import torch
+    import transformers
+
+    from servers.models import load_model
+
+    kind = request.param
+    src = request.getfixturevalue(FAMILIES[kind])
+    dst = tmp_path_factory.mktemp(f"deep-{kind}")
+    for f in src.iterdir():  # tokenizer and layout files; the weights are made anew below
+        if f.is_file() and f.suffix not in (".safetensors", ".bin"):
+            shutil.copy(f, dst / f.name)
+    cfg = transformers.AutoConfig.from_pretrained(src)
+    cfg.num_hidden_layers = LAYERS
+    torch.manual_seed(5)
+    getattr(transformers, cfg.architectures[0])(cfg).save_pretrained(dst)
+    return kind, load_model(str(dst))
+
+
+def _prompts(model, k: int, shared_below: int, length: int = 3, seed: int = 0):
+    """Deep prompts (K, LAYERS, L, H): one draw for layers < shared_below, per candidate above."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    std = model.info().hidden_std
+    p = torch.randn(k, LAYERS, length, model.hidden_size, generator=g)
+    p[:, :shared_below] = p[:1, :shared_below]
+    return p * torch.tensor([std[0]] + std[1:LAYERS])[None, :, None, None]
+
+
+def _rows_into(module):
+    """Counts the sequences a module runs on to the end; returns (counter, hook handle)."""
+    seen = [0]
+
+    def hook(mod, args, kwargs, output):
+        seen[0] += (args[0] if args else kwargs["hidden_states"]).shape[0]
+
+    return seen, module.register_forward_hook(hook, with_kwargs=True)
+
+
+def _logits(model, task, enc, p, reuse: bool):
+    model.reuse_lower_layers = reuse
+    try:
+        return model.logits(task, enc, p).numpy()
+    finally:
+        model.reuse_lower_layers = True
+
+
+@pytest.mark.parametrize("start", range(LAYERS))
+def test_reuse_gives_the_logits_of_the_full_pass(deep_model, sst2_task, start):
+    from servers.models import first_varying_layer
+
+    kind, model = deep_model
+    enc = model.encode(sst2_task, [Example(text=t) for t in TEXTS])
+    p = _prompts(model, k=5, shared_below=start, seed=start)
+    assert first_varying_layer(p) == start
+    full = _logits(model, sst2_task, enc, p, reuse=False)
+    reused = _logits(model, sst2_task, enc, p, reuse=True)
+    np.testing.assert_allclose(reused, full, rtol=1e-4, atol=1e-4, err_msg=f"{kind}, layers below {start} shared")
+    assert np.abs(full - full[:1]).max() > 1e-3  # the candidates do differ: the comparison means something
+
+
+def test_lower_layers_run_once_per_example_not_per_candidate(deep_model, sst2_task):
+    kind, model = deep_model
+    enc = model.encode(sst2_task, [Example(text=t) for t in TEXTS])
+    k, n, start = 5, len(TEXTS), 2
+    p = _prompts(model, k=k, shared_below=start)
+    counters = [_rows_into(layer) for layer in model.layers]
+    try:
+        _logits(model, sst2_task, enc, p, reuse=True)
+        reused = [c[0] for c, _ in counters]
+        for c, _ in counters:
+            c[0] = 0
+        _logits(model, sst2_task, enc, p, reuse=False)
+        full = [c[0] for c, _ in counters]
+    finally:
+        for _, handle in counters:
+            handle.remove()
+    assert full == [k * n] * LAYERS
+    assert reused == [n] * start + [k * n] * (LAYERS - start), kind
+    assert all(type(layer).__name__ != "_Skip" for layer in model.layers)  # the stack is restored
+
+
+def test_identical_candidates_and_bbt_prompts_are_unaffected(deep_model, sst2_task):
+    kind, model = deep_model
+    enc = model.encode(sst2_task, [Example(text=t) for t in TEXTS])
+    same = _prompts(model, k=1, shared_below=LAYERS).expand(3, -1, -1, -1).clone()
+    np.testing.assert_allclose(_logits(model, sst2_task, enc, same, reuse=True),
+                               _logits(model, sst2_task, enc, same, reuse=False), rtol=1e-4, atol=1e-4)
+    shallow = _prompts(model, k=3, shared_below=0)[:, :1]  # BBT: one layer, nothing to share
+    np.testing.assert_array_equal(_logits(model, sst2_task, enc, shallow, reuse=True),
+                                  _logits(model, sst2_task, enc, shallow, reuse=False))
+
+
+def test_the_intrinsic_wire_form_triggers_reuse(deep_model, sst2_task):
+    """The tuner sends z with every layer but one equal to the current best: the server's own
+    projection must give bit-identical lower-layer prompts, or reuse would never start."""
+    from bbt.backends.local import LocalBackend
+
+    kind, model = deep_model
+    info = model.info()
+    d, length, k = 8, 3, 6
+    specs = [normal_spec(seed=10 + layer, d=d, D=length * model.hidden_size,
+                         target_std=info.embedding_std if layer == 0 else info.hidden_std[layer]) for layer in range(LAYERS)]
+    rng = np.random.default_rng(0)
+    z = np.repeat(rng.normal(size=(1, LAYERS, d)), k, axis=0)
+    z[:, 2] = rng.normal(size=(k, d))  # generation tuning layer 2
+    backend = LocalBackend()
+    req = EvaluateRequest(model=str(model.path), task=sst2_task, inputs=[Example(text=t) for t in TEXTS],
+                          labels=[1, 0, 1, 0], return_logits=True,
+                          candidates=IntrinsicPrompts(z=Tensor.from_numpy(z), projections=specs, prompt_length=length))
+    served = backend._service.get(str(model.path))
+    backend.evaluate(req)  # once first: the encoder embeds its label texts on first use
+    counter, handle = _rows_into(served.layers[0])
+    try:
+        backend.evaluate(req)
+    finally:
+        handle.remove()
+    assert counter[0] == len(TEXTS), f"{kind}: layer 0 ran {counter[0]} sequences"
