@@ -79,12 +79,13 @@ def test_parser_defaults_come_from_tuneconfig():
 BUDGET = 45
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_encoder, data_dir):
-    out = tmp_path_factory.mktemp("runs") / "tiny"
+@pytest.fixture(scope="module", params=["bbt", "bbtv2"])
+def tiny_run(request, tmp_path_factory, tiny_encoder, data_dir):
+    """A run folder of each method (BBTv2: both layers of the tiny encoder prompted)."""
+    out = tmp_path_factory.mktemp("runs") / f"tiny-{request.param}"
     code = main(["tune", "--task", "sst2", "--data", str(data_dir), "--seed", "42", "--budget", str(BUDGET),
                  "--out", str(out), "--model", str(tiny_encoder), "--prompt-length", "4", "--intrinsic-dim", "16",
-                 "--popsize", "8", "--quiet"])
+                 "--popsize", "8", "--method", request.param, "--quiet"])
     assert code == 0
     return out
 
@@ -113,9 +114,11 @@ def test_tune_writes_the_run_folder(tiny_run, tiny_encoder, data_dir):
     assert config["task"]["name"] == "sst2"
     assert Path(config["data"]) == data_dir.resolve()
     prompt = json.loads((tiny_run / "prompt.json").read_text())
-    assert prompt["version"] == 1 and prompt["method"] == "bbt" and prompt["prompt_length"] == 4
-    assert len(prompt["z"]) == 1 and len(prompt["z"][0]) == 16
-    assert prompt["projections"][0]["D"] == 4 * 32
+    layers = 1 if config["config"]["method"] == "bbt" else 2
+    assert prompt["version"] == 1 and prompt["method"] == config["config"]["method"] and prompt["prompt_length"] == 4
+    assert len(prompt["z"]) == layers and all(len(z) == 16 for z in prompt["z"])
+    assert [spec["D"] for spec in prompt["projections"]] == [4 * 32] * layers
+    assert len({spec["seed"] for spec in prompt["projections"]}) == layers  # each layer its own A_l
 
 
 def test_evaluate_reproduces_the_run_metrics(tiny_run, capsys):

@@ -134,7 +134,7 @@ def test_the_intrinsic_wire_form_triggers_reuse(deep_model, sst2_task):
     req = EvaluateRequest(model=str(model.path), task=sst2_task, inputs=[Example(text=t) for t in TEXTS],
                           labels=[1, 0, 1, 0], return_logits=True,
                           candidates=IntrinsicPrompts(z=Tensor.from_numpy(z), projections=specs, prompt_length=length))
-    served = backend._service.get(str(model.path))
+    served = backend.service.get(str(model.path))
     backend.evaluate(req)  # once first: the encoder embeds its label texts on first use
     counter, handle = _rows_into(served.layers[0])
     try:

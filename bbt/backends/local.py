@@ -17,16 +17,16 @@ class LocalBackend:
                 f"running a model in process needs the model side ({exc.name} is missing): "
                 "pip install 'bbt[server]', or tune against a server with --endpoint URL"
             ) from None
-        self._service = service.ModelService(models or [])
+        self.service = service.ModelService(models or [])  # the model side, for benchmarks and tests
 
     def model_info(self, model: str) -> ModelInfo:
-        return self._service.get(model).info()
+        return self.service.get(model).info()
 
     def stats(self, request: StatsRequest) -> StatsResponse:
-        return self._service.stats(request)
+        return self.service.stats(request)
 
     def evaluate(self, request: EvaluateRequest) -> EvaluateResponse:
-        return self._service.evaluate(request)
+        return self.service.evaluate(request)
 
     def close(self) -> None:
         pass

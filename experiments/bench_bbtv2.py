@@ -1,0 +1,193 @@
+"""Benchmark: BBTv2's layer reuse (queries/s with and without), and BBTv2 vs BBT at equal budgets.
+
+    cd /work/main && . .venv/bin/activate
+    python experiments/bench_bbtv2.py reuse                       # MiniLM, SST-2 seed 42: speed only
+    python experiments/bench_bbtv2.py reuse --layers 12           # the same shape with 12 layers (random weights)
+    python experiments/bench_bbtv2.py compare                     # sst2 agnews rte x seeds 13 42 87, 600 queries
+    python experiments/bench_bbtv2.py compare --tasks sst2 --seeds 42 --budget 600 --test-limit 500
+    python experiments/bench_bbtv2.py                             # both
+
+reuse: one BBTv2 generation per layer (population 20, L = 50, d = 500, every other layer at a
+nonzero z, as in the middle of a run), scored in process on the 32 training examples with the
+model's layer reuse on and off, back to back in alternating order (`--repeats` pairs per layer),
+so both modes see the same machine load. Prints queries/s per layer and for a whole round (one
+generation per layer: what a BBTv2 run does over and over), the speedup, the ideal speedup if
+nothing but the layers at and above the tuned one ran per candidate, and the largest logit
+difference between the two modes. With `--layers N` the model is MiniLM's architecture with N
+layers and random weights (timings only: the ideal speedup grows with depth, 2N/(N+1)).
+
+compare: `run_tune` in process, default settings, for each task, seed and method at the same
+query budget. Prints zero-prompt (z = 0), no-prompt and tuned test accuracy per run, then the mean
+per task and method. `--test-limit N` scores a seeded sample of N test examples (AG News has
+7,600) and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bbt.backends import LocalBackend
+from bbt.budget import Budget
+from bbt.config import TuneConfig
+from bbt.data import Split, TaskData, load_task_folder
+from bbt.protocol import EvaluateRequest, StatsRequest
+from bbt.run import run_tune
+from bbt.tasks import resolve_task
+from bbt.tuner import Prompt, make_projections
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _deeper_minilm(layers: int, folder: Path) -> str:
+    """A copy of MiniLM with `layers` layers and random weights (seeded), for timings only."""
+    import shutil
+
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from servers.models import resolve_model_path
+
+    src = resolve_model_path("minilm")
+    shutil.copytree(src, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    config = BertConfig.from_pretrained(src)
+    config.num_hidden_layers = layers
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder)
+    return str(folder)
+
+
+def bench_reuse(args) -> None:
+    tmp = tempfile.TemporaryDirectory(prefix="bench-bbtv2-model-")
+    model_name = "minilm" if args.layers is None else _deeper_minilm(args.layers, Path(tmp.name) / "model")
+    backend = LocalBackend()
+    cfg = TuneConfig(method="bbtv2", seed=42, model=model_name)
+    task = resolve_task("sst2", args.data / "sst2")
+    train = load_task_folder(args.data / "sst2", task, seed=42).train
+    info = backend.model_info(cfg.model)
+    layers = info.num_layers
+    stats = backend.stats(StatsRequest(model=cfg.model, task=task, inputs=train.examples))
+    prompt = Prompt(z=np.zeros((layers, cfg.intrinsic_dim)), projections=make_projections(cfg, info, layers, stats.hidden_std),
+                    prompt_length=cfg.prompt_length)
+    model = backend.service.get(cfg.model)
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(layers, cfg.intrinsic_dim))  # the other layers' current best z
+
+    def request(layer: int) -> EvaluateRequest:
+        z = np.repeat(base[None], cfg.popsize, axis=0)
+        z[:, layer] = rng.normal(size=(cfg.popsize, cfg.intrinsic_dim))
+        return EvaluateRequest(model=cfg.model, task=task, inputs=train.examples, labels=train.labels,
+                               return_logits=True, candidates=prompt.candidates(z))
+
+    def timed(req: EvaluateRequest, reuse: bool) -> tuple[float, np.ndarray]:
+        model.reuse_lower_layers = reuse
+        start = time.perf_counter()
+        logits = backend.evaluate(req).logits.to_numpy()
+        return time.perf_counter() - start, logits
+
+    label = cfg.model if args.layers is None else "MiniLM's shape with random weights"
+    print(f"layer reuse, {label} ({layers} layers), SST-2 seed 42: {len(train)} train examples, population "
+          f"{cfg.popsize}, L={cfg.prompt_length}, d={cfg.intrinsic_dim}; {args.repeats} paired repeats per layer")
+    timed(request(0), True)  # warm-up: label embeddings, projection matrices, allocator
+    rows, total = [], {True: 0.0, False: 0.0}
+    for layer in range(layers):
+        req = request(layer)
+        times: dict[bool, list[float]] = {True: [], False: []}
+        diff = 0.0
+        for r in range(args.repeats):
+            order = (True, False) if r % 2 == 0 else (False, True)
+            out = {}
+            for reuse in order:
+                seconds, out[reuse] = timed(req, reuse)
+                times[reuse].append(seconds)
+            diff = max(diff, float(np.abs(out[True] - out[False]).max()))
+        med = {m: statistics.median(t) for m, t in times.items()}
+        total[True] += med[True]
+        total[False] += med[False]
+        rows.append((layer, cfg.popsize / med[False], cfg.popsize / med[True], med[False] / med[True], diff))
+    model.reuse_lower_layers = True
+    print(f"\n{'layer':>5} {'q/s without':>12} {'q/s with':>10} {'speedup':>8} {'max |logit diff|':>17}")
+    for layer, without, with_, speedup, diff in rows:
+        print(f"{layer:>5} {without:>12.2f} {with_:>10.2f} {speedup:>7.2f}x {diff:>17.2e}")
+    ideal = layers / statistics.mean(layers - layer for layer in range(layers))
+    print(f"\na round (one generation per layer): {layers * cfg.popsize / total[False]:.2f} -> "
+          f"{layers * cfg.popsize / total[True]:.2f} queries/s with layer reuse, "
+          f"{total[False] / total[True]:.2f}x (ideal, only layers l.. per candidate: {ideal:.2f}x)")
+    backend.close()
+    tmp.cleanup()
+
+
+def _sample_test(data: TaskData, limit: int | None) -> TaskData:
+    if limit is None or data.test is None or len(data.test) <= limit:
+        return data
+    keep = sorted(np.random.default_rng(0).choice(len(data.test), size=limit, replace=False).tolist())
+    test = Split([data.test.examples[i] for i in keep], [data.test.labels[i] for i in keep])
+    return TaskData(data.train, data.dev, test, data.test_name, data.notes)
+
+
+def bench_compare(args) -> None:
+    backend = LocalBackend()
+    results: dict[tuple[str, str], list[dict]] = {}
+    print(f"BBTv2 vs BBT: tasks {' '.join(args.tasks)}, seeds {' '.join(map(str, args.seeds))}, budget {args.budget} "
+          f"queries each, default settings (MiniLM, L=50, d=500, population 20)"
+          + (f"; test scored on a seeded sample of at most {args.test_limit} examples" if args.test_limit else ""))
+    print(f"\n{'task':<8}{'seed':>5} {'method':<7}{'zero':>7}{'no prompt':>10}{'tuned':>7}{'queries':>8}{'q/s':>6}")
+    with tempfile.TemporaryDirectory(prefix="bench-bbtv2-") as tmp:
+        for name in args.tasks:
+            task = resolve_task(name, args.data / name)
+            for seed in args.seeds:
+                data = _sample_test(load_task_folder(args.data / name, task, seed=seed), args.test_limit)
+                for method in ("bbt", "bbtv2"):
+                    cfg = TuneConfig(method=method, seed=seed, budget=Budget(queries=args.budget))
+                    m = run_tune(cfg, task, data, backend, Path(tmp) / f"{name}-{seed}-{method}", progress=False,
+                                 log=lambda *a: None)
+                    results.setdefault((name, method), []).append(m)
+                    print(f"{name:<8}{seed:>5} {method:<7}{100 * m['zero_prompt_test_acc']:>7.1f}"
+                          f"{100 * m['no_prompt_test_acc']:>10.1f}{100 * m['test_acc']:>7.1f}{m['queries_used']:>8}"
+                          f"{m['queries_per_second']:>6.2f}", flush=True)
+    backend.close()
+    print(f"\nmean test accuracy over seeds {' '.join(map(str, args.seeds))} (points)")
+    print(f"{'task':<8}{'zero':>7}{'no prompt':>10}{'BBT':>7}{'BBTv2':>7}{'BBTv2-BBT':>10}")
+    means = {"bbt": [], "bbtv2": []}
+    for name in args.tasks:
+        row = {method: statistics.mean(100 * m["test_acc"] for m in results[(name, method)]) for method in means}
+        zero = statistics.mean(100 * m["zero_prompt_test_acc"] for m in results[(name, "bbt")])
+        plain = statistics.mean(100 * m["no_prompt_test_acc"] for m in results[(name, "bbt")])
+        for method in means:
+            means[method].append(row[method])
+        print(f"{name:<8}{zero:>7.1f}{plain:>10.1f}{row['bbt']:>7.1f}{row['bbtv2']:>7.1f}{row['bbtv2'] - row['bbt']:>+10.1f}")
+    if len(args.tasks) > 1:
+        bbt, v2 = statistics.mean(means["bbt"]), statistics.mean(means["bbtv2"])
+        print(f"{'mean':<8}{'':>7}{'':>10}{bbt:>7.1f}{v2:>7.1f}{v2 - bbt:>+10.1f}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("part", nargs="?", choices=["reuse", "compare", "both"], default="both")
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of task folders (default: %(default)s)")
+    ap.add_argument("--repeats", type=int, default=3, help="reuse: paired timings per layer (medians are printed)")
+    ap.add_argument("--layers", type=int, default=None, help="reuse: time MiniLM's shape with this many layers instead")
+    ap.add_argument("--tasks", nargs="+", default=["sst2", "agnews", "rte"], help="compare: task folders under --data")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[13, 42, 87], help="compare: 16-shot splits and search seeds")
+    ap.add_argument("--budget", type=int, default=600, help="compare: queries per run, both methods")
+    ap.add_argument("--test-limit", type=int, default=None, help="compare: score at most this many test examples")
+    args = ap.parse_args()
+    if not (args.data / "sst2" / "task.json").is_file():
+        ap.error(f"no task folders under {args.data}: pass --data DIR")
+    if args.part in ("reuse", "both"):
+        bench_reuse(args)
+    if args.part in ("compare", "both"):
+        if args.part == "both":
+            print()
+        bench_compare(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
