@@ -277,14 +277,9 @@ class PromptModel:
         """
         stats: list[list[torch.Tensor]] = [[] for _ in range(self.num_layers)]
         for start in range(0, len(enc.ids), 64):
-            seqs = enc.ids[start : start + 64]
-            t = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), t), self.pad_id, dtype=torch.long)
-            mask = torch.zeros(len(seqs), t, dtype=torch.bool)
-            for row, s in enumerate(seqs):
-                ids[row, : len(s)] = torch.tensor(s)
-                mask[row, : len(s)] = True
-            out = self.model.base_model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True)
+            ids, mask = self._batch(enc, list(range(start, min(start + 64, len(enc.ids)))), 0)
+            out = self.model.base_model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+            mask = mask.bool()
             stats[0].append(self.word_embeddings(ids)[mask].flatten())
             for layer in range(1, self.num_layers):
                 stats[layer].append(out.hidden_states[layer][mask].flatten())
