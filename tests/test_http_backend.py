@@ -58,8 +58,8 @@ DATA = TaskData(train=_split_of(0, 4), dev=_split_of(4, 8), test=_split_of(8, 12
 TIMING = {"tuning_seconds", "wall_seconds", "queries_per_second", "seconds"}  # may differ between runs
 
 
-def small_config(encoding: str = "intrinsic", queries: int = 40) -> TuneConfig:
-    return TuneConfig(seed=7, prompt_length=10, intrinsic_dim=50, popsize=10, encoding=encoding,
+def small_config(encoding: str = "intrinsic", queries: int = 40, method: str = "bbt") -> TuneConfig:
+    return TuneConfig(seed=7, prompt_length=10, intrinsic_dim=50, popsize=10, encoding=encoding, method=method,
                       budget=Budget(queries=queries))
 
 
@@ -130,9 +130,9 @@ def test_http_client_imports_no_torch():
 
 # ---- the same run in process and over HTTP -------------------------------------------------------
 
-@pytest.mark.parametrize("encoding", ["intrinsic", "float32"])
-def test_tuning_over_http_equals_in_process(encoding, local, http, tmp_path):
-    cfg = small_config(encoding)
+@pytest.mark.parametrize("encoding,method", [("intrinsic", "bbt"), ("float32", "bbt"), ("intrinsic", "bbtv2")])
+def test_tuning_over_http_equals_in_process(encoding, method, local, http, tmp_path):
+    cfg = small_config(encoding, method=method)
     want = run_tune(cfg, TASK, DATA, local, tmp_path / "local", progress=False, log=quiet)
     got = run_tune(cfg, TASK, DATA, http, tmp_path / "http", progress=False, log=quiet)
     assert without_timing(got) == without_timing(want)  # accuracies, losses, spending: exactly
@@ -143,6 +143,7 @@ def test_tuning_over_http_equals_in_process(encoding, local, http, tmp_path):
     log_local = [without_timing(json.loads(x)) for x in (tmp_path / "local" / "log.jsonl").read_text().splitlines()]
     log_http = [without_timing(json.loads(x)) for x in (tmp_path / "http" / "log.jsonl").read_text().splitlines()]
     assert log_http == log_local and len(log_http) == 4
+    assert [r["layer"] for r in log_http] == ([0] * 4 if method == "bbt" else [0, 1, 2, 3])
 
 
 # ---- retries ------------------------------------------------------------------------------------
