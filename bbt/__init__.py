@@ -8,6 +8,7 @@ this process or on a server over HTTP.
 __version__ = "0.1.0"
 
 from bbt.budget import Budget, Ledger
+from bbt.cache import CachedBackend, EvaluationCache
 from bbt.config import TuneConfig
 from bbt.data import Split, TaskData, k_shot, load_file, load_task_folder
 from bbt.errors import (
@@ -17,17 +18,18 @@ from bbt.errors import (
     ConfigError,
     DataError,
     ModelNotFound,
+    QuotaExhausted,
     RequestRejected,
     ServerUnavailable,
 )
 from bbt.optimizer import CMAES
 from bbt.projection import build_matrix, normal_spec, project, uniform_spec
 from bbt.tasks import BUILTIN_TASKS, load_task_file, resolve_task
-from bbt.tuner import Prompt, TuneResult, tune
+from bbt.tuner import Prompt, TuneResult, TuneState, tune
 
 __all__ = sorted([
-    "AuthError", "BBTError", "BUILTIN_TASKS", "BackendError", "Budget", "CMAES", "ConfigError", "DataError",
-    "Ledger", "ModelNotFound", "Prompt", "RequestRejected", "ServerUnavailable", "Split", "TaskData",
-    "TuneConfig", "TuneResult", "__version__", "build_matrix", "k_shot", "load_file", "load_task_file",
+    "AuthError", "BBTError", "BUILTIN_TASKS", "BackendError", "Budget", "CMAES", "CachedBackend", "EvaluationCache", "ConfigError", "DataError",
+    "Ledger", "ModelNotFound", "Prompt", "QuotaExhausted", "RequestRejected", "ServerUnavailable", "Split", "TaskData",
+    "TuneConfig", "TuneResult", "TuneState", "__version__", "build_matrix", "k_shot", "load_file", "load_task_file",
     "load_task_folder", "normal_spec", "project", "resolve_task", "tune", "uniform_spec",
 ])

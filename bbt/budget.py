@@ -12,7 +12,11 @@ server reports spending is reconciled with the client's own count (`Ledger.recor
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import time
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -66,6 +70,11 @@ class Spent(BaseModel):
     cost: float = 0.0
 
 
+def _add(total: Spent, part: Spent) -> None:
+    for unit in LIMITS:
+        setattr(total, unit, getattr(total, unit) + getattr(part, unit))
+
+
 def _how_many(left: float, each: float) -> float:
     """How many items costing `each` fit in what is `left` of a limit (inf where they cost nothing)."""
     if left < 0:
@@ -83,16 +92,69 @@ class Ledger:
 
     `tuning` counts against the budget; `evaluation` (zero-prompt baseline, test set) is reported
     beside it but not limited, since it is not part of the search.
+
+    With a `path`, every request is also a line of a JSONL journal (RUN/ledger.jsonl), flushed and
+    fsynced before `record` returns, so that a run killed at any moment keeps what it paid for.
+    Each line carries the request's *step* (its place in the run's sequence of requests) and its
+    *source*: "server" (billed) or "cache" (answered from the evaluation cache, billed nothing).
+    The budget counts steps, not lines: a resumed run redoes the steps after its checkpoint, and a
+    step done again replaces its earlier line in the totals (so `tuning` matches an uninterrupted
+    run), while `paid` adds up every billed line ever written (nothing paid is forgotten).
     """
 
-    def __init__(self, budget: Budget):
+    def __init__(self, budget: Budget, path: str | Path | None = None):
         if not budget.limits():  # only a budget changed after validation, or never validated, gets here
             raise ConfigError("the budget has no limit, so tuning would never stop: set queries, requests, "
                               "examples, tokens or cost (bbt tune --budget QUERIES)")
         self.budget = budget
         self.tuning = Spent()
         self.evaluation = Spent()
+        self.paid = Spent()  # billed by a server, tuning and evaluation together; cache hits excluded
+        self.cache_hits = 0
         self.mismatches: list[str] = []
+        self.step = 0  # the next request's place in the run
+        self._steps: dict[int, tuple[bool, Spent]] = {}  # step -> (tuning?, what it counts against the budget)
+        self.path = None if path is None else Path(path)
+        self._journal = None
+        if self.path is not None:
+            self._replay()
+            self._journal = self.path.open("a", encoding="utf-8")
+
+    def _replay(self) -> None:
+        """Read an existing journal (a resumed run); a torn last line (a kill mid-write) is cut off."""
+        if not self.path.exists():
+            return
+        raw = self.path.read_bytes()
+        good = raw[: raw.rfind(b"\n") + 1]  # bytes after the last newline are a line never finished
+        if len(good) != len(raw):
+            self.path.write_bytes(good)
+        for number, line in enumerate(good.decode("utf-8").splitlines(), 1):
+            try:
+                entry = json.loads(line)
+                spent = Spent(**{unit: entry[unit] for unit in LIMITS})
+                step, tuning, source = int(entry["step"]), entry["purpose"] == "tuning", entry["source"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ConfigError(f"{self.path}, line {number}: not a ledger entry ({exc}); the file was edited "
+                                  "or belongs to another version of bbt") from None
+            self._steps[step] = (tuning, spent)
+            if source == "server":
+                _add(self.paid, spent)
+            else:
+                self.cache_hits += 1
+            self.mismatches.extend(entry.get("mismatches", []))
+        self.rewind(max(self._steps, default=-1) + 1)
+
+    def rewind(self, step: int) -> None:
+        """Count only steps before `step` against the budget: where a resumed run picks up.
+
+        Lines of later steps stay in the journal (and in `paid`); when those steps are done again,
+        their new lines replace them in the totals.
+        """
+        self.step = step
+        self.tuning, self.evaluation = Spent(), Spent()
+        for s, (tuning, spent) in self._steps.items():
+            if s < step:
+                _add(self.tuning if tuning else self.evaluation, spent)
 
     def affordable(self, queries: int, *, examples_per_query: int, tokens_per_query: int) -> int:
         """How many of `queries` candidates fit in every remaining limit (0: none; the run ends).
@@ -119,28 +181,48 @@ class Ledger:
             fits.append(_how_many(b.cost - s.cost, tokens_per_query / 1000 * b.price_per_1k_tokens))
         return max(0, min(fits))
 
-    def record(self, usage: Usage, *, expected: Usage, tuning: bool = True) -> None:
+    def record(self, usage: Usage, *, expected: Usage, tuning: bool = True, cached: bool = False) -> None:
         """Add a request's spending; the client's own count wins where the server disagrees.
 
         The client's count (`expected`) is what the budget was checked against; a server that
         reports more is noted in `mismatches` (and in the run's summary), never silently absorbed.
+        A `cached` answer counts against the budget like any other (so a run decides the same
+        way with or without a cache) but adds nothing to `paid`.
         """
-        target = self.tuning if tuning else self.evaluation
-        for unit in ("queries", "examples", "tokens"):
-            got, want = getattr(usage, unit), getattr(expected, unit)
-            if got != want:
-                self.mismatches.append(f"server reported {got} {unit}, client counted {want}")
-        charged = Usage(
+        notes = []
+        if not cached:
+            for unit in ("queries", "examples", "tokens"):
+                got, want = getattr(usage, unit), getattr(expected, unit)
+                if got != want:
+                    notes.append(f"server reported {got} {unit}, client counted {want}")
+        charged = Spent(
             queries=max(usage.queries, expected.queries),
             requests=1,
             examples=max(usage.examples, expected.examples),
             tokens=max(usage.tokens, expected.tokens),
         )
-        target.queries += charged.queries
-        target.requests += charged.requests
-        target.examples += charged.examples
-        target.tokens += charged.tokens
-        target.cost += charged.tokens / 1000 * self.budget.price_per_1k_tokens
+        charged.cost = charged.tokens / 1000 * self.budget.price_per_1k_tokens
+        if self._journal is not None:
+            entry = {"step": self.step, "purpose": "tuning" if tuning else "evaluation",
+                     "source": "cache" if cached else "server", **charged.model_dump(), "time": round(time.time(), 3)}
+            if notes:
+                entry["mismatches"] = notes
+            self._journal.write(json.dumps(entry) + "\n")
+            self._journal.flush()
+            os.fsync(self._journal.fileno())  # on disk before the next request can be sent
+        self.mismatches.extend(notes)
+        self._steps[self.step] = (tuning, charged)  # a step redone after a resume replaces its first line
+        _add(self.tuning if tuning else self.evaluation, charged)
+        if cached:
+            self.cache_hits += 1
+        else:
+            _add(self.paid, charged)
+        self.step += 1
+
+    def close(self) -> None:
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
 
     def summary(self) -> dict:
         """Spending as a plain dict for metrics.json and the end-of-run printout."""
@@ -148,13 +230,18 @@ class Ledger:
             "budget": self.budget.model_dump(),
             "tuning": self.tuning.model_dump(),
             "evaluation": self.evaluation.model_dump(),
+            "paid": self.paid.model_dump(),  # billed by the server; cache hits and redone steps cost nothing here
+            "cache_hits": self.cache_hits,
             "usage_mismatches": self.mismatches[:20],
         }
 
     def describe(self) -> str:
-        t, e = self.tuning, self.evaluation
-        b = self.budget
+        t, e, b = self.tuning, self.evaluation, self.budget
         money = f", cost {t.cost:.4f}" if b.price_per_1k_tokens else ""
         cap = f"/{b.queries}" if b.queries is not None else ""
+        paid = self.paid.queries
+        saved = f"; paid for {paid} queries, {self.cache_hits} requests answered from the cache" if self.cache_hits else ""
+        if paid != t.queries + e.queries and not self.cache_hits:
+            saved = f"; paid for {paid} queries (a resumed run redid some)"
         return (f"spent: {t.queries}{cap} queries, {t.requests} requests, {t.examples} examples, "
-                f"{t.tokens} tokens{money} (evaluation: {e.queries} queries, {e.tokens} tokens)")
+                f"{t.tokens} tokens{money} (evaluation: {e.queries} queries, {e.tokens} tokens){saved}")

@@ -6,7 +6,8 @@
     └── BackendError         the model could not answer
         ├── ModelNotFound    unknown model name or missing model files
         ├── RequestRejected  the server refused the request (4xx); .status, .detail
-        │   └── AuthError    401/403: missing or wrong API key
+        │   ├── AuthError    401/403: missing or wrong API key
+        │   └── QuotaExhausted  429 that will not clear within the wait (a spent per-key quota)
         └── ServerUnavailable  connection failures, timeouts or 5xx after all retries
 """
 
@@ -44,6 +45,10 @@ class RequestRejected(BackendError):
 
 class AuthError(RequestRejected):
     """401/403: the API key is missing, wrong or not allowed this."""
+
+
+class QuotaExhausted(RequestRejected):
+    """429 for longer than the client may wait: the key's quota is spent until the server's window resets."""
 
 
 class ServerUnavailable(BackendError):

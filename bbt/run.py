@@ -1,30 +1,41 @@
 """A tuning run from start to finish, and its folder on disk.
 
     RUN/config.json    the TuneConfig, task and data the run used
+    RUN/ledger.jsonl   one line per request: what it cost, fsynced before the next request goes out
     RUN/log.jsonl      one line per generation
+    RUN/state.pkl      the search after its last complete generation (what --resume continues)
     RUN/prompt.json    the artifact: z, projection specs, model, task (versioned)
     RUN/metrics.json   train/dev/test scores, zero-prompt (z = 0) and no-prompt baselines, spending, timings
+
+A run killed at any moment (kill -9 included) is continued with `run_tune(..., resume=True)`
+(`bbt tune --resume RUN`): it reloads the last checkpoint, rewinds the ledger to it, and redoes
+what came after, so it ends exactly as an uninterrupted run would. The requests redone are those
+of one generation at most; with an evaluation cache (`bbt.cache`) they are answered from disk and
+paid nothing, and the bundled server's idempotency keys keep a retried request from being billed
+twice.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from bbt import __version__, metrics
+from bbt import __version__, cache, checkpoint, metrics
 from bbt.backends.base import Backend
 from bbt.budget import Ledger
 from bbt.config import TuneConfig
 from bbt.data import Split, TaskData
 from bbt.errors import ConfigError
 from bbt.protocol import EvaluateRequest, Example, ProjectionSpec, TaskSpec, Usage
-from bbt.tuner import Evaluation, Prompt, tune
+from bbt.tuner import Evaluation, Prompt, TuneState, tune
 
 ARTIFACT_VERSION = 1
+STATE_FILE = "state.pkl"
 EVAL_CHUNK = 500  # examples per evaluation request (servers cap N per request)
 
 
@@ -47,6 +58,15 @@ class PromptArtifact(BaseModel):
                       prompt_length=self.prompt_length, init_seed=self.init_seed)
 
 
+@dataclass
+class RunState:
+    """RUN/state.pkl: the no-prompt baseline (scored first) and the search after its last generation."""
+
+    plain: Evaluation
+    ledger_step: int  # where the ledger stands when `tuning` is None
+    tuning: TuneState | None = None
+
+
 def evaluate_split(backend: Backend, model: str, task: TaskSpec, split: Split, prompt: Prompt | None,
                    ledger: Ledger | None = None, loss: str = "ce") -> tuple[Evaluation, np.ndarray]:
     """Scores of one prompt (None: the model without a soft prompt) on a whole split; logits [N, C].
@@ -60,9 +80,10 @@ def evaluate_split(backend: Backend, model: str, task: TaskSpec, split: Split, p
             model=model, task=task, inputs=inputs, return_logits=True, loss=loss,
             candidates=None if prompt is None else prompt.candidates(),
         )
-        resp = backend.evaluate(req)
+        resp, cached = cache.evaluate(backend, req)
         if ledger is not None:
-            ledger.record(resp.usage, expected=Usage(queries=1, requests=1, examples=len(inputs), tokens=resp.usage.tokens), tuning=False)
+            ledger.record(resp.usage, expected=Usage(queries=1, requests=1, examples=len(inputs), tokens=resp.usage.tokens),
+                          tuning=False, cached=cached)
         chunks.append(resp.logits.to_numpy()[0])
     logits = np.concatenate(chunks)  # (N, C)
     labels = np.asarray(split.labels)
@@ -75,34 +96,75 @@ def evaluate_split(backend: Backend, model: str, task: TaskSpec, split: Split, p
 
 
 def run_tune(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out: str | Path, *,
-             context: dict | None = None, progress: bool = True, log=print) -> dict:
-    """Tune, evaluate, and write the run folder; returns the metrics written to metrics.json."""
+             context: dict | None = None, progress: bool = True, log=print, resume: bool = False) -> dict:
+    """Tune, evaluate, and write the run folder; returns the metrics written to metrics.json.
+
+    With `resume`, `out` is a run folder this function started before (with the same cfg, task and
+    data): the run continues from its checkpoint, and a finished run just returns its metrics.
+    """
     wall_start = time.perf_counter()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(
-        {"bbt_version": __version__, "config": cfg.model_dump(), "task": task.model_dump(), **(context or {})}, indent=2))
-    ledger = Ledger(cfg.budget)
+    saved = None
+    if resume:
+        if not (out / "config.json").exists():
+            raise ConfigError(f"{out} is not a run folder (no config.json): nothing to resume")
+        if (out / "metrics.json").exists():
+            log(f"{out} is already finished; its metrics:")
+            return json.loads((out / "metrics.json").read_text())
+        saved = checkpoint.load(out / STATE_FILE)
+    else:
+        if (out / "ledger.jsonl").exists():
+            raise ConfigError(f"{out} already holds a run: continue it with bbt tune --resume {out}, "
+                              "or pick another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(
+            {"bbt_version": __version__, "config": cfg.model_dump(), "task": task.model_dump(), **(context or {})}, indent=2))
+    ledger = Ledger(cfg.budget, out / "ledger.jsonl")
+    try:
+        return _run(cfg, task, data, backend, out, ledger, saved, progress=progress, log=log, wall_start=wall_start)
+    finally:
+        ledger.close()
+
+
+def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out: Path, ledger: Ledger,
+         saved: RunState | None, *, progress: bool, log, wall_start: float) -> dict:
     for note in data.notes:
         log(f"note: {note}")
-
-    plain, _ = evaluate_split(backend, cfg.model, task, data.test, None, ledger)
+    if saved is None:
+        ledger.rewind(0)  # killed before its first checkpoint: start over (what it paid stays in the ledger)
+        plain, _ = evaluate_split(backend, cfg.model, task, data.test, None, ledger)
+        saved = RunState(plain=plain, ledger_step=ledger.step)
+        checkpoint.save(out / STATE_FILE, saved)
+    else:
+        state = saved.tuning
+        ledger.rewind(saved.ledger_step if state is None else state.ledger_step)
+        log(f"resuming {out} after generation {0 if state is None else state.generation} "
+            f"({ledger.tuning.queries} queries used, {ledger.paid.queries} paid so far)")
+    plain = saved.plain
     log(f"no-prompt {data.test_name} accuracy: {plain.accuracy:.4f}")
 
     bar = _progress_bar(cfg.budget.queries, progress)
-    log_file = (out / "log.jsonl").open("w")
+    if bar is not None:
+        bar.update(ledger.tuning.queries)
+    history = [] if saved.tuning is None else saved.tuning.history
+    log_file = (out / "log.jsonl").open("w")  # rewritten up to the checkpoint: generations after it are redone
+    log_file.writelines(json.dumps(record) + "\n" for record in history)
 
     def on_generation(record: dict) -> None:
         log_file.write(json.dumps(record) + "\n")
-        log_file.flush()  # spent queries are on disk before the next request goes out
+        log_file.flush()
         if bar is not None:
             bar.update(record["queries_used"] - bar.n)
             dev = record["best_dev_metric"]
             bar.set_postfix(loss=f"{record['best_train_loss']:.4f}", train_acc=f"{record['best_train_acc']:.3f}",
                             dev=f"{dev:.3f}" if dev is not None else "-", refresh=False)
 
+    def on_state(state: TuneState) -> None:
+        saved.tuning = state
+        checkpoint.save(out / STATE_FILE, saved)
+
     try:
-        result = tune(backend, cfg, task, data.train, data.dev, ledger, on_generation)
+        result = tune(backend, cfg, task, data.train, data.dev, ledger, on_generation, state=saved.tuning, on_state=on_state)
     finally:
         log_file.close()
         if bar is not None:
@@ -126,6 +188,7 @@ def run_tune(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, 
         "dev_loss": dev.loss if dev else None,
         "test_loss": tuned.loss,
         "queries_used": ledger.tuning.queries,
+        "queries_paid": ledger.paid.queries,  # billed by the server, evaluation included; cache hits are free
         "generations": result.generations,
         "stop_reason": result.stop_reason,  # "budget" or "rounds"
         "tuning_seconds": round(result.seconds, 3),

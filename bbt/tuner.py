@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from bbt import metrics
+from bbt import cache, metrics
 from bbt.backends.base import Backend
 from bbt.budget import Ledger
 from bbt.config import TuneConfig
@@ -113,9 +113,9 @@ class Scorer:
             model=self.cfg.model, task=self.task, inputs=self.split.examples, labels=self.split.labels,
             loss=self.cfg.loss, return_logits=True, candidates=prompt.candidates(z, self.cfg.encoding),
         )
-        resp = self.backend.evaluate(req)
+        resp, cached = cache.evaluate(self.backend, req)
         expected = Usage(queries=k, requests=1, examples=k * self.n, tokens=k * self.tokens_per_query)
-        self.ledger.record(resp.usage, expected=expected, tuning=self.tuning)
+        self.ledger.record(resp.usage, expected=expected, tuning=self.tuning, cached=cached)
         logits = resp.logits.to_numpy()
         labels = np.asarray(self.split.labels)
         return np.asarray(resp.losses), metrics.score(self.task.metric, logits, labels), metrics.accuracy(logits, labels)
@@ -135,21 +135,33 @@ def make_projections(cfg: TuneConfig, info: ModelInfo, layers: int, hidden_std: 
     return specs
 
 
-def tune(backend: Backend, cfg: TuneConfig, task: TaskSpec, train: Split, dev: Split, ledger: Ledger,
-         on_generation: Callable[[dict], None] | None = None) -> TuneResult:
-    """Search a prompt with CMA-ES within the ledger's budget; the best on dev is returned.
+@dataclass
+class TuneState:
+    """Everything a search carries from one generation to the next: what a checkpoint saves."""
 
-    `on_generation` gets one dict per generation (what log.jsonl records).
+    prompt: Prompt  # its z: the best on dev so far (the best on train until dev has scored one)
+    optimizers: list[CMAES]  # one per prompted layer
+    best_z: np.ndarray  # best on train: the base the next generation builds on (BBTv2)
+    best_train: Evaluation = field(default_factory=lambda: Evaluation(float("inf"), 0.0, 0.0))
+    best_dev: Evaluation | None = None
+    chosen_train: Evaluation | None = None  # train scores of the prompt picked on dev
+    generation: int = 0
+    seconds: float = 0.0  # tuning time so far, over every session of a resumed run
+    ledger_step: int = 0  # the ledger's step after the last complete generation
+    history: list[dict] = field(default_factory=list)
+
+
+def start_state(cfg: TuneConfig, info: ModelInfo, hidden_std: list[float]) -> TuneState:
+    """A search at generation 0: z = 0 at every prompted layer, fresh CMA-ES, projections from the seed.
+
+    `hidden_std` is the std of each layer's hidden states on the training inputs (`Backend.stats`).
     """
-    info = backend.model_info(cfg.model)
     if cfg.prompt_length > info.max_prompt_tokens:
         raise ConfigError(f"prompt length {cfg.prompt_length} is over model {cfg.model!r}'s limit of {info.max_prompt_tokens} tokens")
     layers = 1 if cfg.method == "bbt" else info.num_layers
-    train_scorer = Scorer(backend, cfg, task, train, ledger)
-    dev_scorer = Scorer(backend, cfg, task, dev, ledger)
     prompt = Prompt(
         z=np.zeros((layers, cfg.intrinsic_dim)),
-        projections=make_projections(cfg, info, layers, train_scorer.hidden_std),
+        projections=make_projections(cfg, info, layers, hidden_std),
         prompt_length=cfg.prompt_length,
         init_seed=derive_seed(cfg.seed, _INIT) if cfg.init == "vocab" else None,
     )
@@ -158,57 +170,75 @@ def tune(backend: Backend, cfg: TuneConfig, task: TaskSpec, train: Split, dev: S
               bound=cfg.bound, diagonal=cfg.diagonal)
         for layer in range(layers)
     ]
-    best_train = Evaluation(float("inf"), 0.0, 0.0)
-    best_dev: Evaluation | None = None
-    chosen_train = best_train  # train scores of the prompt picked on dev
-    best_z = prompt.z.copy()  # best on train: the base the next generation builds on (BBTv2)
-    history: list[dict] = []
-    start = time.perf_counter()
-    generation, stop_reason = 0, "budget"
+    return TuneState(prompt=prompt, optimizers=optimizers, best_z=prompt.z.copy())
+
+
+def tune(backend: Backend, cfg: TuneConfig, task: TaskSpec, train: Split, dev: Split, ledger: Ledger,
+         on_generation: Callable[[dict], None] | None = None, *, state: TuneState | None = None,
+         on_state: Callable[[TuneState], None] | None = None) -> TuneResult:
+    """Search a prompt with CMA-ES within the ledger's budget; the best on dev is returned.
+
+    `on_generation` gets one dict per generation (what log.jsonl records); `on_state` then gets
+    the state after each complete generation (what a checkpoint saves). Given a `state` saved
+    that way (and a ledger rewound to its `ledger_step`), the search continues exactly where it
+    was: the same seed gives the same result whether or not the run was interrupted.
+    """
+    train_scorer = Scorer(backend, cfg, task, train, ledger)
+    dev_scorer = Scorer(backend, cfg, task, dev, ledger)
+    s = state if state is not None else start_state(cfg, backend.model_info(cfg.model), train_scorer.hidden_std)
+    prompt, layers = s.prompt, len(s.optimizers)
+    start = time.perf_counter() - s.seconds
+    stop_reason = "budget"
     max_generations = None if cfg.rounds is None else cfg.rounds * layers
     while True:
-        if generation == max_generations:
+        if s.generation == max_generations:
             stop_reason = "rounds"
             break
+        if s.history and s.history[-1]["candidates"] < cfg.popsize:
+            break  # the last generation was cut by the budget (a run resumed after it)
         k = train_scorer.affordable(cfg.popsize)
         if k == 0:
             break
-        layer = generation % layers
-        es = optimizers[layer]
+        layer = s.generation % layers
+        es = s.optimizers[layer]
         proposals = es.ask()  # (popsize, d)
-        z = np.repeat(best_z[None], k, axis=0)  # (K, layers, d)
+        z = np.repeat(s.best_z[None], k, axis=0)  # (K, layers, d)
         z[:, layer] = proposals[:k]
         losses, scores, accs = train_scorer.score(prompt, z)
         if k == cfg.popsize:
             es.tell(proposals, losses)  # a cut final generation is scored but not told: pycma needs all of it
         i = int(np.argmin(losses))
         record = {
-            "generation": generation, "layer": layer, "candidates": k,
+            "generation": s.generation, "layer": layer, "candidates": k,
             "loss_mean": float(losses.mean()), "loss_min": float(losses[i]), "train_acc": float(accs[i]),
         }
-        if losses[i] < best_train.loss:
-            best_train = Evaluation(float(losses[i]), float(scores[i]), float(accs[i]))
-            best_z = z[i].copy()
+        if losses[i] < s.best_train.loss:
+            s.best_train = Evaluation(float(losses[i]), float(scores[i]), float(accs[i]))
+            s.best_z = z[i].copy()
             if dev_scorer.affordable(1):
                 d_loss, d_score, d_acc = dev_scorer.score(prompt, z[i : i + 1])
                 candidate = Evaluation(float(d_loss[0]), float(d_score[0]), float(d_acc[0]))
                 record.update(dev_loss=candidate.loss, dev_metric=candidate.metric)
-                if best_dev is None or (candidate.metric, -candidate.loss) > (best_dev.metric, -best_dev.loss):
-                    best_dev, chosen_train, prompt.z = candidate, best_train, z[i].copy()
-        if best_dev is None:  # nothing scored on dev yet: fall back to the best on train
-            chosen_train, prompt.z = best_train, best_z.copy()
+                if s.best_dev is None or (candidate.metric, -candidate.loss) > (s.best_dev.metric, -s.best_dev.loss):
+                    s.best_dev, s.chosen_train, prompt.z = candidate, s.best_train, z[i].copy()
+        if s.best_dev is None:  # nothing scored on dev yet: fall back to the best on train
+            s.chosen_train, prompt.z = s.best_train, s.best_z.copy()
+        s.generation += 1
+        s.seconds = time.perf_counter() - start
+        s.ledger_step = ledger.step
         record.update(
-            best_train_loss=best_train.loss, best_train_acc=best_train.accuracy,
-            best_dev_metric=None if best_dev is None else best_dev.metric,
-            queries_used=ledger.tuning.queries, seconds=round(time.perf_counter() - start, 3),
+            best_train_loss=s.best_train.loss, best_train_acc=s.best_train.accuracy,
+            best_dev_metric=None if s.best_dev is None else s.best_dev.metric,
+            queries_used=ledger.tuning.queries, seconds=round(s.seconds, 3),
         )
-        history.append(record)
+        s.history.append(record)
         if on_generation is not None:
             on_generation(record)
-        generation += 1
+        if on_state is not None:
+            on_state(s)
         if k < cfg.popsize:
             break
     return TuneResult(
-        prompt=prompt, train=chosen_train, dev=best_dev, generations=generation,
-        seconds=time.perf_counter() - start, stop_reason=stop_reason, history=history,
+        prompt=prompt, train=s.chosen_train or s.best_train, dev=s.best_dev, generations=s.generation,
+        seconds=time.perf_counter() - start, stop_reason=stop_reason, history=s.history,
     )

@@ -50,13 +50,15 @@ def free_port() -> int:
 
 @contextmanager
 def running_server(*args: str, env: dict[str, str] | None = None, timeout: float = START_TIMEOUT,
-                   cwd: str | Path | None = None) -> Iterator[ServerProcess]:
+                   cwd: str | Path | None = None, port: int | None = None) -> Iterator[ServerProcess]:
     """Start `python -m bbt.cli serve ARGS --host 127.0.0.1 --port P`, wait for /v1/health, stop it after.
+
+    P is a free port, or `port` (to start a server again where its clients expect it).
 
     The server is stopped on every way out of the block (errors and Ctrl-C included): SIGTERM,
     then SIGKILL after 15 s. On Linux the child also gets SIGTERM if this process dies.
     """
-    port = free_port()
+    port = port or free_port()
     log_file = tempfile.NamedTemporaryFile(prefix="bbt-serve-", suffix=".log", delete=False)
     cmd = [sys.executable, "-m", "bbt.cli", "serve", *args, "--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **(env or {})}, stdout=log_file, stderr=subprocess.STDOUT,

@@ -10,10 +10,14 @@ on sentences that contain every verbalizer word the tests use.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+
+# bbt tune caches answers in ~/.cache by default; tests that want a cache name their own file
+os.environ["BBT_CACHE"] = "off"
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -26,9 +26,9 @@ __all__ = ["API_KEY", "LIMITS", "OTHER_KEY", "REPO", "ServerProcess", "free_port
 
 
 @contextmanager
-def running_server(*args: str, env: dict[str, str] | None = None, timeout: float = START_TIMEOUT):
+def running_server(*args: str, env: dict[str, str] | None = None, timeout: float = START_TIMEOUT, port: int | None = None):
     """`servers.process.running_server` run from the repository root (the checkout's bbt, installed or not)."""
-    with _running_server(*args, env=env, timeout=timeout, cwd=REPO) as server:
+    with _running_server(*args, env=env, timeout=timeout, cwd=REPO, port=port) as server:
         yield server
 
 

@@ -5,25 +5,34 @@
 
 Failures are turned into bbt errors at this boundary:
 
-- connection errors, timeouts, 5xx and 429 are retried `retries` times, waiting a random time in
+- connection errors, timeouts, 5xx and 429 are retried, waiting a random time in
   [0, min(max_backoff, backoff * 2**attempt)] seconds ("full jitter"), or what the server's
-  Retry-After says; then `ServerUnavailable` names the URL and the last error.
+  Retry-After says, for up to `wait` seconds (and `retries` attempts, if set): long enough by
+  default to ride out a server restart. Each wait is logged (logger "bbt.http", WARNING) with
+  what it waits for. Then `ServerUnavailable` names the URL and the last error.
+- a 429 whose Retry-After is longer than the wait left (a spent quota) fails at once:
+  `QuotaExhausted`, with the server's detail.
 - any other 4xx is the request's fault and is not retried: `RequestRejected(status, detail)`, or
   `AuthError` for 401/403, with the server's own explanation.
+
+Every POST carries `Idempotency-Key: sha256 of its body`. A retried request, or the same request
+sent again by a resumed run, has the same key, and the bundled server answers it from its store
+without scoring or billing it a second time.
 
 The jitter draws from a private `random.Random`, so retries never touch the random streams that
 decide a run: the same seed gives the same result whether or not a request had to be retried.
 
-Limits of what a client can know: a request that timed out may still have been scored by the
-server, which may then bill more than the run's ledger (which books answered requests only)
-shows. With several endpoints, a part that fails through all its retries fails the whole
-population; the parts that were answered are lost with it.
+Limits of what a client can know: a server without idempotency keys may have scored (and
+billed) a request that timed out, and then bills its retry again; the run's ledger books
+answered requests only. With several endpoints, a part that fails through all its retries fails
+the whole population; the parts that were answered are lost with it.
 """
 
 from __future__ import annotations
 
 import base64
 import email.utils
+import hashlib
 import logging
 import os
 import random
@@ -37,7 +46,7 @@ import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from bbt import __version__
-from bbt.errors import AuthError, BackendError, ConfigError, RequestRejected, ServerUnavailable
+from bbt.errors import AuthError, BackendError, ConfigError, QuotaExhausted, RequestRejected, ServerUnavailable
 from bbt.protocol import (
     ErrorBody,
     EvaluateRequest,
@@ -66,7 +75,9 @@ class HTTPBackend:
             endpoint must serve the same model.
         api_key: sent as 'Authorization: Bearer KEY'; None: the BBT_API_KEY environment variable.
         timeout: seconds to wait for one answer (connect, send, read each).
-        retries: extra attempts after a connection error, timeout, 5xx or 429.
+        wait: seconds to keep retrying a server that does not answer or fails (connection errors,
+            timeouts, 5xx, 429), counted from the first failure of a request.
+        retries: if set, also stop after this many retries of one request.
         backoff: seconds; the first retry waits up to this, each later one up to twice as long.
         max_backoff: seconds; cap of one wait (except when the server sends Retry-After).
 
@@ -75,18 +86,20 @@ class HTTPBackend:
     """
 
     def __init__(self, endpoints: list[str] | str, *, api_key: str | None = None, timeout: float = 120.0,
-                 retries: int = 5, backoff: float = 0.5, max_backoff: float = 30.0):
+                 wait: float = 300.0, retries: int | None = None, backoff: float = 0.5, max_backoff: float = 10.0):
         urls = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         if not urls:
             raise ConfigError("no endpoint given: pass --endpoint http://HOST:PORT")
         if not timeout > 0:
             raise ConfigError(f"timeout must be a positive number of seconds, got {timeout}")
-        if retries < 0:
+        if retries is not None and retries < 0:
             raise ConfigError(f"retries must be 0 or more, got {retries}")
+        if not wait >= 0:
+            raise ConfigError(f"wait must be 0 or more seconds, got {wait}")
         if backoff < 0 or max_backoff < 0:
             raise ConfigError(f"backoff and max_backoff must be >= 0 seconds, got {backoff} and {max_backoff}")
         self.endpoints = [_base_url(u) for u in urls]
-        self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
+        self.wait, self.retries, self.backoff, self.max_backoff = wait, retries, backoff, max_backoff
         api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
         headers = {"User-Agent": f"bbt/{__version__}", "Content-Type": "application/json"}
         if api_key:
@@ -100,7 +113,7 @@ class HTTPBackend:
         self.bytes_sent = self.bytes_received = self.attempts = 0
 
     def __repr__(self) -> str:
-        return f"HTTPBackend({self.endpoints!r}, retries={self.retries})"
+        return f"HTTPBackend({self.endpoints!r}, wait={self.wait}, retries={self.retries})"
 
     # ---- the Backend protocol ---------------------------------------------------------------
     def model_info(self, model: str) -> ModelInfo:
@@ -147,43 +160,52 @@ class HTTPBackend:
         """One request to endpoint i, retried on transient failures; the answer parsed as `answer`."""
         client, url = self._clients[i], self.endpoints[i] + path
         content = None if body is None else body.encode()
-        last, wait = "no attempt made", 0.0
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(wait)
+        headers = None if content is None else {"Idempotency-Key": hashlib.sha256(content).hexdigest()}
+        first_failure, attempt = None, 0
+        while True:
             with self._count:
                 self.attempts += 1
                 self.bytes_sent += 0 if content is None else len(content)
+            retry_after = None
             try:
-                resp = client.request(method, path, content=content)
+                resp = client.request(method, path, content=content, headers=headers)
             except httpx.TimeoutException as exc:
-                last, wait = f"no answer within the timeout ({type(exc).__name__})", self._wait(attempt, None)
-                continue
+                last = f"no answer within the timeout ({type(exc).__name__})"
             except httpx.TransportError as exc:
-                last, wait = f"{type(exc).__name__}: {exc}", self._wait(attempt, None)
-                continue
-            with self._count:
-                self.bytes_received += len(resp.content)
-            if resp.status_code == 200:
-                try:
-                    return answer.model_validate_json(resp.content)
-                except ValidationError as exc:
-                    err = exc.errors()[0]
-                    raise BackendError(f"{url} answered 200 with something that is not a protocol v1 "
-                                       f"{answer.__name__}: {err['msg']} at {err['loc']}") from exc
-            detail = _detail(resp)
-            if resp.status_code == 429 or resp.status_code >= 500:
-                last, wait = f"{resp.status_code} {detail}", self._wait(attempt, _retry_after(resp))
-                if attempt < self.retries:
-                    log.info("%s answered %s; retry %d/%d in %.2f s", url, resp.status_code, attempt + 1, self.retries, wait)
-                continue
-            if resp.status_code in (401, 403):
-                hint = "" if "--api-key" in detail else f"; pass --api-key KEY or set {API_KEY_ENV}"
-                raise AuthError(resp.status_code, f"{detail} [{url}{hint}]")
-            raise RequestRejected(resp.status_code, f"{detail} [{method} {url}]")
-        raise ServerUnavailable(f"{url} did not answer after {self.retries + 1} attempts; last error: {last}")
+                last = f"{type(exc).__name__}: {exc}"
+            else:
+                with self._count:
+                    self.bytes_received += len(resp.content)
+                if resp.status_code == 200:
+                    try:
+                        return answer.model_validate_json(resp.content)
+                    except ValidationError as exc:
+                        err = exc.errors()[0]
+                        raise BackendError(f"{url} answered 200 with something that is not a protocol v1 "
+                                           f"{answer.__name__}: {err['msg']} at {err['loc']}") from exc
+                detail = _detail(resp)
+                if resp.status_code in (401, 403):
+                    hint = "" if "--api-key" in detail else f"; pass --api-key KEY or set {API_KEY_ENV}"
+                    raise AuthError(resp.status_code, f"{detail} [{url}{hint}]")
+                if resp.status_code != 429 and resp.status_code < 500:
+                    raise RequestRejected(resp.status_code, f"{detail} [{method} {url}]")
+                last, retry_after = f"{resp.status_code} {detail}", _retry_after(resp)
+            now = time.monotonic()
+            first_failure = now if first_failure is None else first_failure
+            waited = now - first_failure
+            pause = self._pause(attempt, retry_after)
+            if retry_after is not None and resp.status_code == 429 and retry_after > self.wait - waited:
+                raise QuotaExhausted(429, f"{detail} [{url}: Retry-After {retry_after:g} s is longer than the "
+                                          f"{max(0.0, self.wait - waited):.0f} s left to wait (--wait)]")
+            if waited + pause > self.wait or (self.retries is not None and attempt >= self.retries):
+                raise ServerUnavailable(f"{url} did not answer after {attempt + 1} attempts over {waited:.0f} s; "
+                                        f"last error: {last}")
+            log.warning("waiting for %s: %s; retry %d in %.1f s (%.0f s of at most %.0f s waited)",
+                        url, last, attempt + 1, pause, waited, self.wait)
+            time.sleep(pause)
+            attempt += 1
 
-    def _wait(self, attempt: int, retry_after: float | None) -> float:
+    def _pause(self, attempt: int, retry_after: float | None) -> float:
         """Seconds before the next attempt: the server's Retry-After, else full jitter."""
         if retry_after is not None:
             return min(retry_after, MAX_RETRY_AFTER)
