@@ -1,0 +1,79 @@
+"""A run against a real server that goes away: restarted mid-run, or out of quota, the run ends as a clean one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bbt.cli import main
+from tests.serverproc import REPO, free_port, running_server
+from tests.test_resume import outcome, paid, tune_args
+
+
+def _bbt(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "bbt.cli", *args], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _wait_for_lines(path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if path.exists() and path.read_text().count("\n") >= n:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"the run did not reach {n} requests (exit {proc.poll()})")
+
+
+@pytest.mark.slow
+def test_a_run_rides_out_a_server_restart(tiny_encoder, data_dir, tmp_path):
+    clean, run = tmp_path / "clean", tmp_path / "run"
+    assert main(tune_args(tiny_encoder, data_dir, clean, "--no-cache", budget=300)) == 0
+
+    port = free_port()
+    model = ("--model", str(tiny_encoder))  # served under its path: the name the in-process run used
+    with running_server(*model, port=port) as first:
+        proc = _bbt(*tune_args(tiny_encoder, data_dir, run, "--no-cache", budget=300),
+                    "--endpoint", first.url, "--wait", "180")
+        _wait_for_lines(run / "ledger.jsonl", 8, proc)
+        first.proc.send_signal(signal.SIGKILL)  # the server dies mid-run, with whatever it was doing
+        first.proc.wait(30)
+    time.sleep(1.0)  # the client now finds nobody at the port, and keeps waiting
+    assert proc.poll() is None
+    with running_server(*model, port=port):
+        _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert f"waiting for http://127.0.0.1:{port}" in err  # it said what it was waiting for
+    assert outcome(run) == outcome(clean)
+
+
+@pytest.mark.slow
+def test_quota_exhausted_mid_run_then_resumed_elsewhere(tiny_encoder, data_dir, tmp_path):
+    clean, run = tmp_path / "clean", tmp_path / "run"
+    assert main(tune_args(tiny_encoder, data_dir, clean, "--no-cache")) == 0
+    keys = tmp_path / "keys.txt"
+    keys.write_text("quota-key-0123456789\n")
+    model = ("--model", str(tiny_encoder))
+    with running_server(*model, "--api-keys", str(keys), "--quota", "30", "--quota-window", "3600") as server:
+        proc = _bbt(*tune_args(tiny_encoder, data_dir, run, "--no-cache"), "--endpoint", server.url,
+                    "--api-key", "quota-key-0123456789", "--wait", "20")
+        _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1
+    assert "quota_exhausted" in err and f"bbt tune --resume {run}" in err
+    assert "quota-key-0123456789" not in err
+    spent_before = paid(run)
+    assert 0 < spent_before <= 30  # what the quota allowed, all of it on record
+
+    with running_server(*model) as other:  # e.g. a key with quota left, or another server
+        proc = _bbt("tune", "--resume", str(run), "--endpoint", other.url, "--no-cache", "--quiet")
+        _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert outcome(run) == outcome(clean)
+    assert json.loads((run / "metrics.json").read_text())["queries_used"] == 48
+    assert paid(run) - spent_before <= paid(clean)  # paid again: at most the generation the quota cut
