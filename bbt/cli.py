@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -12,11 +13,12 @@ from pydantic import ValidationError
 from bbt import __version__
 from bbt.budget import Budget
 from bbt.config import TuneConfig
-from bbt.errors import BBTError, ConfigError
+from bbt.errors import BackendError, BBTError, ConfigError
 
 EXAMPLES = """examples:
   bbt tune --task sst2 --data ../shared/data/sst2 --seed 42 --budget 2000 --out runs/sst2-42
   bbt tune --task sst2 --data ../shared/data/sst2 --endpoint http://127.0.0.1:8000 --budget 400 --out runs/http
+  bbt tune --resume runs/http          (a run that was killed or failed: continue where it stopped)
   bbt evaluate --run runs/sst2-42 --split test
   bbt predict --run runs/sst2-42 "a gripping, well acted film" "a dull mess"
   bbt serve --model minilm --port 8000
@@ -40,7 +42,9 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
                    help="a bbt server (repeat to split each population across several); default: in this process")
     g.add_argument("--api-key", metavar="KEY", help="API key for the endpoint (or set BBT_API_KEY)")
     g.add_argument("--timeout", type=float, default=120.0, metavar="S", help="seconds to wait for one answer (default 120)")
-    g.add_argument("--retries", type=int, default=5, metavar="N", help="retries on connection errors, 5xx and 429 (default 5)")
+    g.add_argument("--wait", type=float, default=300.0, metavar="S",
+                   help="seconds to keep retrying a server that is down or failing, e.g. while it restarts (default 300)")
+    g.add_argument("--retries", type=int, default=None, metavar="N", help="also give up after N retries of one request")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,11 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = t.add_argument_group("task and data")
     g.add_argument("--task", help="built-in task (sst2 yelpp agnews dbpedia mrpc rte snli) or a .json/.yaml task file; "
                    "default: DATA/task.json")
-    g.add_argument("--data", required=True, metavar="DIR",
-                   help="task folder: task.json, 16shot/seedS/{train,dev}.jsonl, test.jsonl (or a pool.jsonl to sample from)")
+    g.add_argument("--data", metavar="DIR",
+                   help="(required) task folder: task.json, 16shot/seedS/{train,dev}.jsonl, test.jsonl (or a pool.jsonl to sample from)")
     g.add_argument("--seed", type=int, default=d.seed, help="picks the 16-shot split and seeds the search")
     g.add_argument("--k-shot", type=int, default=d.k_shot, help="examples per class when sampling from a pool")
-    g.add_argument("--out", required=True, metavar="DIR", help="run folder to write")
+    g.add_argument("--out", metavar="DIR", help="(required) run folder to write")
+    g.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN where it stopped (killed, failed or "
+                   "out of quota), with the settings in RUN/config.json; only the options of the model's location, "
+                   "the cache and --quiet may be given with it")
     m = t.add_argument_group("method")
     m.add_argument("--method", choices=["bbt", "bbtv2"], default=d.method, help="bbt: input prompt; bbtv2: deep prompt, layer by layer")
     m.add_argument("--model", default=d.model, help="model name, or a local model directory (in process)")
@@ -96,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--price-per-1k-tokens", type=float, default=0.0, metavar="X", help="price of 1000 tokens")
     t.add_argument("--dry-run", action="store_true", help="print what the run would spend and exit")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    c = t.add_argument_group("evaluation cache (an answer already paid for is not paid again)")
+    c.add_argument("--cache", metavar="FILE", help="SQLite file to keep answers in, shared by runs "
+                   "(default: $BBT_CACHE, else ~/.cache/bbt/evaluations.sqlite)")
+    c.add_argument("--no-cache", action="store_true", help="ask the model every time")
     _add_backend_args(t)
 
     e = sub.add_parser("evaluate", help="score a tuned prompt on a split", description=(
@@ -119,10 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model to serve: minilm, a local directory, or NAME=DIR (repeat for several); default: minilm")
     s.add_argument("--host", default="127.0.0.1", help="interface to listen on")
     s.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
-    s.add_argument("--api-keys", metavar="FILE", help="file with one allowed API key per line; default: no keys needed")
+    s.add_argument("--api-keys", metavar="FILE", help="file with one allowed API key (or sha256:HEX of one) per line; "
+                   "default: the keys in BBT_SERVER_API_KEYS (separated by commas or spaces), else no keys needed")
     s.add_argument("--max-candidates", type=int, default=256, help="candidates per request")
     s.add_argument("--max-examples", type=int, default=10000, help="inputs per request")
     s.add_argument("--max-body-mb", type=float, default=64.0, help="request body size in MB")
+    s.add_argument("--quota", type=int, metavar="QUERIES",
+                   help="queries (candidates scored) per API key per --quota-window; default: unlimited")
+    s.add_argument("--quota-window", type=float, default=86400.0, metavar="SECONDS", help="length of a quota window")
+    s.add_argument("--rate-limit", type=float, metavar="R",
+                   help="requests per second per API key (bursts up to ceil(R)); default: unlimited")
 
     demo = sub.add_parser("demo", help="a short tuning run on the bundled demo task through a local server",
                           description="Start the bundled server on a free loopback port, tune the demo task through it, "
@@ -137,7 +154,7 @@ def make_backend(args):
     if getattr(args, "endpoint", None):
         from bbt.backends.http import HTTPBackend
 
-        return HTTPBackend(args.endpoint, api_key=args.api_key, timeout=args.timeout, retries=args.retries)
+        return HTTPBackend(args.endpoint, api_key=args.api_key, timeout=args.timeout, wait=args.wait, retries=args.retries)
     from bbt.backends.local import LocalBackend
 
     return LocalBackend()
@@ -158,11 +175,57 @@ def _option_errors(exc: ValidationError) -> str:
     return "bad option " + "; ".join(parts)
 
 
+# what `bbt tune --resume RUN` may be given: where the model is, the cache, the progress bar
+_RESUME_OPTIONS = {"resume", "endpoint", "api_key", "timeout", "wait", "retries", "cache", "no_cache", "quiet", "command"}
+
+
 def cmd_tune(args) -> int:
     from bbt.data import load_task_folder
-    from bbt.run import run_tune
+    from bbt.protocol import TaskSpec
+    from bbt.run import load_run_config, run_tune
     from bbt.tasks import resolve_task
 
+    if args.resume:
+        defaults = vars(build_parser().parse_args(["tune"]))
+        changed = sorted(k for k, v in vars(args).items() if k not in _RESUME_OPTIONS and v != defaults.get(k))
+        if changed:
+            raise ConfigError("--resume takes the run's settings from RUN/config.json; drop "
+                              + ", ".join("--" + k.replace("_", "-") for k in changed))
+        saved = load_run_config(args.resume)
+        try:
+            cfg, task = TuneConfig.model_validate(saved["config"]), TaskSpec.model_validate(saved["task"])
+        except (KeyError, ValidationError) as exc:
+            raise ConfigError(f"{args.resume}/config.json is not a bbt run config: {exc}") from None
+        data_dir, out = saved.get("data"), Path(args.resume)
+        if not data_dir:
+            raise ConfigError(f"{args.resume}/config.json does not say which data folder the run used")
+        args.endpoint = args.endpoint or saved.get("endpoint")
+    else:
+        for flag in ("data", "out"):
+            if getattr(args, flag) is None:
+                raise ConfigError(f"--{flag} is required (or continue a run with --resume RUN)")
+        cfg, task, data_dir, out = _tune_config(args), resolve_task(args.task, args.data), args.data, Path(args.out)
+    data = load_task_folder(data_dir, task, seed=cfg.seed, k=cfg.k_shot)
+    backend = make_backend(args)
+    try:
+        if args.dry_run:
+            from bbt.estimate import estimate
+
+            print(estimate(backend, cfg, task, data).describe())
+            return 0
+        backend = _with_cache(backend, args)
+        context = {"data": str(Path(data_dir).resolve()), "endpoint": args.endpoint}
+        try:
+            run_tune(cfg, task, data, backend, out, context=context, progress=not args.quiet, resume=bool(args.resume))
+        except BackendError as exc:
+            raise BackendError(f"{exc}\nwhat was spent is recorded in {out}; continue with: bbt tune --resume {out}") from exc
+    finally:
+        backend.close()
+    return 0
+
+
+def _tune_config(args) -> TuneConfig:
+    """The TuneConfig of `bbt tune`'s options; a bad value gets one line naming its option."""
     # the rules Budget enforces, in the words of the command line
     if args.max_cost is not None and not args.price_per_1k_tokens:
         raise ConfigError("--max-cost needs --price-per-1k-tokens: without a price nothing is charged against it")
@@ -172,26 +235,21 @@ def cmd_tune(args) -> int:
     try:
         budget = Budget(queries=args.budget, requests=args.max_requests, examples=args.max_examples, tokens=args.max_tokens,
                         cost=args.max_cost, price_per_1k_tokens=args.price_per_1k_tokens)
-        cfg = TuneConfig(model=args.model, method=args.method, seed=args.seed, prompt_length=args.prompt_length,
-                         intrinsic_dim=args.intrinsic_dim, popsize=args.popsize, sigma=args.sigma, loss=args.loss,
-                         projection=args.projection, alpha=args.alpha, init=args.init, bound=args.bound, diagonal=args.diagonal,
-                         rounds=args.rounds, encoding=args.encoding, k_shot=args.k_shot, budget=budget)
+        return TuneConfig(model=args.model, method=args.method, seed=args.seed, prompt_length=args.prompt_length,
+                          intrinsic_dim=args.intrinsic_dim, popsize=args.popsize, sigma=args.sigma, loss=args.loss,
+                          projection=args.projection, alpha=args.alpha, init=args.init, bound=args.bound,
+                          diagonal=args.diagonal, rounds=args.rounds, encoding=args.encoding, k_shot=args.k_shot,
+                          budget=budget)
     except ValidationError as exc:  # e.g. --popsize 1, --budget 0: one line naming the option, no traceback
         raise ConfigError(_option_errors(exc)) from None
-    task = resolve_task(args.task, args.data)
-    data = load_task_folder(args.data, task, seed=args.seed, k=args.k_shot)
-    backend = make_backend(args)
-    try:
-        if args.dry_run:
-            from bbt.estimate import estimate
 
-            print(estimate(backend, cfg, task, data).describe())
-            return 0
-        context = {"data": str(Path(args.data).resolve()), "endpoint": args.endpoint}
-        run_tune(cfg, task, data, backend, args.out, context=context, progress=not args.quiet)
-    finally:
-        backend.close()
-    return 0
+
+def _with_cache(backend, args):
+    """The backend behind the evaluation cache that --cache / --no-cache / $BBT_CACHE choose."""
+    from bbt.cache import CachedBackend, EvaluationCache, default_cache_path
+
+    path = None if args.no_cache else (Path(args.cache) if args.cache else default_cache_path())
+    return backend if path is None else CachedBackend(backend, EvaluationCache(path))
 
 
 def cmd_evaluate(args) -> int:
@@ -248,7 +306,8 @@ def cmd_serve(args) -> int:
     except ImportError as exc:
         raise BBTError(f"bbt serve needs the server extra ({exc.name} is missing): pip install 'bbt[server]'") from None
     serve(models=args.model or ["minilm"], host=args.host, port=args.port, api_keys_file=args.api_keys,
-          max_candidates=args.max_candidates, max_examples=args.max_examples, max_body_mb=args.max_body_mb)
+          max_candidates=args.max_candidates, max_examples=args.max_examples, max_body_mb=args.max_body_mb,
+          quota=args.quota, quota_window=args.quota_window, rate_limit=args.rate_limit)
     return 0
 
 
@@ -264,6 +323,8 @@ COMMANDS = {"tune": cmd_tune, "evaluate": cmd_evaluate, "predict": cmd_predict, 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # the HTTP client says what it waits for (a server restarting, a rate limit) on stderr
+    logging.basicConfig(level=logging.WARNING, format="bbt: %(message)s")
     if args.command is None:
         parser.print_help()
         return 2

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import math
+import re
 from typing import Annotated, Literal
 
 import numpy as np
@@ -144,6 +145,12 @@ class TaskSpec(_Model):
                 raise ValueError(f"{field} has {len(getattr(self, field))} entries, labels has {n}")
         if "{text}" not in self.template or "{mask}" not in self.template:
             raise ValueError(f"template must contain {{text}} and {{mask}}: {self.template!r}")
+        # templates are filled with str.format: any other field ('{x}', '{text.__class__}',
+        # '{text:>999999999}', a stray '}') would fail, leak attributes or allocate without bound
+        rest = re.sub(r"\{(?:text|text_pair|mask)\}", "", self.template)
+        if "{" in rest or "}" in rest:
+            raise ValueError(f"template {self.template[:200]!r}: braces are only allowed in {{text}}, {{text_pair}} "
+                             "and {mask}")
         if self.pair and "{text_pair}" not in self.template:
             raise ValueError("a pair task's template must contain {text_pair}")
         if self.metric == "f1" and n != 2:

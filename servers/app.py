@@ -1,10 +1,11 @@
 """The HTTP app (protocol v1) and `serve`, what `bbt serve` runs.
 
-    create_app(service, api_keys=...)   the FastAPI app around a ModelService (tests build their own)
-    serve(models=[...], port=8000)      validate settings, load the models, run uvicorn
+    create_app(service, api_keys=..., quotas=...)   the FastAPI app around a ModelService (tests build their own)
+    serve(models=[...], port=8000, quota=...)       validate settings, load the models, run uvicorn
 
-Routes live in `servers.routes`, API keys in `servers.auth`, error bodies and the body-size guard
-in `servers.handlers`, the test-only fault switch in `servers.faults`. The OpenAPI page is /docs.
+Routes live in `servers.routes`, API keys in `servers.auth`, quotas and rate limits in
+`servers.quotas`, idempotent replays in `servers.idempotency`, error bodies and the body-size
+guard in `servers.handlers`, the test-only fault switch in `servers.faults`. The OpenAPI page is /docs.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from pydantic import ValidationError
 from bbt import __version__
 from bbt.errors import ConfigError
 from bbt.protocol import PROTOCOL_VERSION
-from servers import faults, routes
-from servers.auth import load_api_keys, require_key
+from servers import auth, faults, routes
+from servers.auth import key_digests, keys_from_env, load_api_keys, require_key
 from servers.handlers import RequestGuard, install_error_handlers
+from servers.idempotency import IdempotencyStore
+from servers.quotas import Quotas
 from servers.service import Limits, ModelService
 
 log = logging.getLogger("bbt.server")
@@ -32,12 +35,16 @@ log = logging.getLogger("bbt.server")
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def create_app(service: ModelService, *, api_keys: Iterable[str] | None = None, test_faults: bool | None = None) -> FastAPI:
+def create_app(service: ModelService, *, api_keys: Iterable[str] | None = None, quotas: Quotas | None = None,
+               idempotency: IdempotencyStore | None = None, test_faults: bool | None = None) -> FastAPI:
     """The FastAPI app serving `service`'s models.
 
     Args:
         service: the loaded models and the request limits (`service.limits`).
-        api_keys: keys accepted as 'Authorization: Bearer KEY'; None or empty: no key needed.
+        api_keys: keys accepted as 'Authorization: Bearer KEY', each a key or 'sha256:HEX' (only
+            digests are kept); None or empty: no key needed.
+        quotas: per-key query quota and request rate; None: neither.
+        idempotency: where answers to Idempotency-Key requests are kept; None: a default store.
         test_faults: mount the test fault switch (/v1/_faults); None: only if BBT_TEST_FAULTS=1.
     """
     if test_faults is None:
@@ -60,7 +67,9 @@ def create_app(service: ModelService, *, api_keys: Iterable[str] | None = None, 
         lifespan=lifespan,
     )
     app.state.service = service
-    app.state.api_keys = frozenset(api_keys or ())
+    app.state.key_digests = key_digests(api_keys)
+    app.state.quotas = quotas or Quotas()
+    app.state.idempotency = idempotency or IdempotencyStore()
     app.state.faults = faults.FaultSwitch() if test_faults else None
     app.include_router(routes.public)
     app.include_router(routes.keyed)
@@ -72,15 +81,19 @@ def create_app(service: ModelService, *, api_keys: Iterable[str] | None = None, 
 
 
 def serve(models: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_keys_file: str | Path | None = None,
-          max_candidates: int = 256, max_examples: int = 10000, max_body_mb: float = 64.0) -> None:
+          max_candidates: int = 256, max_examples: int = 10000, max_body_mb: float = 64.0,
+          quota: int | None = None, quota_window: float = 86400.0, rate_limit: float | None = None) -> None:
     """Validate the settings, load the models, then serve until interrupted (blocking).
 
     Every setting is checked before the (slow) model loading, and a bad one raises ConfigError
     that names it, so `bbt serve` fails fast with a clear message instead of a traceback.
+    API keys come from `api_keys_file`, else from the BBT_SERVER_API_KEYS environment variable.
     """
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
+    for name in ("bbt.server", "servers"):  # INFO even where the CLI already set up WARNING for the client
+        logging.getLogger(name).setLevel(logging.INFO)
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port {port} is not a TCP port (0 to 65535; 0 picks a free one)")
     if not models:
@@ -92,13 +105,27 @@ def serve(models: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_k
         err = exc.errors()[0]
         flag = {"max_body_bytes": "--max-body-mb"}.get(str(err["loc"][0]), "--" + str(err["loc"][0]).replace("_", "-"))
         raise ConfigError(f"{flag}: {err['msg']} (got {err.get('input')})") from None
-    keys = load_api_keys(api_keys_file) if api_keys_file else None
-    if keys is None and host not in _LOOPBACK:
+    quotas = Quotas(quota=quota, window=quota_window, rate=rate_limit)
+    env_keys = os.environ.get(auth.ENV_VAR)
+    if api_keys_file:
+        digests = load_api_keys(api_keys_file)
+        if env_keys is not None:
+            log.info("%s is ignored: --api-keys %s is given", auth.ENV_VAR, api_keys_file)
+    else:
+        digests = keys_from_env(env_keys) if env_keys is not None else frozenset()
+    if digests:
+        log.info("%d API key(s) from %s", len(digests), api_keys_file or auth.ENV_VAR)
+    elif host not in _LOOPBACK:
         log.warning("listening on %s without --api-keys: anyone who can reach this port can spend its compute", host)
+    if quotas.active:
+        log.info("per key: %s queries per %g s window; %s requests a second", quotas.quota or "unlimited",
+                 quotas.window, f"{quotas.rate:g}" if quotas.rate else "unlimited")
+    if quotas.active and not digests:
+        log.info("no API keys: every client shares one quota and rate limit (account %r)", auth.ANONYMOUS)
 
     start = time.perf_counter()
     service = ModelService(models, limits=limits, lazy=False)
     log.info("loaded %s in %.1f s", ", ".join(service.names), time.perf_counter() - start)
-    app = create_app(service, api_keys=keys)
+    app = create_app(service, api_keys=[f"sha256:{d}" for d in digests], quotas=quotas)
     # one worker process: the models live in this process; keep-alive so clients reuse connections
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_keep_alive=75)

@@ -3,13 +3,18 @@
 Mounted only when the environment variable ``BBT_TEST_FAULTS=1`` is set as the server starts:
 
     POST /v1/_faults  {"fail_next": 2, "status": 503, "retry_after": 0.5, "delay": 0}
+    POST /v1/_faults  {"fail_next": 1, "delay_after": 3}
     GET  /v1/_faults  the counters below, and what is still armed
 
 Each of the next ``fail_next`` evaluate requests first sleeps ``delay`` seconds (longer than the
 client's timeout: the client sees a timeout) and then answers ``status`` (with a Retry-After
 header when ``retry_after`` is given), *before* any model work is done or counted; ``crash``
-raises an unexpected exception instead, to exercise the 500 path. The counters let a test check
-that retried requests were served exactly once.
+raises an unexpected exception instead, to exercise the 500 path.
+
+With ``delay_after`` the armed requests are *served* instead (scored, charged to the quota, their
+answer stored for idempotent replay) and then sleep ``delay_after`` seconds before answering: a
+client with a shorter timeout gives up although the work was done, the case that idempotency
+keys exist for. The counters let a test check that retried requests were served exactly once.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ class FaultPlan(BaseModel):
     retry_after: float | None = Field(default=None, ge=0, le=60, description="Retry-After header, seconds")
     delay: float = Field(default=0.0, ge=0, le=60, description="seconds to sleep before answering")
     crash: bool = Field(default=False, description="raise an unexpected exception (a 500) instead")
+    delay_after: float = Field(default=0.0, ge=0, le=60, description="serve the request, then sleep this many "
+                               "seconds before answering (status, retry_after, delay and crash are then unused)")
 
 
 class FaultCounters(BaseModel):
@@ -42,6 +49,7 @@ class FaultCounters(BaseModel):
     received: int = Field(description="evaluate requests that reached the route (valid bodies)")
     injected: int = Field(description="of those, failed on purpose by this switch")
     served: int = Field(description="answered 200 with model work done")
+    replayed: int = Field(description="answered 200 from an earlier answer to the same Idempotency-Key (no work)")
     queries_served: int = Field(description="candidates scored in the served requests")
     armed: int = Field(description="failures still to come")
 
@@ -61,21 +69,26 @@ class FaultSwitch:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._plan = FaultPlan(fail_next=0)
-        self._received = self._injected = self._served = self._queries = 0
+        self._received = self._injected = self._served = self._queries = self._replayed = 0
 
     def arm(self, plan: FaultPlan) -> None:
         with self._lock:
             self._plan = plan
 
-    def before_evaluate(self) -> None:
-        """Called first thing in an evaluate request: may sleep, then raise instead of serving it."""
+    def before_evaluate(self) -> float:
+        """Called first thing in an evaluate request: may sleep, then raise instead of serving it.
+
+        Returns the seconds to sleep after serving it (`delay_after`; 0 for a normal request).
+        """
         with self._lock:
             self._received += 1
             plan = self._plan
             if plan.fail_next <= 0:
-                return
+                return 0.0
             self._plan = plan.model_copy(update={"fail_next": plan.fail_next - 1})
             self._injected += 1
+        if plan.delay_after:
+            return plan.delay_after
         if plan.delay:
             time.sleep(plan.delay)  # a threadpool thread; other requests are served meanwhile
         if plan.crash:
@@ -87,10 +100,14 @@ class FaultSwitch:
             self._served += 1
             self._queries += queries
 
+    def replayed(self) -> None:
+        with self._lock:
+            self._replayed += 1
+
     def counters(self) -> FaultCounters:
         with self._lock:
             return FaultCounters(received=self._received, injected=self._injected, served=self._served,
-                                 queries_served=self._queries, armed=self._plan.fail_next)
+                                 replayed=self._replayed, queries_served=self._queries, armed=self._plan.fail_next)
 
 
 router = APIRouter(prefix="/v1/_faults", tags=["test faults"])

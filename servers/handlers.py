@@ -1,11 +1,14 @@
 """Every 4xx/5xx answer as an `ErrorBody` JSON, and the request-size guard that runs before parsing.
 
     400 invalid_json       the body is not JSON (nothing else is ever decoded: no pickle, no torch.load)
-    401 unauthorized       missing or wrong API key
+    401 unauthorized       missing or wrong API key (the detail never repeats what was sent)
     404 model_not_found    unknown model; not_found for an unknown path
     405 method_not_allowed
     413 request_too_large  body over --max-body-mb, checked on Content-Length and on the bytes read
-    422 invalid_request    schema errors, wrong shapes, NaN/inf, requests over a limit
+    422 invalid_request    schema errors, wrong shapes, NaN/inf, requests over a limit, a bad Idempotency-Key
+    422 idempotency_key_reused  an Idempotency-Key sent before with another body
+    429 quota_exhausted    the key's query quota is spent; Retry-After: seconds to the reset
+    429 rate_limited       over the key's request rate; Retry-After: seconds to the next free token
     429/5xx                test fault switch (servers/faults.py)
     500 internal_error     an unexpected failure; the server logs it and stays up
 """
@@ -24,6 +27,8 @@ from bbt.errors import ConfigError, ModelNotFound
 from bbt.protocol import ErrorBody
 from servers.auth import Unauthorized
 from servers.faults import InjectedFault
+from servers.idempotency import KeyReused
+from servers.quotas import QuotaExhausted, RateLimited
 
 log = logging.getLogger("bbt.server")
 
@@ -82,6 +87,20 @@ async def _config(request: Request, exc: ConfigError) -> JSONResponse:
     return error_response(422, "invalid_request", str(exc))
 
 
+def _account(request: Request) -> str:
+    return getattr(request.state, "account", "?")
+
+
+async def _too_many(request: Request, exc: QuotaExhausted | RateLimited) -> JSONResponse:
+    kind = "quota_exhausted" if isinstance(exc, QuotaExhausted) else "rate_limited"
+    log.info("%s: account %s, %s %s", kind, _account(request), request.method, request.url.path)
+    return error_response(429, kind, str(exc), headers={"Retry-After": str(exc.retry_after)})
+
+
+async def _key_reused(request: Request, exc: KeyReused) -> JSONResponse:
+    return error_response(422, "idempotency_key_reused", str(exc))
+
+
 async def _injected(request: Request, exc: InjectedFault) -> JSONResponse:
     headers = None if exc.retry_after is None else {"Retry-After": f"{exc.retry_after:g}"}
     kind = "rate_limited" if exc.status == 429 else "unavailable"
@@ -89,7 +108,9 @@ async def _injected(request: Request, exc: InjectedFault) -> JSONResponse:
 
 
 def _internal(scope: Scope, exc: Exception) -> JSONResponse:
-    log.error("unexpected %s on %s %s", type(exc).__name__, scope.get("method"), scope.get("path"), exc_info=exc)
+    account = scope.get("state", {}).get("account", "?")  # request.state lives in the scope
+    log.error("unexpected %s on %s %s (account %s)", type(exc).__name__, scope.get("method"), scope.get("path"),
+              account, exc_info=exc)
     return error_response(500, "internal_error", f"the server failed on this request ({type(exc).__name__}); "
                           "it is logged, and the server is still up")
 
@@ -103,6 +124,9 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ModelNotFound, _model_not_found)
     app.add_exception_handler(ConfigError, _config)
     app.add_exception_handler(InjectedFault, _injected)
+    app.add_exception_handler(QuotaExhausted, _too_many)
+    app.add_exception_handler(RateLimited, _too_many)
+    app.add_exception_handler(KeyReused, _key_reused)
     # Anything else is caught by RequestGuard: Starlette's own catch-all re-raises into uvicorn,
     # which then drops the keep-alive connection under the client's next request.
 

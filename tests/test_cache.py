@@ -18,7 +18,7 @@ from bbt.cache import CachedBackend, EvaluationCache, default_cache_path, reques
 from bbt.cli import main
 from bbt.protocol import EvaluateRequest, IntrinsicPrompts, Tensor
 from bbt.projection import uniform_spec
-from tests.test_resume import outcome, tune_args
+from test_resume import outcome, tune_args
 
 
 def _request(task, data, z: np.ndarray, model: str) -> EvaluateRequest:

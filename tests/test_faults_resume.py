@@ -12,8 +12,8 @@ import time
 import pytest
 
 from bbt.cli import main
-from tests.serverproc import REPO, free_port, running_server
-from tests.test_resume import outcome, paid, tune_args
+from serverproc import REPO, free_port, running_server
+from test_resume import outcome, paid, tune_args
 
 
 def _bbt(*args: str) -> subprocess.Popen:
@@ -77,3 +77,33 @@ def test_quota_exhausted_mid_run_then_resumed_elsewhere(tiny_encoder, data_dir, 
     assert outcome(run) == outcome(clean)
     assert json.loads((run / "metrics.json").read_text())["queries_used"] == 48
     assert paid(run) - spent_before <= paid(clean)  # paid again: at most the generation the quota cut
+
+
+@pytest.mark.slow
+def test_the_client_retries_with_the_same_key_and_is_billed_once(tiny_encoder, sst2_task, tiny_data):
+    """The server scored the request, the client timed out: the retry is replayed, not scored again."""
+    import httpx
+    import numpy as np
+
+    from bbt.backends.http import HTTPBackend
+    from bbt.projection import uniform_spec
+    from bbt.protocol import EvaluateRequest, IntrinsicPrompts, Tensor
+
+    z = np.random.default_rng(0).standard_normal((4, 1, 8))
+    request = EvaluateRequest(
+        model=str(tiny_encoder), task=sst2_task, inputs=tiny_data.train.examples, labels=tiny_data.train.labels,
+        candidates=IntrinsicPrompts(z=Tensor.from_numpy(z), projections=[uniform_spec(seed=1, d=8, D=4 * 32)], prompt_length=4))
+    with running_server("--model", str(tiny_encoder), "--quota", "8", env={"BBT_TEST_FAULTS": "1"}) as server:
+        with HTTPBackend(server.url, timeout=30) as backend:
+            want = backend.evaluate(request)  # 4 of the 8 queries of the quota
+        # a fresh server-side key: the same candidates in another order
+        request = request.model_copy(update={"candidates": request.candidates.model_copy(
+            update={"z": Tensor.from_numpy(z[::-1])})})
+        assert httpx.post(server.url + "/v1/_faults", json={"fail_next": 1, "delay_after": 3}).status_code == 200
+        with HTTPBackend(server.url, timeout=1.0, wait=60, backoff=0.05) as backend:
+            got = backend.evaluate(request)  # the answer of the first, timed-out attempt, replayed
+            assert backend.attempts >= 2
+        counters = httpx.get(server.url + "/v1/_faults").json()
+    assert got.losses == want.losses[::-1]
+    assert counters["served"] == 2 and counters["replayed"] >= 1
+    assert counters["queries_served"] == 8  # a second scoring of the retried request would have crossed the quota

@@ -58,8 +58,8 @@ DATA = TaskData(train=_split_of(0, 4), dev=_split_of(4, 8), test=_split_of(8, 12
 TIMING = {"tuning_seconds", "wall_seconds", "queries_per_second", "seconds"}  # may differ between runs
 
 
-def small_config(encoding: str = "intrinsic", queries: int = 40, method: str = "bbt") -> TuneConfig:
-    return TuneConfig(seed=7, prompt_length=10, intrinsic_dim=50, popsize=10, encoding=encoding, method=method,
+def small_config(encoding: str = "intrinsic", queries: int = 40, method: str = "bbt", seed: int = 7) -> TuneConfig:
+    return TuneConfig(seed=seed, prompt_length=10, intrinsic_dim=50, popsize=10, encoding=encoding, method=method,
                       budget=Budget(queries=queries))
 
 
@@ -98,9 +98,14 @@ def faults(server):
     client.close()
 
 
-def tiny_request(k: int = 3, encoding: str = "intrinsic") -> EvaluateRequest:
-    """K distinct candidates on 4 inputs: cheap enough to send many times."""
-    z = np.random.default_rng(11).normal(size=(k, 1, 16))
+def tiny_request(k: int = 3, encoding: str = "intrinsic", seed: int = 11) -> EvaluateRequest:
+    """K distinct candidates on 4 inputs: cheap enough to send many times.
+
+    The server replays a body it has answered before (the client's Idempotency-Key is the body's
+    sha256) without scoring it again: a test that counts what the server scores sends bodies of its
+    own `seed`.
+    """
+    z = np.random.default_rng(seed).normal(size=(k, 1, 16))
     spec = normal_spec(seed=5, d=16, D=4 * 384, target_std=0.05)
     if encoding == "intrinsic":
         cand = IntrinsicPrompts(z=Tensor.from_numpy(z), projections=[spec], prompt_length=4)
@@ -150,7 +155,7 @@ def test_tuning_over_http_equals_in_process(encoding, method, local, http, tmp_p
 
 def test_tuning_through_faults_equals_in_process_and_counts_once(local, server, faults):
     """Failures injected mid-run (5xx, 429 with Retry-After, a timeout) are retried: same result, no double counting."""
-    cfg = small_config(queries=40)
+    cfg = small_config(queries=40, seed=8)  # requests no other test sends: the server scores each (no replays)
     ledger_local = Ledger(cfg.budget)
     want = tune(local, cfg, TASK, DATA.train, DATA.dev, ledger_local)
 
@@ -205,7 +210,7 @@ def test_timeout_is_retried(server, faults):
     before = faults.counters()
     with HTTPBackend(server.url, api_key=API_KEY, timeout=2.0, retries=2, backoff=0.01) as backend:
         start = time.perf_counter()
-        answer = backend.evaluate(tiny_request())
+        answer = backend.evaluate(tiny_request(seed=12))
         assert time.perf_counter() - start >= 2.0 and backend.attempts == 2
     assert answer.usage.queries == 3
     assert faults.counters()["served"] - before["served"] == 1
@@ -309,7 +314,7 @@ def test_population_split_across_two_servers(server, http, tmp_path):
         before = count(server.url), count(second.url)
         with HTTPBackend([server.url, second.url], api_key=API_KEY) as both:
             for encoding in ("intrinsic", "float32"):
-                req = tiny_request(k=5, encoding=encoding)
+                req = tiny_request(k=5, encoding=encoding, seed=13)
                 one, two = http.evaluate(req), both.evaluate(req)
                 _with_k(two, 5)
                 assert two.usage.requests == 2 and one.usage.requests == 1
@@ -318,8 +323,9 @@ def test_population_split_across_two_servers(server, http, tmp_path):
                 np.testing.assert_allclose(two.losses, one.losses, rtol=1e-5, atol=1e-6)
                 np.testing.assert_allclose(two.logits.to_numpy(), one.logits.to_numpy(), rtol=1e-5, atol=1e-5)
                 assert np.ptp(one.losses) > 1e-3  # candidates differ, so a reordering would show
-            zero = both.evaluate(tiny_request().model_copy(update={"candidates": None}))
-            _with_k(zero, 1)
+            zero = both.evaluate(tiny_request(seed=13).model_copy(update={"candidates": None, "inputs": DATA.train.examples[:3],
+                                                                          "labels": DATA.train.labels[:3]}))
+            _with_k(zero, 1, n=3)
         after = count(server.url), count(second.url)
     # per encoding: 5 (one server alone) + 3 (first part) on the first, 2 (second part) on the second; zero prompt: 1
     assert after[0] - before[0] == 2 * (5 + 3) + 1 and after[1] - before[1] == 2 * 2

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from bbt.cli import main
-from tests.serverproc import REPO
+from serverproc import REPO
 
 # Patches a killed child applies before running `bbt tune`: SIGKILL itself at call N of a point.
 KILLER = r"""
