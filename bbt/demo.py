@@ -77,7 +77,7 @@ def _tune(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend, out: str, en
 
     try:
         return run_tune(cfg, task, data, backend, out, context={"data": str(DEMO_DIR), "endpoint": endpoint},
-                        progress=sys.stderr.isatty())
+                        progress=sys.stderr.isatty(), replace=True)  # a demo run again replaces the last one
     finally:
         backend.close()
 

@@ -36,6 +36,7 @@ from bbt.tuner import Evaluation, Prompt, TuneState, tune
 
 ARTIFACT_VERSION = 1
 STATE_FILE = "state.pkl"
+RUN_FILES = ("config.json", "ledger.jsonl", "log.jsonl", STATE_FILE, "prompt.json", "metrics.json")
 EVAL_CHUNK = 500  # examples per evaluation request (servers cap N per request)
 
 
@@ -96,11 +97,13 @@ def evaluate_split(backend: Backend, model: str, task: TaskSpec, split: Split, p
 
 
 def run_tune(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out: str | Path, *,
-             context: dict | None = None, progress: bool = True, log=print, resume: bool = False) -> dict:
+             context: dict | None = None, progress: bool = True, log=print, resume: bool = False,
+             replace: bool = False) -> dict:
     """Tune, evaluate, and write the run folder; returns the metrics written to metrics.json.
 
     With `resume`, `out` is a run folder this function started before (with the same cfg, task and
     data): the run continues from its checkpoint, and a finished run just returns its metrics.
+    Otherwise a folder that already holds a run is refused, unless `replace` (then its files go).
     """
     wall_start = time.perf_counter()
     out = Path(out)
@@ -113,6 +116,9 @@ def run_tune(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, 
             return json.loads((out / "metrics.json").read_text())
         saved = checkpoint.load(out / STATE_FILE)
     else:
+        if replace:
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
         if (out / "ledger.jsonl").exists():
             raise ConfigError(f"{out} already holds a run: continue it with bbt tune --resume {out}, "
                               "or pick another --out")

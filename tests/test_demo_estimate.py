@@ -215,6 +215,11 @@ def test_demo_in_process(minilm_dir, tmp_path, capsys):
     assert main(["demo", "--in-process", "--budget", "40", "--out", str(out)]) == 0
     metrics = _check_demo_output(capsys.readouterr().out, out)
     assert metrics["spending"]["evaluation"]["queries"] == 3  # no prompt, zero prompt, tuned
+    # the demo again replaces its last run (a `bbt tune` would refuse the folder)
+    assert main(["demo", "--in-process", "--budget", "20", "--out", str(out)]) == 0
+    again = _check_demo_output(capsys.readouterr().out, out)
+    ledger = [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
+    assert again["queries_used"] == sum(x["queries"] for x in ledger if x["purpose"] == "tuning") == 20
 
 
 @pytest.mark.slow
