@@ -7,7 +7,7 @@
 
 Runs, as a subprocess in this interpreter (in-process backend, default model):
 
-    bbt tune --task sst2 --data DATA --seed SEED --budget BUDGET --out OUT [other options]
+    bbt tune --task sst2 --data DATA --seed SEED --budget BUDGET --out OUT --no-cache [other options]
 
 then reads OUT/metrics.json and prints the zero-prompt, no-prompt and tuned test accuracy, the gain
 in points, queries used, tuning seconds (the search loop alone) and queries per second. OUT is a
@@ -30,8 +30,10 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "sst2"
 
 def run_bbt_tune(data: Path, seed: int, budget: int, out: Path, extra: list[str]) -> dict:
     """`bbt tune` on SST-2 in a subprocess; returns its metrics.json."""
+    # no evaluation cache unless asked for: answers from an earlier run would make the timings meaningless
+    cache = [] if any(x.startswith("--cache") for x in extra) else ["--no-cache"]
     cmd = [sys.executable, "-m", "bbt.cli", "tune", "--task", "sst2", "--data", str(data), "--seed", str(seed),
-           "--budget", str(budget), "--out", str(out), *extra]
+           "--budget", str(budget), "--out", str(out), *cache, *extra]
     print("$ bbt " + " ".join(cmd[3:]), flush=True)
     done = subprocess.run(cmd, cwd=REPO)
     if done.returncode != 0:
