@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -245,11 +246,25 @@ def _tune_config(args) -> TuneConfig:
 
 
 def _with_cache(backend, args):
-    """The backend behind the evaluation cache that --cache / --no-cache / $BBT_CACHE choose."""
+    """The backend behind the evaluation cache that --cache / --no-cache / $BBT_CACHE choose.
+
+    A cache the user named must open; the default one may not (a read-only home): then the run
+    goes on without it, and says so.
+    """
     from bbt.cache import CachedBackend, EvaluationCache, default_cache_path
 
-    path = None if args.no_cache else (Path(args.cache) if args.cache else default_cache_path())
-    return backend if path is None else CachedBackend(backend, EvaluationCache(path))
+    if args.no_cache:
+        return backend
+    path = Path(args.cache) if args.cache else default_cache_path()
+    if path is None:
+        return backend
+    try:
+        return CachedBackend(backend, EvaluationCache(path))
+    except ConfigError as exc:
+        if args.cache or os.environ.get("BBT_CACHE"):
+            raise
+        print(f"warning: {exc}; going on without a cache", file=sys.stderr)
+        return backend
 
 
 def cmd_evaluate(args) -> int:

@@ -139,3 +139,14 @@ def test_a_file_that_is_not_a_cache_is_refused(tmp_path):
     path.write_bytes(b"garbage that is not sqlite" * 100)
     with pytest.raises(Exception, match="cannot open the evaluation cache"):
         EvaluationCache(path)
+
+
+def test_an_unusable_default_cache_is_skipped_with_a_warning(tiny_encoder, data_dir, tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.delenv("BBT_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # e.g. a read-only home
+    args = tune_args(tiny_encoder, data_dir, tmp_path / "run", budget=12)
+    assert main(args) == 0
+    assert "going on without a cache" in capsys.readouterr().err
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["spending"]["cache_hits"] == 0
