@@ -191,11 +191,11 @@ def tune(backend: Backend, cfg: TuneConfig, task: TaskSpec, train: Split, dev: S
     stop_reason = "budget"
     max_generations = None if cfg.rounds is None else cfg.rounds * layers
     while True:
+        if s.history and s.history[-1]["candidates"] < cfg.popsize:
+            break  # the last generation was cut to what the budget had left
         if s.generation == max_generations:
             stop_reason = "rounds"
             break
-        if s.history and s.history[-1]["candidates"] < cfg.popsize:
-            break  # the last generation was cut by the budget (a run resumed after it)
         k = train_scorer.affordable(cfg.popsize)
         if k == 0:
             break
@@ -236,8 +236,6 @@ def tune(backend: Backend, cfg: TuneConfig, task: TaskSpec, train: Split, dev: S
             on_generation(record)
         if on_state is not None:
             on_state(s)
-        if k < cfg.popsize:
-            break
     return TuneResult(
         prompt=prompt, train=s.chosen_train or s.best_train, dev=s.best_dev, generations=s.generation,
         seconds=time.perf_counter() - start, stop_reason=stop_reason, history=s.history,
