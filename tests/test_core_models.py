@@ -227,6 +227,34 @@ def test_each_candidate_and_example_is_scored_as_if_alone(loaded, sst2_task):
             np.testing.assert_allclose(together[k, i].numpy(), alone[0, 0].numpy(), rtol=1e-4, atol=1e-4)
 
 
+def test_chunks_respect_the_token_budget():
+    from servers.models import _chunks
+
+    lengths = [3, 4, 4, 6, 9, 30]
+    chunks = _chunks(list("abcdef"), lengths, tokens=12)
+    assert chunks == [["a", "b", "c"], ["d"], ["e"], ["f"]]  # 3 x 4 <= 12; 2 x 6 = 12 but d, e need 2 x 9
+    assert sum(chunks, []) == list("abcdef")  # order kept, nothing lost or repeated
+    assert _chunks(list("ab"), [5, 5], tokens=100) == [["a", "b"]]
+
+
+@pytest.mark.parametrize("layers", ["input", "deep"])
+def test_chunk_size_does_not_change_scores(loaded, sst2_task, monkeypatch, layers):
+    """Tiny chunks (one or two sequences per forward pass) give the scores of one big pass, for input
+    prompts and for deep prompts that share their lower layers (BBTv2's reuse path)."""
+    import servers.models as models
+
+    kind, model = loaded
+    enc = model.encode(sst2_task, _examples())
+    n_layers = 1 if layers == "input" else model.num_layers
+    p = _prompts(model, k=3, layers=n_layers, seed=2)
+    if layers == "deep":
+        p[:, :-1] = p[0, :-1]  # only the top layer differs: the lower ones are computed once
+    big = model.logits(sst2_task, enc, p)
+    monkeypatch.setattr(models, "TOKENS_PER_CHUNK", 8)
+    small = model.logits(sst2_task, enc, p)
+    np.testing.assert_allclose(small.numpy(), big.numpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_deep_prompt_reaches_the_upper_layer(loaded, sst2_task):
     """BBTv2: entry 1 is added to the hidden states entering layer 1; zeros there change nothing."""
     kind, model = loaded

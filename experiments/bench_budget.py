@@ -1,0 +1,224 @@
+"""Budget sweep: test accuracy against queries spent, for the paper's settings and bbt's defaults.
+
+    cd /work/main && . .venv/bin/activate
+    python experiments/bench_budget.py                                  # paper (2000) vs bbt (500), 3 tasks x 3 seeds
+    python experiments/bench_budget.py --tasks sst2 --seeds 42 --presets paper bbt
+    python experiments/bench_budget.py --set prompt_length=10 popsize=10 --name L10k10 --budget 500
+
+One in-process run (MiniLM, `LocalBackend`) per preset, task and seed, up to the preset's budget.
+After every generation the prompt the run would return at that point (the best on dev so far) is
+noted with the queries used; afterwards the test accuracy of that prompt is measured at each of
+`--at` query counts, so one run gives the whole curve. The point at q queries is the prompt after
+the last complete generation within q queries: a run with budget q would have spent its rest on
+one cut generation, so this is a slight under-estimate of it. At 0 queries: the untuned prompt.
+
+Presets:
+- paper: the BBT paper's settings: L = 50, d = 500, population 20, sigma 1, cross-entropy,
+  p0 = embeddings of random vocabulary tokens; normal projection, alpha 1 (the later BBT code).
+- bbt: `TuneConfig()`, bbt's defaults.
+
+Each finished run is appended to `--results` (JSONL), and runs already there are skipped, so an
+interrupted sweep continues where it stopped. Prints one table per task (mean over seeds, and the
+spread), the queries at which bbt's defaults first reach the paper's accuracy at its full budget,
+and writes a plot with `--plot`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bbt.backends import LocalBackend
+from bbt.budget import Budget, Ledger
+from bbt.config import TuneConfig
+from bbt.data import Split, TaskData, load_task_folder
+from bbt.run import evaluate_split
+from bbt.tasks import resolve_task
+from bbt.tuner import tune
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data"
+
+PRESETS: dict[str, tuple[dict, int]] = {  # name -> (settings, budget in queries)
+    "paper": (dict(prompt_length=50, intrinsic_dim=500, popsize=20, sigma=1.0, alpha=1.0, loss="ce",
+                   projection="normal", init="vocab"), 2000),
+    "bbt": ({}, 500),
+}
+
+
+def _sample_test(data: TaskData, limit: int | None) -> TaskData:
+    """A seeded sample of at most `limit` test examples (the same for every preset and seed)."""
+    if limit is None or data.test is None or len(data.test) <= limit:
+        return data
+    keep = sorted(np.random.default_rng(0).choice(len(data.test), size=limit, replace=False).tolist())
+    test = Split([data.test.examples[i] for i in keep], [data.test.labels[i] for i in keep])
+    return TaskData(data.train, data.dev, test, data.test_name, data.notes)
+
+
+def sweep_one(backend, preset: str, settings: dict, budget: int, task_name: str, seed: int, data_dir: Path,
+              at: list[int], test_limit: int | None) -> dict:
+    """One run up to `budget` queries; test accuracy (points) of the returned prompt at each of `at`."""
+    task = resolve_task(task_name, data_dir / task_name)
+    cfg = TuneConfig(seed=seed, budget=Budget(queries=budget), **settings)
+    data = _sample_test(load_task_folder(data_dir / task_name, task, seed=seed, k=cfg.k_shot), test_limit)
+    ledger = Ledger(cfg.budget)
+    path: list[tuple[int, np.ndarray]] = []  # (queries used, the prompt's z) after each generation
+
+    def on_state(s) -> None:
+        path.append((ledger.tuning.queries, s.prompt.z.copy()))
+
+    start = time.perf_counter()
+    result = tune(backend, cfg, task, data.train, data.dev, ledger, on_state=on_state)
+    seconds = time.perf_counter() - start
+    prompt = result.prompt
+    scored: dict[bytes, float] = {}
+    curve = {}
+    for q in [0, *at]:
+        if q > budget:
+            continue
+        z = next((z for used, z in reversed(path) if used <= q), np.zeros_like(prompt.z))
+        if z.tobytes() not in scored:
+            prompt.z = z
+            scored[z.tobytes()] = 100 * evaluate_split(backend, cfg.model, task, data.test, prompt)[0].metric
+        curve[q] = scored[z.tobytes()]
+    plain = 100 * evaluate_split(backend, cfg.model, task, data.test, None)[0].metric
+    return {"preset": preset, "settings": settings, "budget": budget, "task": task_name, "seed": seed,
+            "test_examples": len(data.test), "metric": task.metric, "no_prompt": plain,
+            "curve": {str(q): v for q, v in curve.items()}, "queries_used": ledger.tuning.queries,
+            "generations": result.generations, "tuning_seconds": round(seconds, 1)}
+
+
+def _parse_set(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in TuneConfig.model_fields:
+            raise SystemExit(f"--set {item}: no such setting (have: {', '.join(TuneConfig.model_fields)})")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def report(rows: list[dict], presets: list[str], tasks: list[str], plot: Path | None) -> None:
+    """Mean curves per task and preset; where the last preset reaches the first one's final accuracy."""
+    curves: dict[tuple[str, str], dict[int, list[float]]] = {}
+    for r in rows:
+        if r["preset"] in presets and r["task"] in tasks:
+            for q, v in r["curve"].items():
+                curves.setdefault((r["task"], r["preset"]), {}).setdefault(int(q), []).append(v)
+    for task in tasks:
+        have = [p for p in presets if (task, p) in curves]
+        if not have:
+            continue
+        seeds = sorted({r["seed"] for r in rows if r["task"] == task and r["preset"] in have})
+        plain = statistics.mean(r["no_prompt"] for r in rows if r["task"] == task)
+        metric = next(r["metric"] for r in rows if r["task"] == task)
+        print(f"\n{task}: test {metric} (points), mean over seeds "
+              f"{' '.join(map(str, seeds))} [min..max]; no prompt {plain:.1f}")
+        qs = sorted({q for p in have for q in curves[(task, p)]})
+        print(f"{'queries':>8}" + "".join(f"{p:>22}" for p in have))
+        for q in qs:
+            cells = []
+            for p in have:
+                v = curves[(task, p)].get(q)
+                cells.append(f"{statistics.mean(v):>8.1f} [{min(v):5.1f}..{max(v):5.1f}] n={len(v)}" if v else f"{'':>22}")
+            print(f"{q:>8}" + "".join(f"{c:>22}" for c in cells))
+    if len(presets) >= 2:
+        ref, new = presets[0], presets[-1]
+        print(f"\n{new} vs {ref} at its full budget (means over seeds):")
+        for task in tasks:
+            if (task, ref) not in curves or (task, new) not in curves:
+                continue
+            ref_curve, new_curve = curves[(task, ref)], curves[(task, new)]
+            q_ref = max(ref_curve)
+            target = statistics.mean(ref_curve[q_ref])
+            reach = [q for q in sorted(new_curve) if statistics.mean(new_curve[q]) >= target]
+            q_new = max(new_curve)
+            print(f"  {task:<8} {ref} at {q_ref}: {target:.1f}; {new} at {q_new}: {statistics.mean(new_curve[q_new]):.1f}; "
+                  + (f"{new} reaches {target:.1f} at {reach[0]} queries" if reach else f"{new} does not reach it"))
+    if plot is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
+        for ax, task in zip(axes[0], tasks):
+            for p in presets:
+                c = curves.get((task, p))
+                if not c:
+                    continue
+                qs = sorted(c)
+                ax.plot(qs, [statistics.mean(c[q]) for q in qs], marker="o", label=p)
+                ax.fill_between(qs, [min(c[q]) for q in qs], [max(c[q]) for q in qs], alpha=0.15)
+            ax.set_title(task)
+            ax.set_xlabel("queries")
+            ax.set_ylabel("test accuracy (points)")
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(plot, dpi=120)
+        print(f"\nplot: {plot}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of task folders (default: %(default)s)")
+    ap.add_argument("--tasks", nargs="+", default=["sst2", "agnews", "rte"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[13, 42, 87])
+    ap.add_argument("--presets", nargs="+", default=["paper", "bbt"], help=f"of {', '.join(PRESETS)} (the first is the reference)")
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="an extra preset with these settings (with --name)")
+    ap.add_argument("--name", default="custom", help="name of the --set preset")
+    ap.add_argument("--budget", type=int, default=None, help="budget of the --set preset (queries; default 500)")
+    ap.add_argument("--at", nargs="+", type=int, default=[100, 200, 300, 500, 1000, 1500, 2000],
+                    help="query counts at which test accuracy is measured")
+    ap.add_argument("--test-limit", type=int, default=500, help="score a seeded sample of at most N test examples")
+    ap.add_argument("--results", type=Path, default=REPO / "experiments" / "results" / "budget.jsonl")
+    ap.add_argument("--plot", type=Path, default=None, help="write the curves to this PNG")
+    ap.add_argument("--report-only", action="store_true", help="print the table of --results, run nothing")
+    args = ap.parse_args()
+
+    presets = {name: PRESETS[name] for name in args.presets if name in PRESETS}
+    unknown = [p for p in args.presets if p not in PRESETS]
+    if args.set:
+        presets[args.name] = (_parse_set(args.set), args.budget or 500)
+    elif unknown:
+        ap.error(f"unknown preset(s) {unknown}: have {', '.join(PRESETS)}, or give --set")
+    order = [p for p in args.presets if p in presets] + ([args.name] if args.set and args.name not in args.presets else [])
+
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    rows = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()] if args.results.exists() else []
+    done = {(r["preset"], json.dumps(r["settings"], sort_keys=True), r["budget"], r["task"], r["seed"]) for r in rows}
+    if not args.report_only:
+        backend = LocalBackend()
+        with tempfile.TemporaryDirectory(prefix="bench-budget-"):
+            for task in args.tasks:
+                for seed in args.seeds:
+                    for name in order:
+                        settings, budget = presets[name]
+                        if (name, json.dumps(settings, sort_keys=True), budget, task, seed) in done:
+                            print(f"{name} {task} seed {seed}: in {args.results}, skipped", flush=True)
+                            continue
+                        r = sweep_one(backend, name, settings, budget, task, seed, args.data, args.at, args.test_limit)
+                        rows.append(r)
+                        with args.results.open("a") as f:
+                            f.write(json.dumps(r) + "\n")
+                        last = r["curve"][str(max(int(q) for q in r["curve"]))]
+                        print(f"{name} {task} seed {seed}: {r['curve']['0']:.1f} -> {last:.1f} in {r['queries_used']} "
+                              f"queries, {r['tuning_seconds']:.0f} s (no prompt {r['no_prompt']:.1f})", flush=True)
+        backend.close()
+    report(rows, order, args.tasks, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
