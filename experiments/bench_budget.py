@@ -175,7 +175,7 @@ def main() -> int:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of task folders (default: %(default)s)")
     ap.add_argument("--tasks", nargs="+", default=["sst2", "agnews", "rte"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[13, 42, 87])
-    ap.add_argument("--presets", nargs="+", default=["paper", "bbt"], help=f"of {', '.join(PRESETS)} (the first is the reference)")
+    ap.add_argument("--presets", nargs="*", default=["paper", "bbt"], help=f"of {', '.join(PRESETS)} (the first is the reference)")
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="an extra preset with these settings (with --name)")
     ap.add_argument("--name", default="custom", help="name of the --set preset")
     ap.add_argument("--budget", type=int, default=None, help="budget of the --set preset (queries; default 500)")
