@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from bbt.backends import LocalBackend
 from bbt.budget import Budget, Ledger
@@ -71,11 +72,17 @@ def sweep_one(backend, preset: str, settings: dict, budget: int, task_name: str,
     ledger = Ledger(cfg.budget)
     path: list[tuple[int, np.ndarray]] = []  # (queries used, the prompt's z) after each generation
 
+    bar = tqdm(total=budget, unit="query", desc=f"{preset} {task_name} seed {seed}", leave=False, dynamic_ncols=True)
+
     def on_state(s) -> None:
         path.append((ledger.tuning.queries, s.prompt.z.copy()))
+        bar.update(ledger.tuning.queries - bar.n)
 
     start = time.perf_counter()
-    result = tune(backend, cfg, task, data.train, data.dev, ledger, on_state=on_state)
+    try:
+        result = tune(backend, cfg, task, data.train, data.dev, ledger, on_state=on_state)
+    finally:
+        bar.close()
     seconds = time.perf_counter() - start
     prompt = result.prompt
     scored: dict[bytes, float] = {}

@@ -83,6 +83,7 @@ class PromptModel:
         self._info: ModelInfo | None = None
         self._init_cache: dict[tuple[int, int], np.ndarray] = {}
         self.reuse_lower_layers = True  # see logits(); a switch for tests and benchmarks
+        self.top_rows_only = True  # see _read_rows(); a switch for tests and benchmarks
 
     # ---- inputs -------------------------------------------------------------------------
     def encode(self, task: TaskSpec, examples: list[Example]) -> Encoded:
@@ -171,11 +172,18 @@ class PromptModel:
             mask[row, : len(full)] = 1
         return ids, mask
 
-    def _run(self, ids: torch.Tensor, mask: torch.Tensor, prompts: torch.Tensor | None, hooks: list) -> torch.Tensor:
+    def _run(self, ids: torch.Tensor, mask: torch.Tensor, prompts: torch.Tensor | None, hooks: list,
+             rows: torch.Tensor | None = None) -> torch.Tensor:
         """The base model's last hidden states for prompts (B, layers, L, H), extra pre-hooks
-        (layer index, hook) registered first so that they run before the prompt adders."""
+        (layer index, hook) registered first so that they run before the prompt adders.
+
+        With `rows` (B, R), the top layer is computed only at those positions (where it can be:
+        `_ReadRows`); its output elsewhere is its input, which the read-out must not use."""
         a = self.prompt_at
         embeds = self.word_embeddings(ids)  # (B, T, H)
+        top = self.layers[-1]
+        if rows is not None and _ReadRows.fits(top):
+            self.layers[-1] = _ReadRows(top, rows, mask.bool())  # before any hook, so the hooks land on it
         handles = [self.layers[layer].register_forward_pre_hook(hook, with_kwargs=True) for layer, hook in hooks]
         try:
             if prompts is not None:
@@ -187,6 +195,7 @@ class PromptModel:
         finally:
             for h in handles:
                 h.remove()
+            self.layers[-1] = top
 
     def _states_entering(self, layer: int, enc: Encoded, prompt: torch.Tensor) -> list[torch.Tensor]:
         """Per example, the hidden states (T_i, H) entering `layer` under prompt (layers, L, H);
@@ -216,9 +225,12 @@ class PromptModel:
         length = 0 if prompts is None else prompts.shape[2]
         a = self.prompt_at
         ids, mask = self._batch(enc, ex_idx, length)
+        readout = torch.tensor([enc.readout[i] for i in ex_idx])
+        shift = torch.where(readout >= a, readout + length, readout)
+        read = self._read_rows(shift, ids.shape[1], length) if self.top_rows_only else None
         p = None if prompts is None else prompts[cand]  # (B, layers, L, H)
         if lower is None:
-            hidden = self._run(ids, mask, p, [])
+            hidden = self._run(ids, mask, p, [], read)
         else:
             rows = torch.zeros(len(ex_idx), ids.shape[1], self.hidden_size)
             for row, i in enumerate(ex_idx):
@@ -232,16 +244,18 @@ class PromptModel:
                 self.layers[j] = _Skip(skipped[j])
             try:
                 # layers below `start` are skipped, so only the adders from `start` up matter
-                hidden = self._run(ids, mask, p, [(start, resume)])
+                hidden = self._run(ids, mask, p, [(start, resume)], read)
             finally:
                 for j in range(start):
                     self.layers[j] = skipped[j]
-        readout = torch.tensor([enc.readout[i] for i in ex_idx])
-        shift = torch.where(readout >= a, readout + length, readout)
         return head(hidden, mask, shift, a, length)  # (B, C)
 
     def _head(self, task: TaskSpec):
         raise NotImplementedError
+
+    def _read_rows(self, readout: torch.Tensor, t: int, length: int) -> torch.Tensor | None:
+        """Positions (B, R) of the top layer's output that the head reads; None: all of them."""
+        return None
 
     def init_prompt(self, seed: int, length: int) -> np.ndarray:
         """p0 [L, H]: input embeddings of `length` ordinary vocabulary tokens drawn with `seed`.
@@ -322,6 +336,13 @@ class EncoderModel(PromptModel):
         pooled = (hidden * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)
         return F.normalize(pooled, dim=-1)
 
+    def _read_rows(self, readout: torch.Tensor, t: int, length: int) -> torch.Tensor | None:
+        if self.pooling == "cls":
+            return torch.zeros(len(readout), 1, dtype=torch.long)
+        a = self.prompt_at  # mean pooling reads every position but the prompt's (padding is masked there)
+        cols = torch.cat([torch.arange(a), torch.arange(a + length, t)])
+        return cols.expand(len(readout), -1)
+
     def _label_embeddings(self, task: TaskSpec) -> torch.Tensor:
         key = tuple(task.label_texts)
         if key not in self._label_cache:
@@ -342,6 +363,9 @@ class EncoderModel(PromptModel):
 
 class MaskedLMModel(PromptModel):
     family = "masked"
+
+    def _read_rows(self, readout: torch.Tensor, t: int, length: int) -> torch.Tensor | None:
+        return readout[:, None]  # the mask position
 
     def _encode_one(self, task: TaskSpec, ex: Example) -> tuple[list[int], int]:
         text, pair = self._fit_texts(ex, self._template_overhead(task))
@@ -525,6 +549,45 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple
 
 class _Stop(Exception):
     """Raised by a pre-hook to end a forward pass once the states it needs are captured."""
+
+
+class _ReadRows(torch.nn.Module):
+    """A BERT-style top layer computed only at the positions the read-out uses.
+
+    Every position still serves as a key and a value, but the queries, the attention output and
+    the feed-forward block run for `rows` (B, R) alone: the text without the prompt for a
+    sentence encoder, the mask for a masked LM. With a 50-token prompt on MiniLM that skips about
+    half of the top layer's work. Other positions keep their input; the head never reads them.
+    """
+
+    def __init__(self, layer: torch.nn.Module, rows: torch.Tensor, keys: torch.Tensor):
+        super().__init__()
+        self.layer, self.rows, self.keys = layer, rows, keys  # keys (B, T): True at real tokens
+
+    @staticmethod
+    def fits(layer: torch.nn.Module) -> bool:
+        """A post-LayerNorm BERT/RoBERTa encoder layer (query/key/value, attention output, FFN)."""
+        att = getattr(layer, "attention", None)
+        return (att is not None and all(hasattr(att, n) for n in ("self", "output"))
+                and all(hasattr(att.self, n) for n in ("query", "key", "value", "num_attention_heads"))
+                and hasattr(layer, "intermediate") and hasattr(layer, "output")
+                and not getattr(layer, "is_decoder", False)
+                and getattr(att.self, "position_embedding_type", "absolute") == "absolute")
+
+    def forward(self, hidden_states, *args, **kwargs):
+        lay, h = self.layer, hidden_states
+        sa = lay.attention.self
+        b, t, width = h.shape
+        heads = sa.num_attention_heads
+        size = width // heads
+        idx = self.rows[..., None].expand(-1, -1, width)
+        x = h.gather(1, idx)  # (B, R, H)
+        q = sa.query(x).view(b, -1, heads, size).transpose(1, 2)
+        k = sa.key(h).view(b, t, heads, size).transpose(1, 2)
+        v = sa.value(h).view(b, t, heads, size).transpose(1, 2)
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=self.keys[:, None, None, :], scale=size**-0.5)
+        att = lay.attention.output(ctx.transpose(1, 2).reshape(b, -1, width), x)
+        return h.scatter(1, idx, lay.output(lay.intermediate(att), att))
 
 
 class _Skip(torch.nn.Module):

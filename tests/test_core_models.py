@@ -255,6 +255,29 @@ def test_chunk_size_does_not_change_scores(loaded, sst2_task, monkeypatch, layer
     np.testing.assert_allclose(small.numpy(), big.numpy(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("layers", ["input", "deep"])
+def test_top_layer_at_the_read_rows_only_gives_the_same_scores(loaded, sst2_task, layers):
+    """The top layer run only where the head reads (text rows, or the mask) equals the full layer,
+    for input prompts and for deep prompts, with and without the reuse of lower layers."""
+    from servers.models import _ReadRows
+
+    kind, model = loaded
+    assert _ReadRows.fits(model.layers[-1]) == (model.family != "causal")
+    enc = model.encode(sst2_task, _examples())
+    n_layers = 1 if layers == "input" else model.num_layers
+    p = _prompts(model, k=3, layers=n_layers, seed=5)
+    if layers == "deep":
+        p[:, :-1] = p[0, :-1]  # only the top layer's prompt differs: reuse computes the rest once
+    try:
+        model.top_rows_only = False
+        full = model.logits(sst2_task, enc, p)
+    finally:
+        model.top_rows_only = True
+    rows = model.logits(sst2_task, enc, p)
+    np.testing.assert_allclose(rows.numpy(), full.numpy(), rtol=1e-4, atol=1e-5)
+    assert isinstance(model.layers[-1], type(model.layers[0]))  # the top layer is put back
+
+
 def test_deep_prompt_reaches_the_upper_layer(loaded, sst2_task):
     """BBTv2: entry 1 is added to the hidden states entering layer 1; zeros there change nothing."""
     kind, model = loaded
