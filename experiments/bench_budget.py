@@ -13,8 +13,9 @@ the last complete generation within q queries: a run with budget q would have sp
 one cut generation, so this is a slight under-estimate of it. At 0 queries: the untuned prompt.
 
 Presets:
-- paper: the BBT paper's settings: L = 50, d = 500, population 20, sigma 1, cross-entropy,
-  p0 = embeddings of random vocabulary tokens; normal projection, alpha 1 (the later BBT code).
+- paper: the BBT paper's settings (ICML 2022): L = 50, d = 500, population 20, sigma 1,
+  cross-entropy, A uniform (PyTorch's Linear init), z kept in [-5, 5], p0 = embeddings of random
+  vocabulary tokens.
 - bbt: `TuneConfig()`, bbt's defaults.
 
 Each finished run is appended to `--results` (JSONL), and runs already there are skipped, so an
@@ -48,8 +49,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 
 PRESETS: dict[str, tuple[dict, int]] = {  # name -> (settings, budget in queries)
-    "paper": (dict(prompt_length=50, intrinsic_dim=500, popsize=20, sigma=1.0, alpha=1.0, loss="ce",
-                   projection="normal", init="vocab"), 2000),
+    "paper": (dict(prompt_length=50, intrinsic_dim=500, popsize=20, sigma=1.0, loss="ce", projection="uniform",
+                   bound=5.0, init="vocab"), 2000),
     "bbt": ({}, 500),
 }
 

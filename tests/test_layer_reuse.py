@@ -90,6 +90,7 @@ def test_lower_layers_run_once_per_example_not_per_candidate(deep_model, sst2_ta
     enc = model.encode(sst2_task, [Example(text=t) for t in TEXTS])
     k, n, start = 5, len(TEXTS), 2
     p = _prompts(model, k=k, shared_below=start)
+    model.top_rows_only = False  # the top layer runs as itself, so that its hook counts it
     counters = [_rows_into(layer) for layer in model.layers]
     try:
         _logits(model, sst2_task, enc, p, reuse=True)
@@ -99,6 +100,7 @@ def test_lower_layers_run_once_per_example_not_per_candidate(deep_model, sst2_ta
         _logits(model, sst2_task, enc, p, reuse=False)
         full = [c[0] for c, _ in counters]
     finally:
+        model.top_rows_only = True
         for _, handle in counters:
             handle.remove()
     assert full == [k * n] * LAYERS
