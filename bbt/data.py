@@ -38,6 +38,16 @@ class Split:
     def __len__(self) -> int:
         return len(self.examples)
 
+    def sample(self, limit: int | None, seed: int = 0) -> Split:
+        """At most `limit` examples drawn with `seed`, in their original order (None: all of them).
+
+        Benchmarks score a large test set (AG News has 7,600) on the same sample for every run.
+        """
+        if limit is None or len(self) <= limit:
+            return self
+        keep = sorted(np.random.default_rng(seed).choice(len(self), size=limit, replace=False).tolist())
+        return Split([self.examples[i] for i in keep], [self.labels[i] for i in keep])
+
 
 @dataclass
 class TaskData:

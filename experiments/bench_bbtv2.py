@@ -36,7 +36,7 @@ import numpy as np
 from bbt.backends import LocalBackend
 from bbt.budget import Budget
 from bbt.config import TuneConfig
-from bbt.data import Split, TaskData, load_task_folder
+from bbt.data import TaskData, load_task_folder
 from bbt.protocol import EvaluateRequest, StatsRequest
 from bbt.run import run_tune
 from bbt.tasks import resolve_task
@@ -124,10 +124,8 @@ def bench_reuse(args) -> None:
 
 
 def _sample_test(data: TaskData, limit: int | None) -> TaskData:
-    if limit is None or data.test is None or len(data.test) <= limit:
-        return data
-    keep = sorted(np.random.default_rng(0).choice(len(data.test), size=limit, replace=False).tolist())
-    test = Split([data.test.examples[i] for i in keep], [data.test.labels[i] for i in keep])
+    """The same seeded sample of at most `limit` test examples for every run."""
+    test = None if data.test is None else data.test.sample(limit)
     return TaskData(data.train, data.dev, test, data.test_name, data.notes)
 
 

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from bbt.backends import LocalBackend
 from bbt.budget import Budget, Ledger
 from bbt.config import TuneConfig
-from bbt.data import Split, TaskData, load_task_folder
+from bbt.data import TaskData, load_task_folder
 from bbt.run import evaluate_split
 from bbt.tasks import resolve_task
 from bbt.tuner import tune
@@ -56,11 +56,8 @@ PRESETS: dict[str, tuple[dict, int]] = {  # name -> (settings, budget in queries
 
 
 def _sample_test(data: TaskData, limit: int | None) -> TaskData:
-    """A seeded sample of at most `limit` test examples (the same for every preset and seed)."""
-    if limit is None or data.test is None or len(data.test) <= limit:
-        return data
-    keep = sorted(np.random.default_rng(0).choice(len(data.test), size=limit, replace=False).tolist())
-    test = Split([data.test.examples[i] for i in keep], [data.test.labels[i] for i in keep])
+    """The same seeded sample of at most `limit` test examples for every run."""
+    test = None if data.test is None else data.test.sample(limit)
     return TaskData(data.train, data.dev, test, data.test_name, data.notes)
 
 

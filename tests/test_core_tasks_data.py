@@ -368,3 +368,14 @@ def test_shared_folders_load_as_16_shot(name):
     assert data.test_name == ("test" if (folder / "test.jsonl").is_file() else "dev")
     if task.pair:
         assert all(e.text_pair for e in data.train.examples)
+
+
+def test_split_sample_is_seeded_ordered_and_paired():
+    split = Split([Example(text=str(i)) for i in range(50)], [i % 3 for i in range(50)])
+    a, b = split.sample(10), split.sample(10)
+    assert len(a) == 10 and a.examples == b.examples  # the same sample every time
+    idx = [int(e.text) for e in a.examples]
+    assert idx == sorted(idx) and len(set(idx)) == 10  # original order, no repeats
+    assert a.labels == [i % 3 for i in idx]  # labels stay with their examples
+    assert split.sample(10, seed=1).examples != a.examples
+    assert split.sample(None) is split and split.sample(50) is split
