@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--rounds", type=int, default=None, metavar="R",
                    help="stop after R rounds of one generation per prompted layer (bbtv2: each layer R times; "
                    "bbt: R generations); default: when the budget ends")
+    m.add_argument("--patience", type=int, default=None, metavar="G",
+                   help="stop early after G generations in a row without a better dev score (default: never)")
     m.add_argument("--encoding", choices=["intrinsic", "float32", "float16"], default=d.encoding,
                    help="candidates on the wire: z + projection seed, or prompts as float32/float16")
     b = t.add_argument_group("budget (tuning: train and dev queries; never exceeded)")
@@ -239,8 +241,8 @@ def _tune_config(args) -> TuneConfig:
         return TuneConfig(model=args.model, method=args.method, seed=args.seed, prompt_length=args.prompt_length,
                           intrinsic_dim=args.intrinsic_dim, popsize=args.popsize, sigma=args.sigma, loss=args.loss,
                           projection=args.projection, alpha=args.alpha, init=args.init, bound=args.bound,
-                          diagonal=args.diagonal, rounds=args.rounds, encoding=args.encoding, k_shot=args.k_shot,
-                          budget=budget)
+                          diagonal=args.diagonal, rounds=args.rounds, patience=args.patience, encoding=args.encoding,
+                          k_shot=args.k_shot, budget=budget)
     except ValidationError as exc:  # e.g. --popsize 1, --budget 0: one line naming the option, no traceback
         raise ConfigError(_option_errors(exc)) from None
 

@@ -40,5 +40,10 @@ class TuneConfig(BaseModel):
         description="stop after this many rounds, a round being one generation per prompted layer "
         "(BBT: one generation; BBTv2: one per layer, bottom to top); none: when the budget ends",
     )
+    patience: int | None = Field(
+        default=None, ge=1,
+        description="stop after this many generations in a row without a better dev score (BBTv2: generations, "
+        "not rounds); none: run to the budget",
+    )
     k_shot: int = Field(default=16, ge=1, description="examples per class when a split is sampled from a pool")
     budget: Budget = Field(default_factory=Budget)

@@ -4,6 +4,7 @@ Each generation: CMA-ES proposes `popsize` intrinsic vectors z, one request scor
 training split (one query each), CMA-ES is told the losses. Whenever a generation beats the best
 training loss so far, its winner is scored on the dev split (one more query); the prompt returned
 is the best on dev. The ledger is checked before every request, so the budget is never crossed.
+With `patience`, the run also ends after that many generations without a better dev score.
 
 BBTv2 keeps one CMA-ES per layer. Generation g tunes layer g mod layers (bottom to top, round
 after round) while every other layer keeps its best z so far: divide and conquer. A run ends when
@@ -121,6 +122,11 @@ class Scorer:
         return np.asarray(resp.losses), metrics.score(self.task.metric, logits, labels), metrics.accuracy(logits, labels)
 
 
+def _last_dev_gain(history: list[dict]) -> int:
+    """Generations completed when the dev score last improved (0: never)."""
+    return max((h["generation"] + 1 for h in history if h.get("new_best_dev")), default=0)
+
+
 def make_projections(cfg: TuneConfig, info: ModelInfo, layers: int, hidden_std: list[float]) -> list[ProjectionSpec]:
     """One projection per prompted layer, each from its own derived seed."""
     D = cfg.prompt_length * info.hidden_size
@@ -196,6 +202,9 @@ def tune(backend: Backend, cfg: TuneConfig, task: TaskSpec, train: Split, dev: S
         if s.generation == max_generations:
             stop_reason = "rounds"
             break
+        if cfg.patience is not None and s.generation - _last_dev_gain(s.history) >= cfg.patience:
+            stop_reason = "patience"
+            break
         k = train_scorer.affordable(cfg.popsize)
         if k == 0:
             break
@@ -221,6 +230,7 @@ def tune(backend: Backend, cfg: TuneConfig, task: TaskSpec, train: Split, dev: S
                 record.update(dev_loss=candidate.loss, dev_metric=candidate.metric)
                 if s.best_dev is None or (candidate.metric, -candidate.loss) > (s.best_dev.metric, -s.best_dev.loss):
                     s.best_dev, s.chosen_train, prompt.z = candidate, s.best_train, z[i].copy()
+                    record["new_best_dev"] = True
         if s.best_dev is None:  # nothing scored on dev yet: fall back to the best on train
             s.chosen_train, prompt.z = s.best_train, s.best_z.copy()
         s.generation += 1

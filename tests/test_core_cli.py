@@ -200,6 +200,8 @@ def test_bad_option_values_are_clean_errors(tmp_path, data_dir):
     _assert_clean_error(out, "--popsize 1", "greater than or equal to 2")
     out = bbt("tune", "--data", str(data_dir), "--out", str(tmp_path / "r"), "--budget", "0")
     _assert_clean_error(out, "--budget 0")
+    out = bbt("tune", "--data", str(data_dir), "--out", str(tmp_path / "r"), "--patience", "0")
+    _assert_clean_error(out, "--patience 0", "greater than or equal to 1")
 
 
 def test_unknown_model_and_missing_run_folder(tmp_path, data_dir, capsys):

@@ -180,3 +180,22 @@ def test_rounds_end_the_run_before_the_budget(tiny_encoder, local_backend, tiny_
     assert [h["layer"] for h in result.history] == [g % layers for g in range(3 * layers)]
     dev_queries = sum("dev_loss" in h for h in result.history)
     assert ledger.tuning.queries == 4 * 3 * layers + dev_queries == result.history[-1]["queries_used"]
+
+
+@pytest.mark.parametrize("method", ["bbt", "bbtv2"])
+def test_patience_ends_the_run_when_dev_stops_improving(tiny_encoder, local_backend, tiny_data, sst2_task, method):
+    """--patience G: the run stops G generations after the last better dev score, and returns that prompt."""
+    free = tune(local_backend, _cfg(tiny_encoder, budget=400, method=method, popsize=4), sst2_task,
+                tiny_data.train, tiny_data.dev, Ledger(Budget(queries=400)))
+    gains = [h["generation"] for h in free.history if h.get("new_best_dev")]
+    # the first stretch of 2 generations without a dev gain in the unstopped run is where patience 2 stops
+    stop = next(g + 3 for g, nxt in zip(gains, gains[1:] + [10**9]) if nxt - g > 2)
+    assert stop < free.generations, "the tiny run never stalled on dev: the test needs another seed"
+    ledger = Ledger(Budget(queries=400))
+    early = tune(local_backend, _cfg(tiny_encoder, budget=400, method=method, popsize=4, patience=2), sst2_task,
+                 tiny_data.train, tiny_data.dev, ledger)
+    assert early.stop_reason == "patience" and early.generations == stop
+    untimed = [[{k: v for k, v in h.items() if k != "seconds"} for h in run.history] for run in (early, free)]
+    assert untimed[0] == untimed[1][:stop]  # the same run, cut short
+    assert early.dev.metric == free.history[stop - 1]["best_dev_metric"]  # the best on dev of what it ran
+    assert ledger.tuning.queries == early.history[-1]["queries_used"] < free.history[-1]["queries_used"]
