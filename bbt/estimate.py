@@ -56,6 +56,7 @@ class Estimate:
     evaluation: Spent  # no prompt, zero prompt and tuned prompt on the test split, exact
     ends_by: list[str] = field(default_factory=list)  # the limits that end the run, or ROUNDS
     rounds: int | None = None
+    patience: int | None = None
     stats_requests: int = 0  # what the estimate itself sent (no queries; a server may bill their tokens)
 
     def describe(self) -> str:
@@ -86,6 +87,9 @@ class Estimate:
             if ROUNDS in self.ends_by:
                 lines.append(f"  the run ends after {self.rounds} round{'s' * (self.rounds != 1)} (--rounds)"
                              f"{' at the latest' if limits else ''}")
+            if self.patience is not None:
+                lines.append(f"  it may end sooner (--patience {self.patience}): after as few as {self.patience + 1} "
+                             "generations if dev never improves after the first")
         lines += [
             f"evaluation, outside the budget (no prompt, zero prompt and tuned prompt on {self.test_examples} {self.test_name} "
             f"examples, in chunks of up to {EVAL_CHUNK}; exact):",
@@ -154,7 +158,7 @@ def estimate(backend: Backend, cfg: TuneConfig, task: TaskSpec, data: TaskData) 
         tuning_min=Spent(**{u: min(getattr(x, u) for x in pair) for u in LIMITS}),
         generations=(every.generations, first.generations), dev_queries=(first.dev_queries, every.dev_queries),
         evaluation=evaluation.evaluation, ends_by=every.ends_by + [u for u in first.ends_by if u not in every.ends_by],
-        stats_requests=stats_requests, rounds=cfg.rounds,
+        stats_requests=stats_requests, rounds=cfg.rounds, patience=cfg.patience,
     )
 
 

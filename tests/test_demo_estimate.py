@@ -114,6 +114,13 @@ def test_estimate_knows_when_rounds_end_the_run(method, tiny_encoder, local_back
     assert "the run ends after 2 rounds (--rounds)" in est.describe()
 
 
+def test_estimate_says_patience_may_end_the_run_sooner(tiny_encoder, local_backend, tiny_data, sst2_task):
+    est = estimate(local_backend, _cfg(tiny_encoder, Budget(queries=200), patience=3), sst2_task, tiny_data)
+    assert "it may end sooner (--patience 3): after as few as 4 generations" in est.describe()
+    plain = estimate(local_backend, _cfg(tiny_encoder, Budget(queries=200)), sst2_task, tiny_data)
+    assert "--patience" not in plain.describe()
+
+
 def test_a_budget_without_limits_is_refused_before_any_request(tiny_encoder, local_backend, tiny_data, sst2_task):
     backend = CountingBackend(local_backend)
     unchecked = Budget.model_construct(queries=None, requests=None, examples=None, tokens=None, cost=5.0,
