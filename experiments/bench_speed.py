@@ -17,6 +17,8 @@ load:
   what `bbt tune` reports in metrics.json.
 - bbt BBTv2: `tune` with `--method bbtv2` for one round (one generation per layer), with bbt's
   reuse of the layers below the tuned one.
+- ablations (skip with `--no-ablation`): bbt BBT with forward passes of 16,384 padded tokens (the
+  size before issue 6) instead of 2,048, and with the top layer run at every position.
 
 Useful FLOPs per query = 2 x non-embedding parameters x non-padding tokens (the texts with their
 template, plus L prompt tokens each); the useful fraction is useful FLOP/s over the peak (BBTv2's
@@ -59,6 +61,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--prompt-length", type=int, default=50)
     ap.add_argument("--popsize", type=int, default=20)
+    ap.add_argument("--no-ablation", dest="ablation", action="store_false",
+                    help="skip the two extra modes: bbt BBT with 16,384-token passes, and with the top layer run whole")
     ap.add_argument("--generations", type=int, default=3, help="timed passes per mode: one generation (BBTv2: one round, a generation per layer)")
     args = ap.parse_args()
     if not (args.data / "task.json").is_file():
@@ -117,8 +121,24 @@ def main() -> int:
         times[name].append(result.seconds)
         return ledger.tuning.queries
 
+    def without(name: str, what: str) -> int:  # bbt BBT with one of its optimisations undone
+        import servers.models
+
+        chunk = servers.models.TOKENS_PER_CHUNK
+        try:
+            if what == "chunks":
+                servers.models.TOKENS_PER_CHUNK = 16384  # bbt's pass size before issue 6
+            else:
+                model.top_rows_only = False
+            return run_tune("bbt", name)
+        finally:
+            servers.models.TOKENS_PER_CHUNK, model.top_rows_only = chunk, True
+
     modes = {"baseline": baseline, "bbt BBT": lambda: run_tune("bbt", "bbt BBT"),
              "bbt BBTv2": lambda: run_tune("bbtv2", "bbt BBTv2")}
+    if args.ablation:
+        modes["BBT 16k passes"] = lambda: without("BBT 16k passes", "chunks")
+        modes["BBT whole top"] = lambda: without("BBT whole top", "top")
     times: dict[str, list[float]] = {m: [] for m in modes}
     queries: dict[str, list[int]] = {m: [] for m in modes}
 
@@ -151,13 +171,13 @@ def main() -> int:
     print(f"matmul peak (fp32, 2048^2): {peak:.1f} GFLOP/s (median of {len(peaks)}: "
           f"{min(peaks):.1f} .. {max(peaks):.1f})")
     print(f"tokens per query: {tokens_per_query} useful, {padded_per_query} in the baseline's padded batch")
-    print(f"\n{'mode':<12}{'s/generation':>13}{'queries/s':>11}{'useful GFLOP/s':>16}{'of peak':>9}{'vs baseline':>13}")
+    print(f"\n{'mode':<15}{'s/generation':>13}{'queries/s':>11}{'useful GFLOP/s':>16}{'of peak':>9}{'vs baseline':>13}")
     qps = {}
     for name in modes:
         qps[name] = sum(queries[name]) / sum(times[name])  # queries_used / tuning_seconds over all passes
         useful = flop_per_query * qps[name] / 1e9
         per_gen = k * sum(times[name]) / sum(queries[name])
-        print(f"{name:<12}{per_gen:>13.2f}{qps[name]:>11.2f}{useful:>16.1f}{useful / peak:>9.2f}"
+        print(f"{name:<15}{per_gen:>13.2f}{qps[name]:>11.2f}{useful:>16.1f}{useful / peak:>9.2f}"
               f"{qps[name] / qps['baseline']:>12.2f}x")
     print(f"\nlargest logit difference, bbt vs baseline: {np.abs(want - got).max():.2e}")
     print(f"ratio bbt BBT / baseline (queries/s): {qps['bbt BBT'] / qps['baseline']:.2f}x (issue 6 asks for 1.4x)")
