@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "minilm"
 ENCODER_LOGIT_SCALE = 20.0  # cosine in [-1, 1] -> logits; sentence-transformers' usual scale
 # Padded tokens per forward pass. Small enough that a layer's activations (2048 x 4H floats, 12 MB
-# for MiniLM) stay in cache and in reused heap memory: on a 2-core CPU 2048 scored the same
-# population 1.4x faster than 16384 (experiments/bench_speed.py). Large enough for full GEMMs.
+# for MiniLM) stay in cache and in reused heap memory: on a 2-core CPU bbt tuned 1.5x faster than
+# with 16384 (experiments/bench_speed.py, its ablation). Large enough for full GEMMs.
 TOKENS_PER_CHUNK = 2048
 
 # A few plain sentences (our own) to estimate hidden-state scales when a model loads.
