@@ -12,7 +12,8 @@ nonzero z, as in the middle of a run), scored in process on the 32 training exam
 model's layer reuse on and off, back to back in alternating order (`--repeats` pairs per layer),
 so both modes see the same machine load. Prints queries/s per layer and for a whole round (one
 generation per layer: what a BBTv2 run does over and over), the speedup, the ideal speedup if
-nothing but the layers at and above the tuned one ran per candidate, and the largest logit
+nothing but the layers at and above the tuned one ran per candidate (and the lower ones once per
+generation), and the largest logit
 difference between the two modes. With `--layers N` the model is MiniLM's architecture with N
 layers and random weights (timings only: the ideal speedup grows with depth, 2N/(N+1) if every layer
 ran whole; a bit more since the top layer runs only at the rows the head reads).
@@ -118,18 +119,18 @@ def bench_reuse(args) -> None:
     print(f"\n{'layer':>5} {'q/s without':>12} {'q/s with':>10} {'speedup':>8} {'max |logit diff|':>17}")
     for layer, without, with_, speedup, diff in rows:
         print(f"{layer:>5} {without:>12.2f} {with_:>10.2f} {speedup:>7.2f}x {diff:>17.2e}")
-    # Ideal: per candidate only layers l.. run. The top layer counts as `top` of a layer when it runs
-    # only at the rows the head reads (~12 H^2 per row and layer, 2 H^2 of which, keys and values,
-    # at every row).
+    # Ideal: per candidate only layers l.. run, and layers 0..l-1 run once per generation (1/K of a
+    # candidate's share each). The top layer counts as `top` of a layer when it runs only at the
+    # rows the head reads (~12 H^2 per row and layer, 2 H^2 of which, keys and values, at every row).
     top = 1.0
     if model.top_rows_only and _ReadRows.fits(model.layers[-1]):
         enc = model.encode(task, train.examples)
         read = sum(enc.tokens) / (sum(enc.tokens) + len(train) * cfg.prompt_length)
         top = (2 + 10 * read) / 12
-    ideal = layers * (layers - 1 + top) / sum(layers - 1 - layer + top for layer in range(layers))
+    ideal = layers * (layers - 1 + top) / sum(layers - 1 - layer + top + layer / cfg.popsize for layer in range(layers))
     print(f"\na round (one generation per layer): {layers * cfg.popsize / total[False]:.2f} -> "
           f"{layers * cfg.popsize / total[True]:.2f} queries/s with layer reuse, "
-          f"{total[False] / total[True]:.2f}x (ideal, only layers l.. per candidate: {ideal:.2f}x)")
+          f"{total[False] / total[True]:.2f}x (ideal, only layers l.. per candidate and the lower ones once: {ideal:.2f}x)")
     if top < 1:
         print(f"(in both modes the top layer runs only at the rows the head reads: about {top:.2f} of a layer's work)")
     backend.close()
