@@ -17,9 +17,12 @@ Presets:
   cross-entropy, A uniform (PyTorch's Linear init), z kept in [-5, 5], p0 = embeddings of random
   vocabulary tokens.
 - bbt: `TuneConfig()`, bbt's defaults.
+- bbtv2: bbt's defaults with `method="bbtv2"` (`experiments/bench_bbtv2.py compare` runs bbt and
+  bbtv2 through this sweep, so both benchmarks share their runs).
 
-Each finished run is appended to `--results` (JSONL), and runs already there are skipped, so an
-interrupted sweep continues where it stopped. Prints one table per task (mean over seeds, and the
+Each finished run is appended to `--results` (JSONL) with every setting it ran with, and runs
+already there (same preset name, settings, budget, task and seed) are skipped, so an interrupted
+sweep continues where it stopped. The test sample size is not part of that match. Prints one table per task (mean over seeds, and the
 spread), the queries at which bbt's defaults first reach the paper's accuracy at its full budget,
 and writes a plot with `--plot`.
 """
@@ -30,7 +33,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -52,6 +54,7 @@ PRESETS: dict[str, tuple[dict, int]] = {  # name -> (settings, budget in queries
     "paper": (dict(prompt_length=50, intrinsic_dim=500, popsize=20, sigma=1.0, loss="ce", projection="uniform",
                    bound=5.0, init="vocab"), 2000),
     "bbt": ({}, 500),
+    "bbtv2": (dict(method="bbtv2"), 500),  # bbt's defaults with a prompt per layer: BBTv2 vs BBT at one budget
 }
 
 
@@ -94,10 +97,59 @@ def sweep_one(backend, preset: str, settings: dict, budget: int, task_name: str,
             scored[z.tobytes()] = 100 * evaluate_split(backend, cfg.model, task, data.test, prompt)[0].metric
         curve[q] = scored[z.tobytes()]
     plain = 100 * evaluate_split(backend, cfg.model, task, data.test, None)[0].metric
-    return {"preset": preset, "settings": settings, "budget": budget, "task": task_name, "seed": seed,
+    return {"preset": preset, "settings": settings, "config": _resolved(settings), "budget": budget,
+            "task": task_name, "seed": seed,
             "test_examples": len(data.test), "metric": task.metric, "no_prompt": plain,
             "curve": {str(q): v for q, v in curve.items()}, "queries_used": ledger.tuning.queries,
             "generations": result.generations, "tuning_seconds": round(seconds, 1)}
+
+
+def _resolved(settings: dict) -> dict:
+    """Every setting a preset runs with, defaults filled in (seed and budget aside): a row stays
+    tied to what ran even if bbt's defaults change later."""
+    return TuneConfig(**settings).model_dump(mode="json", exclude={"seed", "budget"})
+
+
+def _matches(row: dict, preset: str, config: dict, budget: int, task: str, seed: int) -> bool:
+    """Whether `row` ran this preset's settings. A setting the row does not name (one added to bbt
+    after it ran) is taken to have had its default, so new settings do not void old rows."""
+    same = (row["preset"], row["budget"], row["task"], row["seed"]) == (preset, budget, task, seed)
+    return same and all(config.get(k) == v for k, v in row.get("config", {}).items())
+
+
+def find_row(rows: list[dict], preset: str, settings: dict, budget: int, task: str, seed: int) -> dict | None:
+    """The finished run of this preset, task and seed in `rows`, if any."""
+    config = _resolved(settings)
+    return next((r for r in rows if _matches(r, preset, config, budget, task, seed)), None)
+
+
+def load_rows(path: Path) -> list[dict]:
+    """The finished runs of a results file (none if it does not exist)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def run_missing(rows: list[dict], presets: dict[str, tuple[dict, int]], order: list[str], tasks: list[str],
+                seeds: list[int], data: Path, at: list[int], test_limit: int | None, results: Path) -> None:
+    """Run every (task, seed, preset) not yet in `rows`, appending each finished run to `rows` and `results`."""
+    backend = None
+    for task in tasks:
+        for seed in seeds:
+            for name in order:
+                settings, budget = presets[name]
+                if find_row(rows, name, settings, budget, task, seed) is not None:
+                    print(f"{name} {task} seed {seed}: in {results}, skipped", flush=True)
+                    continue
+                backend = backend or LocalBackend()
+                r = sweep_one(backend, name, settings, budget, task, seed, data, at, test_limit)
+                rows.append(r)
+                results.parent.mkdir(parents=True, exist_ok=True)
+                with results.open("a") as f:
+                    f.write(json.dumps(r) + "\n")
+                last = r["curve"][str(max(int(q) for q in r["curve"]))]
+                print(f"{name} {task} seed {seed}: {r['curve']['0']:.1f} -> {last:.1f} in {r['queries_used']} "
+                      f"queries, {r['tuning_seconds']:.0f} s (no prompt {r['no_prompt']:.1f})", flush=True)
+    if backend is not None:
+        backend.close()
 
 
 def _parse_set(items: list[str]) -> dict:
@@ -200,27 +252,9 @@ def main() -> int:
         ap.error(f"unknown preset(s) {unknown}: have {', '.join(PRESETS)}, or give --set")
     order = [p for p in args.presets if p in presets] + ([args.name] if args.set and args.name not in args.presets else [])
 
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    rows = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()] if args.results.exists() else []
-    done = {(r["preset"], json.dumps(r["settings"], sort_keys=True), r["budget"], r["task"], r["seed"]) for r in rows}
+    rows = load_rows(args.results)
     if not args.report_only:
-        backend = LocalBackend()
-        with tempfile.TemporaryDirectory(prefix="bench-budget-"):
-            for task in args.tasks:
-                for seed in args.seeds:
-                    for name in order:
-                        settings, budget = presets[name]
-                        if (name, json.dumps(settings, sort_keys=True), budget, task, seed) in done:
-                            print(f"{name} {task} seed {seed}: in {args.results}, skipped", flush=True)
-                            continue
-                        r = sweep_one(backend, name, settings, budget, task, seed, args.data, args.at, args.test_limit)
-                        rows.append(r)
-                        with args.results.open("a") as f:
-                            f.write(json.dumps(r) + "\n")
-                        last = r["curve"][str(max(int(q) for q in r["curve"]))]
-                        print(f"{name} {task} seed {seed}: {r['curve']['0']:.1f} -> {last:.1f} in {r['queries_used']} "
-                              f"queries, {r['tuning_seconds']:.0f} s (no prompt {r['no_prompt']:.1f})", flush=True)
-        backend.close()
+        run_missing(rows, presets, order, args.tasks, args.seeds, args.data, args.at, args.test_limit, args.results)
     report(rows, order, args.tasks, args.plot)
     return 0
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -83,6 +84,7 @@ class PromptModel:
         self._info: ModelInfo | None = None
         self._init_cache: dict[tuple[int, int], np.ndarray] = {}
         self.reuse_lower_layers = True  # see logits(); a switch for tests and benchmarks
+        self._kept: dict[int, _KeptStates] = {}  # id(Encoded) -> the last lower states computed for it
         self.top_rows_only = True  # see _read_rows(); a switch for tests and benchmarks
 
     # ---- inputs -------------------------------------------------------------------------
@@ -142,13 +144,14 @@ class PromptModel:
         When every candidate carries the same prompt below layer l (BBTv2 tunes one layer at a
         time), the hidden states entering layer l are computed once per example and only layers
         l.. run per candidate (`reuse_lower_layers`; off: every candidate runs the whole stack).
+        Those states are kept for the next request on the same inputs (`_lower_states`).
         """
         n = len(enc.ids)
         k = 1 if prompts is None else prompts.shape[0]
         length = 0 if prompts is None else prompts.shape[2]
         head = self._head(task)
         start = first_varying_layer(prompts) if prompts is not None and k > 1 and self.reuse_lower_layers else 0
-        lower = self._states_entering(start, enc, prompts[0]) if start > 0 else None
+        lower = self._lower_states(start, enc, prompts[0]) if start > 0 else None
         out = torch.empty(k, n, head.n_classes)
         # Example-major order over length-sorted examples: each chunk pads to its own longest.
         order = sorted(range(n), key=lambda i: len(enc.ids[i]))
@@ -173,14 +176,20 @@ class PromptModel:
         return ids, mask
 
     def _run(self, ids: torch.Tensor, mask: torch.Tensor, prompts: torch.Tensor | None, hooks: list,
-             rows: torch.Tensor | None = None) -> torch.Tensor:
+             rows: torch.Tensor | None = None, cand: torch.Tensor | None = None, first: int = 0) -> torch.Tensor:
         """The base model's last hidden states for prompts (B, layers, L, H), extra pre-hooks
         (layer index, hook) registered first so that they run before the prompt adders.
 
-        With `rows` (B, R), the top layer is computed only at those positions (where it can be:
-        `_ReadRows`); its output elsewhere is its input, which the read-out must not use."""
+        With `cand` (B,), prompts are (K, layers, L, H) and row b takes candidate cand[b]'s: each
+        layer gathers its own slice, so no (B, layers, L, H) copy is made. Prompts of layers below
+        `first` are left out (their layers are skipped). With `rows` (B, R), the top layer is
+        computed only at those positions (where it can be: `_ReadRows`); its output elsewhere is
+        its input, which the read-out must not use."""
         a = self.prompt_at
-        embeds = self.word_embeddings(ids)  # (B, T, H)
+        if first > 0:  # the skipped layers' output comes from a hook: the embeddings are not needed
+            embeds = torch.zeros(*ids.shape, self.hidden_size, dtype=self.word_embeddings.weight.dtype)
+        else:
+            embeds = self.word_embeddings(ids)  # (B, T, H)
         top = self.layers[-1]
         if rows is not None and _ReadRows.fits(top):
             self.layers[-1] = _ReadRows(top, rows, mask.bool())  # before any hook, so the hooks land on it
@@ -188,20 +197,48 @@ class PromptModel:
         try:
             if prompts is not None:
                 length = prompts.shape[2]
-                embeds[:, a : a + length] = prompts[:, 0].to(embeds.dtype)
-                for layer in range(1, prompts.shape[1]):
-                    handles.append(self.layers[layer].register_forward_pre_hook(_adder(prompts[:, layer], a), with_kwargs=True))
-            return self.model.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+                if first == 0:
+                    p0 = prompts[:, 0] if cand is None else prompts[cand, 0]
+                    embeds[:, a : a + length] = p0.to(embeds.dtype)
+                for layer in range(max(first, 1), prompts.shape[1]):
+                    adder = _adder(prompts[:, layer], a, cand)
+                    handles.append(self.layers[layer].register_forward_pre_hook(adder, with_kwargs=True))
+            with self._embedding_skipped(first > 0):
+                return self.model.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         finally:
             for h in handles:
                 h.remove()
             self.layers[-1] = top
 
-    def _states_entering(self, layer: int, enc: Encoded, prompt: torch.Tensor) -> list[torch.Tensor]:
+    def _lower_states(self, layer: int, enc: Encoded, prompt: torch.Tensor) -> list[torch.Tensor]:
+        """The states entering `layer` under prompt (layers, L, H), continued from the states kept
+        from the last request on these inputs wherever its lower prompts are still these.
+
+        A BBTv2 round tunes layer l right after layer l-1, with the prompts below l-1 unchanged:
+        the states entering l-1 from that generation need only layer l-1 run on them, so the
+        lower pass costs one layer per generation instead of l. When no lower prompt changed
+        (a layer that did not improve in a whole round) it costs nothing.
+        """
+        kept = self._kept.pop(id(enc), None)
+        base = None
+        if kept is not None and kept.enc is enc and kept.layer <= layer and torch.equal(kept.prefix, prompt[: kept.layer]):
+            base = kept
+        if base is not None and base.layer == layer:
+            states = base.states
+        else:
+            states = self._states_entering(layer, enc, prompt, base)
+        self._kept[id(enc)] = _KeptStates(enc, layer, prompt[:layer].clone(), states)
+        while len(self._kept) > 2:  # train inputs, and one more set (a server may serve several runs)
+            self._kept.pop(next(iter(self._kept)))
+        return states
+
+    def _states_entering(self, layer: int, enc: Encoded, prompt: torch.Tensor,
+                         base: _KeptStates | None = None) -> list[torch.Tensor]:
         """Per example, the hidden states (T_i, H) entering `layer` under prompt (layers, L, H);
-        only the layers below it run."""
+        only the layers below it run (from `base.layer` up, starting from its states, if given)."""
         length = prompt.shape[1]
         below = prompt[None, :layer]  # the adders of layers >= `layer` are not needed
+        first = 0 if base is None else base.layer
         states: list[torch.Tensor] = [torch.empty(0)] * len(enc.ids)
         order = sorted(range(len(enc.ids)), key=lambda i: len(enc.ids[i]))
         for ex_idx in _chunks(order, [len(enc.ids[i]) + length for i in order]):
@@ -212,14 +249,45 @@ class PromptModel:
                 captured.append(_hidden_of(args, kwargs))
                 raise _Stop
 
-            try:
-                self._run(ids, mask, below.expand(len(ex_idx), *below.shape[1:]), [(layer, capture)])
-            except _Stop:
-                pass
+            hooks = [(layer, capture)]
+            if base is not None:
+                hooks.insert(0, (first, _resume(base.states, ex_idx, ids.shape[1])))
+            with self._skipping(first):
+                try:
+                    self._run(ids, mask, below, hooks, cand=torch.zeros(len(ex_idx), dtype=torch.long), first=first)
+                except _Stop:
+                    pass
             hidden = captured[0]
             for row, i in enumerate(ex_idx):
                 states[i] = hidden[row, : int(mask[row].sum())].clone()
         return states
+
+    @contextmanager
+    def _embedding_skipped(self, skip: bool):
+        """While `skip`, a BERT-style embedding module (positions, token types, LayerNorm) passes
+        its input through: its output would be replaced anyway."""
+        base = self.model.base_model
+        embeddings = getattr(base, "embeddings", None)
+        if not skip or not isinstance(embeddings, torch.nn.Module):
+            yield
+            return
+        base.embeddings = _PassEmbeddings()
+        try:
+            yield
+        finally:
+            base.embeddings = embeddings
+
+    @contextmanager
+    def _skipping(self, n: int):
+        """Layers 0..n-1 replaced by `_Skip` for the duration (their output comes from a hook)."""
+        skipped = [self.layers[j] for j in range(n)]
+        for j in range(n):
+            self.layers[j] = _Skip(skipped[j])
+        try:
+            yield
+        finally:
+            for j in range(n):
+                self.layers[j] = skipped[j]
 
     def _forward_chunk(self, enc: Encoded, ex_idx, cand, prompts, head, lower=None, start: int = 0) -> torch.Tensor:
         length = 0 if prompts is None else prompts.shape[2]
@@ -228,26 +296,12 @@ class PromptModel:
         readout = torch.tensor([enc.readout[i] for i in ex_idx])
         shift = torch.where(readout >= a, readout + length, readout)
         read = self._read_rows(shift, ids.shape[1], length) if self.top_rows_only else None
-        p = None if prompts is None else prompts[cand]  # (B, layers, L, H)
         if lower is None:
-            hidden = self._run(ids, mask, p, [], read)
+            hidden = self._run(ids, mask, prompts, [], read, cand=None if prompts is None else cand)
         else:
-            rows = torch.zeros(len(ex_idx), ids.shape[1], self.hidden_size)
-            for row, i in enumerate(ex_idx):
-                rows[row, : lower[i].shape[0]] = lower[i]
-
-            def resume(module, args, kwargs):  # the shared states replace what the skipped layers would give
-                return _with_hidden(args, kwargs, rows.to(_hidden_of(args, kwargs).dtype))
-
-            skipped = [self.layers[j] for j in range(start)]
-            for j in range(start):
-                self.layers[j] = _Skip(skipped[j])
-            try:
-                # layers below `start` are skipped, so only the adders from `start` up matter
-                hidden = self._run(ids, mask, p, [(start, resume)], read)
-            finally:
-                for j in range(start):
-                    self.layers[j] = skipped[j]
+            with self._skipping(start):  # their output is known: `lower`, put in place at `start`
+                resume = _resume(lower, ex_idx, ids.shape[1])
+                hidden = self._run(ids, mask, prompts, [(start, resume)], read, cand=cand, first=start)
         return head(hidden, mask, shift, a, length)  # (B, C)
 
     def _head(self, task: TaskSpec):
@@ -523,14 +577,17 @@ def _find_layers(model: torch.nn.Module, n: int) -> torch.nn.ModuleList:
     raise ConfigError(f"cannot find the {n} transformer layers of {type(model).__name__}")
 
 
-def _adder(prompt: torch.Tensor, at: int):
-    """A forward pre-hook that adds prompt (B, L, H) to the hidden states at positions at..at+L."""
+def _adder(prompt: torch.Tensor, at: int, cand: torch.Tensor | None = None):
+    """A forward pre-hook that adds prompt (B, L, H), or prompt[cand] for prompts (K, L, H), to
+    the hidden states at positions at..at+L."""
     length = prompt.shape[1]
 
     def hook(module, args, kwargs):
-        hidden = _hidden_of(args, kwargs).clone()
-        hidden[:, at : at + length] += prompt.to(hidden.dtype)
-        return _with_hidden(args, kwargs, hidden)
+        # In place: the states entering a layer are the layer below's fresh output (or our own
+        # resumed copy), which nothing else reads once this layer has them.
+        hidden = _hidden_of(args, kwargs)
+        hidden[:, at : at + length] += (prompt if cand is None else prompt[cand]).to(hidden.dtype)
+        return None
 
     return hook
 
@@ -545,6 +602,29 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple
     if args:
         return (hidden, *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": hidden}
+
+
+@dataclass
+class _KeptStates:
+    """Hidden states entering `layer` for the inputs `enc`, under lower prompts `prefix` (layer, L, H)."""
+
+    enc: Encoded
+    layer: int
+    prefix: torch.Tensor
+    states: list[torch.Tensor]  # per example, (T_i, H)
+
+
+def _resume(states: list[torch.Tensor], ex_idx: list[int], t: int):
+    """A pre-hook that replaces a chunk's hidden states (B, t, H) with the known `states` of its
+    examples: what the skipped layers below would have given."""
+    rows = torch.nn.utils.rnn.pad_sequence([states[i] for i in ex_idx], batch_first=True)
+    if rows.shape[1] < t:
+        rows = F.pad(rows, (0, 0, 0, t - rows.shape[1]))
+
+    def hook(module, args, kwargs):
+        return _with_hidden(args, kwargs, rows.to(_hidden_of(args, kwargs).dtype))
+
+    return hook
 
 
 class _Stop(Exception):
@@ -590,6 +670,13 @@ class _ReadRows(torch.nn.Module):
         return h.scatter(1, idx, lay.output(lay.intermediate(att), att))
 
 
+class _PassEmbeddings(torch.nn.Module):
+    """Stands in for an embedding module whose output a hook replaces: gives back inputs_embeds."""
+
+    def forward(self, *args, inputs_embeds=None, **kwargs):
+        return inputs_embeds
+
+
 class _Skip(torch.nn.Module):
     """Stands in for a layer whose output is already known: returns its input unchanged."""
 
@@ -605,7 +692,7 @@ class _Skip(torch.nn.Module):
 def first_varying_layer(prompts: torch.Tensor) -> int:
     """The lowest layer at which candidates' prompts [K, layers, L, H] differ (the top one if none do)."""
     for layer in range(prompts.shape[1] - 1):
-        if not bool((prompts[:, layer] == prompts[:1, layer]).all()):
+        if not torch.equal(prompts[1:, layer], prompts[:-1, layer]):  # all equal: each equals the next
             return layer
     return prompts.shape[1] - 1
 

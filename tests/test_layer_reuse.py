@@ -3,7 +3,9 @@ the states entering layer l are computed once per example, and only layers l.. r
 
 Checked on 4-layer tiny models of every family: the same logits as the full pass at every l, the
 lower layers really see one pass instead of K, the model is left as it was, and the intrinsic wire
-form (the server projecting z itself) triggers it too.
+form (the server projecting z itself) triggers it too. The states are kept between requests: over a
+round (layer l right after layer l-1) each lower pass runs one layer, and kept states whose lower
+prompts have changed since are not used.
 """
 
 from __future__ import annotations
@@ -137,10 +139,71 @@ def test_the_intrinsic_wire_form_triggers_reuse(deep_model, sst2_task):
                           labels=[1, 0, 1, 0], return_logits=True,
                           candidates=IntrinsicPrompts(z=Tensor.from_numpy(z), projections=specs, prompt_length=length))
     served = backend.service.get(str(model.path))
-    backend.evaluate(req)  # once first: the encoder embeds its label texts on first use
+    # once first (the encoder embeds its label texts on first use), with other lower prompts, so
+    # that the states it leaves behind do not serve the request counted below
+    other = req.model_copy(deep=True)
+    z_other = z.copy()
+    z_other[:, :2] += 1.0
+    other.candidates.z = Tensor.from_numpy(z_other)
+    backend.evaluate(other)
     counter, handle = _rows_into(served.layers[0])
     try:
         backend.evaluate(req)
     finally:
         handle.remove()
     assert counter[0] == len(TEXTS), f"{kind}: layer 0 ran {counter[0]} sequences"
+
+
+def _counted(model, fn):
+    """fn()'s result and the sequences each layer ran on meanwhile (the top layer run whole)."""
+    counters = [_rows_into(layer) for layer in model.layers]
+    model.top_rows_only = False
+    try:
+        out = fn()
+    finally:
+        model.top_rows_only = True
+        for _, handle in counters:
+            handle.remove()
+    return out, [c[0] for c, _ in counters]
+
+
+def test_over_a_round_each_lower_pass_runs_one_layer(deep_model, sst2_task):
+    """BBTv2's schedule: layer l is tuned right after layer l-1, whose best prompt has just changed."""
+    import torch
+
+    kind, model = deep_model
+    enc = model.encode(sst2_task, [Example(text=t) for t in TEXTS])
+    k, n = 4, len(TEXTS)
+    best = _prompts(model, k=1, shared_below=LAYERS, seed=1)  # (1, LAYERS, L, H): the best so far
+    g = torch.Generator().manual_seed(2)
+    for start in range(1, LAYERS):
+        best[0, start - 1] += 0.5 * torch.randn(best.shape[2:], generator=g)  # layer start-1 found a better prompt
+        p = best.expand(k, -1, -1, -1).clone()
+        p[:, start] += torch.randn(p[:, start].shape, generator=g)  # the population of layer `start`
+        reused, ran = _counted(model, lambda: _logits(model, sst2_task, enc, p, reuse=True))
+        full = _logits(model, sst2_task, enc, p, reuse=False)
+        np.testing.assert_allclose(reused, full, rtol=1e-4, atol=1e-4, err_msg=f"{kind}, layer {start}")
+        lower = [n if start == 1 else 0] * (start - 1) + [n]  # only layer start-1 runs below `start`
+        assert ran == lower + [k * n] * (LAYERS - start), f"{kind}, layer {start}: {ran}"
+    # the same generation again (no lower prompt changed): the kept states serve it as they are
+    reused, ran = _counted(model, lambda: _logits(model, sst2_task, enc, p, reuse=True))
+    np.testing.assert_allclose(reused, full, rtol=1e-4, atol=1e-4)
+    assert ran == [0] * (LAYERS - 1) + [k * n], kind
+
+
+def test_kept_states_under_other_lower_prompts_are_not_used(deep_model, sst2_task):
+    kind, model = deep_model
+    texts = [Example(text=t) for t in TEXTS]
+    enc = model.encode(sst2_task, texts)
+    k, n = 3, len(TEXTS)
+    p = _prompts(model, k=k, shared_below=2, seed=3)
+    _logits(model, sst2_task, enc, p, reuse=True)  # keeps the states entering layer 2
+    q = _prompts(model, k=k, shared_below=3, seed=4)  # other prompts at layers 0 and 1 too
+    reused, ran = _counted(model, lambda: _logits(model, sst2_task, enc, q, reuse=True))
+    np.testing.assert_allclose(reused, _logits(model, sst2_task, enc, q, reuse=False), rtol=1e-4, atol=1e-4)
+    assert ran[:3] == [n, n, n], f"{kind}: {ran}"  # computed from the input again
+    # other inputs (another Encoded) with the same prompts do not take these inputs' states either
+    other = model.encode(sst2_task, texts[::-1])
+    reused, ran = _counted(model, lambda: _logits(model, sst2_task, other, q, reuse=True))
+    np.testing.assert_allclose(reused, _logits(model, sst2_task, other, q, reuse=False), rtol=1e-4, atol=1e-4)
+    assert ran[:3] == [n, n, n], f"{kind}: {ran}"
