@@ -3,8 +3,8 @@
     cd /work/main && . .venv/bin/activate
     python experiments/bench_bbtv2.py reuse                       # MiniLM, SST-2 seed 42: speed only
     python experiments/bench_bbtv2.py reuse --layers 12           # the same shape with 12 layers (random weights)
-    python experiments/bench_bbtv2.py compare                     # sst2 agnews rte x seeds 13 42 87, 600 queries
-    python experiments/bench_bbtv2.py compare --tasks sst2 --seeds 42 --budget 600 --test-limit 500
+    python experiments/bench_bbtv2.py compare                     # sst2 agnews rte x seeds 13 42 87, 500 queries
+    python experiments/bench_bbtv2.py compare --tasks sst2 --seeds 42 --budget 600
     python experiments/bench_bbtv2.py                             # both
 
 reuse: `--repeats` BBTv2 rounds, one generation per layer bottom to top (population 20, L = 50,
@@ -19,10 +19,11 @@ largest logit difference between the two modes. With `--layers N` the model is M
 layers and random weights (timings only: the ideal speedup grows with depth, 2N/(N+1) if every layer
 ran whole; a bit more since the top layer runs only at the rows the head reads).
 
-compare: `run_tune` in process, default settings, for each task, seed and method at the same
-query budget. Prints zero-prompt (z = 0), no-prompt and tuned test accuracy per run, then the mean
-per task and method. `--test-limit N` scores a seeded sample of N test examples (AG News has
-7,600) and says so.
+compare: BBT and BBTv2 with bbt's default settings for each task and seed at the same query
+budget, in process: the runs of `bench_budget.py`'s bbt and bbtv2 presets, so runs already in its
+results file are not run again (and an interrupted comparison goes on where it stopped). Prints
+zero-prompt (z = 0), no-prompt and tuned test scores per run, then the mean per task and method, on
+a seeded sample of at most `--test-limit` test examples (AG News has 7,600).
 """
 
 from __future__ import annotations
@@ -37,11 +38,9 @@ from pathlib import Path
 import numpy as np
 
 from bbt.backends import LocalBackend
-from bbt.budget import Budget
 from bbt.config import TuneConfig
-from bbt.data import TaskData, load_task_folder
+from bbt.data import load_task_folder
 from bbt.protocol import EvaluateRequest, StatsRequest
-from bbt.run import run_tune
 from bbt.tasks import resolve_task
 from bbt.tuner import Prompt, make_projections
 
@@ -67,7 +66,7 @@ def _deeper_minilm(layers: int, folder: Path) -> str:
 
 
 def bench_reuse(args) -> None:
-    from servers.models import _ReadRows
+    from servers.models import _BertLayer
 
     tmp = tempfile.TemporaryDirectory(prefix="bench-bbtv2-model-")
     model_name = "minilm" if args.layers is None else _deeper_minilm(args.layers, Path(tmp.name) / "model")
@@ -124,61 +123,63 @@ def bench_reuse(args) -> None:
     print(f"\n{'layer':>5} {'q/s without':>12} {'q/s with':>10} {'speedup':>8} {'max |logit diff|':>17}")
     for layer, without, with_, speedup, most in rows:
         print(f"{layer:>5} {without:>12.2f} {with_:>10.2f} {speedup:>7.2f}x {most:>17.2e}")
-    # Ideal: per candidate only layers l.. run, and layer l-1 runs once per generation on the kept
-    # states entering it (1/K of a candidate's share). The top layer counts as `top` of a layer
-    # when it runs only at the rows the head reads (~12 H^2 per row and layer, 2 H^2 of which, keys and values, at every row).
-    top = 1.0
-    if model.top_rows_only and _ReadRows.fits(model.layers[-1]):
+    # Ideal, in matmul work per candidate (a layer ~12 H^2 per row: 3 for query/key/value, 1 for the
+    # attention output, 8 for the feed-forward block): only layers l.. run; layer l >= 1 skips its
+    # query/key/value matmuls when they are shared (BERT-style layers: `_SharedQKV`); layer l-1
+    # and those shared projections run once per generation (1/K each). With the top layer run at
+    # the rows the head reads (a fraction `read` of them), it costs `top`: keys and values at every row.
+    bert = _BertLayer.fits(model.layers[-1])
+    read = 1.0
+    if model.top_rows_only and bert:
         enc = model.encode(task, train.examples)
         read = sum(enc.tokens) / (sum(enc.tokens) + len(train) * cfg.prompt_length)
-        top = (2 + 10 * read) / 12
-    ideal = layers * (layers - 1 + top) / sum(layers - 1 - layer + top + min(layer, 1) / cfg.popsize
-                                              for layer in range(layers))
+    top = (2 + 10 * read) / 12
+
+    def cost(layer: int) -> float:  # one candidate's share of a generation tuning `layer`
+        if layer == 0:
+            return layers - 1 + top
+        tuned = (top - (2 + read) / 12 if layer == layers - 1 else 0.75) if bert else (top if layer == layers - 1 else 1.0)
+        above = layers - 1 - layer - (0 if layer == layers - 1 else 1) + (0 if layer == layers - 1 else top)
+        return tuned + max(above, 0.0) + (1 + (0.25 if bert else 0.0)) / cfg.popsize
+
+    ideal = layers * cost(0) / sum(cost(layer) for layer in range(layers))
     print(f"\na round (one generation per layer): {layers * cfg.popsize / total[False]:.2f} -> "
-          f"{layers * cfg.popsize / total[True]:.2f} queries/s with layer reuse, "
-          f"{total[False] / total[True]:.2f}x (ideal, only layers l.. per candidate and layer l-1 once: {ideal:.2f}x)")
+          f"{layers * cfg.popsize / total[True]:.2f} queries/s with layer reuse, {total[False] / total[True]:.2f}x "
+          f"(ideal in matmul work: {ideal:.2f}x; layers l.. per candidate"
+          + (", layer l without its query/key/value matmuls" if bert else "") + ", layer l-1 once)")
     if top < 1:
         print(f"(in both modes the top layer runs only at the rows the head reads: about {top:.2f} of a layer's work)")
     backend.close()
     tmp.cleanup()
 
 
-def _sample_test(data: TaskData, limit: int | None) -> TaskData:
-    """The same seeded sample of at most `limit` test examples for every run."""
-    test = None if data.test is None else data.test.sample(limit)
-    return TaskData(data.train, data.dev, test, data.test_name, data.notes)
-
-
 def bench_compare(args) -> None:
-    backend = LocalBackend()
-    results: dict[tuple[str, str], list[dict]] = {}
+    """BBT and BBTv2 at one budget: the runs of `bench_budget.py`'s bbt and bbtv2 presets."""
+    import bench_budget  # beside this file
+
+    presets = {"bbt": ({}, args.budget), "bbtv2": ({"method": "bbtv2"}, args.budget)}
+    rows = bench_budget.load_rows(args.results)
     print(f"BBTv2 vs BBT: tasks {' '.join(args.tasks)}, seeds {' '.join(map(str, args.seeds))}, budget {args.budget} "
-          f"queries each, default settings (MiniLM, L=50, d=500, population 20)"
-          + (f"; test scored on a seeded sample of at most {args.test_limit} examples" if args.test_limit else ""))
-    print(f"\n{'task':<8}{'seed':>5} {'method':<7}{'zero':>7}{'no prompt':>10}{'tuned':>7}{'queries':>8}{'q/s':>6}")
-    with tempfile.TemporaryDirectory(prefix="bench-bbtv2-") as tmp:
-        for name in args.tasks:
-            task = resolve_task(name, args.data / name)
-            for seed in args.seeds:
-                data = _sample_test(load_task_folder(args.data / name, task, seed=seed), args.test_limit)
-                for method in ("bbt", "bbtv2"):
-                    cfg = TuneConfig(method=method, seed=seed, budget=Budget(queries=args.budget))
-                    m = run_tune(cfg, task, data, backend, Path(tmp) / f"{name}-{seed}-{method}", progress=False,
-                                 log=lambda *a: None)
-                    results.setdefault((name, method), []).append(m)
-                    print(f"{name:<8}{seed:>5} {method:<7}{100 * m['zero_prompt_test_acc']:>7.1f}"
-                          f"{100 * m['no_prompt_test_acc']:>10.1f}{100 * m['test_acc']:>7.1f}{m['queries_used']:>8}"
-                          f"{m['queries_per_second']:>6.2f}", flush=True)
-    backend.close()
-    print(f"\nmean test accuracy over seeds {' '.join(map(str, args.seeds))} (points)")
+          f"queries each, default settings (MiniLM, L=50, d=500, population 20); test scored on a seeded sample of "
+          f"at most {args.test_limit} examples; runs kept in {args.results}", flush=True)
+    bench_budget.run_missing(rows, presets, list(presets), args.tasks, args.seeds, args.data,
+                             [args.budget], args.test_limit, args.results)
+    found = {(t, s_, m): bench_budget.find_row(rows, m, *presets[m], t, s_)
+             for t in args.tasks for s_ in args.seeds for m in presets}
+    print(f"\n{'task':<8}{'seed':>5} {'method':<7}{'zero':>7}{'no prompt':>10}{'tuned':>7}{'queries':>8}{'test n':>7}")
+    for (name, seed, method), r in found.items():
+        print(f"{name:<8}{seed:>5} {method:<7}{r['curve']['0']:>7.1f}{r['no_prompt']:>10.1f}"
+              f"{r['curve'][str(args.budget)]:>7.1f}{r['queries_used']:>8}{r['test_examples']:>7}")
+    print(f"\nmean test score over seeds {' '.join(map(str, args.seeds))} (points)")
     print(f"{'task':<8}{'zero':>7}{'no prompt':>10}{'BBT':>7}{'BBTv2':>7}{'BBTv2-BBT':>10}")
-    means = {"bbt": [], "bbtv2": []}
+    means: dict[str, list[float]] = {"bbt": [], "bbtv2": []}
     for name in args.tasks:
-        row = {method: statistics.mean(100 * m["test_acc"] for m in results[(name, method)]) for method in means}
-        zero = statistics.mean(100 * m["zero_prompt_test_acc"] for m in results[(name, "bbt")])
-        plain = statistics.mean(100 * m["no_prompt_test_acc"] for m in results[(name, "bbt")])
-        for method in means:
-            means[method].append(row[method])
+        runs = {m: [found[(name, s_, m)] for s_ in args.seeds] for m in presets}
+        row = {m: statistics.mean(r["curve"][str(args.budget)] for r in runs[m]) for m in presets}
+        zero = statistics.mean(r["curve"]["0"] for r in runs["bbt"])
+        plain = statistics.mean(r["no_prompt"] for r in runs["bbt"])
+        for m in presets:
+            means[m].append(row[m])
         print(f"{name:<8}{zero:>7.1f}{plain:>10.1f}{row['bbt']:>7.1f}{row['bbtv2']:>7.1f}{row['bbtv2'] - row['bbt']:>+10.1f}")
     if len(args.tasks) > 1:
         bbt, v2 = statistics.mean(means["bbt"]), statistics.mean(means["bbtv2"])
@@ -194,8 +195,11 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=None, help="reuse: time MiniLM's shape with this many layers instead")
     ap.add_argument("--tasks", nargs="+", default=["sst2", "agnews", "rte"], help="compare: task folders under --data")
     ap.add_argument("--seeds", nargs="+", type=int, default=[13, 42, 87], help="compare: 16-shot splits and search seeds")
-    ap.add_argument("--budget", type=int, default=600, help="compare: queries per run, both methods")
-    ap.add_argument("--test-limit", type=int, default=None, help="compare: score at most this many test examples")
+    ap.add_argument("--budget", type=int, default=500, help="compare: queries per run, both methods (500: the "
+                    "budget sweep's runs)")
+    ap.add_argument("--test-limit", type=int, default=500, help="compare: score a seeded sample of at most N test examples")
+    ap.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "results" / "budget.jsonl",
+                    help="compare: the budget sweep's results file, where finished runs are kept and reused")
     args = ap.parse_args()
     if not (args.data / "sst2" / "task.json").is_file():
         ap.error(f"no task folders under {args.data}: pass --data DIR")

@@ -152,6 +152,9 @@ class PromptModel:
         head = self._head(task)
         start = first_varying_layer(prompts) if prompts is not None and k > 1 and self.reuse_lower_layers else 0
         lower = self._lower_states(start, enc, prompts[0]) if start > 0 else None
+        shared = None  # the tuned layer's query/key/value matmuls, split into shared and per-candidate parts
+        if lower is not None and _BertLayer.fits(self.layers[start]):
+            shared = _SharedQKV(self.layers[start], lower, prompts[:, start])
         out = torch.empty(k, n, head.n_classes)
         # Example-major order over length-sorted examples: each chunk pads to its own longest.
         order = sorted(range(n), key=lambda i: len(enc.ids[i]))
@@ -159,7 +162,7 @@ class PromptModel:
         for chunk in _chunks(pairs, [len(enc.ids[i]) + length for _, i in pairs]):
             cand = torch.tensor([c for c, _ in chunk])
             ex_idx = [i for _, i in chunk]
-            out[cand, torch.tensor(ex_idx)] = self._forward_chunk(enc, ex_idx, cand, prompts, head, lower, start)
+            out[cand, torch.tensor(ex_idx)] = self._forward_chunk(enc, ex_idx, cand, prompts, head, lower, start, shared)
         return out
 
     def _batch(self, enc: Encoded, ex_idx: list[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,23 +179,32 @@ class PromptModel:
         return ids, mask
 
     def _run(self, ids: torch.Tensor, mask: torch.Tensor, prompts: torch.Tensor | None, hooks: list,
-             rows: torch.Tensor | None = None, cand: torch.Tensor | None = None, first: int = 0) -> torch.Tensor:
+             rows: torch.Tensor | None = None, cand: torch.Tensor | None = None, first: int = 0,
+             qkv: torch.Tensor | None = None) -> torch.Tensor:
         """The base model's last hidden states for prompts (B, layers, L, H), extra pre-hooks
         (layer index, hook) registered first so that they run before the prompt adders.
 
         With `cand` (B,), prompts are (K, layers, L, H) and row b takes candidate cand[b]'s: each
         layer gathers its own slice, so no (B, layers, L, H) copy is made. Prompts of layers below
         `first` are left out (their layers are skipped). With `rows` (B, R), the top layer is
-        computed only at those positions (where it can be: `_ReadRows`); its output elsewhere is
-        its input, which the read-out must not use."""
+        computed only at those positions (where it can be: `_BertLayer`); its output elsewhere is
+        its input, which the read-out must not use. With `qkv` (B, T, 3H), layer `first` takes
+        its query/key/value projections from there (`_SharedQKV`)."""
         a = self.prompt_at
         if first > 0:  # the skipped layers' output comes from a hook: the embeddings are not needed
             embeds = torch.zeros(*ids.shape, self.hidden_size, dtype=self.word_embeddings.weight.dtype)
         else:
             embeds = self.word_embeddings(ids)  # (B, T, H)
-        top = self.layers[-1]
-        if rows is not None and _ReadRows.fits(top):
-            self.layers[-1] = _ReadRows(top, rows, mask.bool())  # before any hook, so the hooks land on it
+        keys = mask.bool()
+        swapped = {}  # layer index -> the original, put back at the end
+        if rows is not None and _BertLayer.fits(self.layers[-1]):
+            swapped[self.num_layers - 1] = self.layers[-1]
+        if qkv is not None:
+            swapped[first] = self.layers[first]
+        for j, layer in swapped.items():  # before any hook, so the hooks land on the stand-ins
+            top = j == self.num_layers - 1
+            self.layers[j] = _BertLayer(layer, keys, rows if top and rows is not None else None,
+                                        qkv if j == first else None)
         handles = [self.layers[layer].register_forward_pre_hook(hook, with_kwargs=True) for layer, hook in hooks]
         try:
             if prompts is not None:
@@ -208,7 +220,8 @@ class PromptModel:
         finally:
             for h in handles:
                 h.remove()
-            self.layers[-1] = top
+            for j, layer in swapped.items():
+                self.layers[j] = layer
 
     def _lower_states(self, layer: int, enc: Encoded, prompt: torch.Tensor) -> list[torch.Tensor]:
         """The states entering `layer` under prompt (layers, L, H), continued from the states kept
@@ -289,7 +302,8 @@ class PromptModel:
             for j in range(n):
                 self.layers[j] = skipped[j]
 
-    def _forward_chunk(self, enc: Encoded, ex_idx, cand, prompts, head, lower=None, start: int = 0) -> torch.Tensor:
+    def _forward_chunk(self, enc: Encoded, ex_idx, cand, prompts, head, lower=None, start: int = 0,
+                       shared: _SharedQKV | None = None) -> torch.Tensor:
         length = 0 if prompts is None else prompts.shape[2]
         a = self.prompt_at
         ids, mask = self._batch(enc, ex_idx, length)
@@ -301,7 +315,8 @@ class PromptModel:
         else:
             with self._skipping(start):  # their output is known: `lower`, put in place at `start`
                 resume = _resume(lower, ex_idx, ids.shape[1])
-                hidden = self._run(ids, mask, prompts, [(start, resume)], read, cand=cand, first=start)
+                qkv = None if shared is None else shared.chunk(ex_idx, cand, ids.shape[1], a)
+                hidden = self._run(ids, mask, prompts, [(start, resume)], read, cand=cand, first=start, qkv=qkv)
         return head(hidden, mask, shift, a, length)  # (B, C)
 
     def _head(self, task: TaskSpec):
@@ -631,18 +646,22 @@ class _Stop(Exception):
     """Raised by a pre-hook to end a forward pass once the states it needs are captured."""
 
 
-class _ReadRows(torch.nn.Module):
-    """A BERT-style top layer computed only at the positions the read-out uses.
+class _BertLayer(torch.nn.Module):
+    """A BERT-style encoder layer computed with two shortcuts, each optional.
 
-    Every position still serves as a key and a value, but the queries, the attention output and
-    the feed-forward block run for `rows` (B, R) alone: the text without the prompt for a
-    sentence encoder, the mask for a masked LM. With a 50-token prompt on MiniLM that skips about
-    half of the top layer's work. Other positions keep their input; the head never reads them.
+    - `rows` (B, R): only those output positions are computed (the top layer, where the head
+      reads: the text without the prompt for a sentence encoder, the mask for a masked LM). Every
+      position still serves as a key and a value, but the queries, the attention output and the
+      feed-forward block run for those rows alone; with a 50-token prompt on MiniLM that skips
+      about half of the layer. Other positions keep their input; the head never reads them.
+    - `qkv` (B, T, 3H): the query, key and value projections, already known (`_SharedQKV`: the
+      layer whose prompt the candidates differ in), so the three matmuls are not run.
     """
 
-    def __init__(self, layer: torch.nn.Module, rows: torch.Tensor, keys: torch.Tensor):
+    def __init__(self, layer: torch.nn.Module, keys: torch.Tensor, rows: torch.Tensor | None = None,
+                 qkv: torch.Tensor | None = None):
         super().__init__()
-        self.layer, self.rows, self.keys = layer, rows, keys  # keys (B, T): True at real tokens
+        self.layer, self.keys, self.rows, self.qkv = layer, keys, rows, qkv  # keys (B, T): True at real tokens
 
     @staticmethod
     def fits(layer: torch.nn.Module) -> bool:
@@ -660,14 +679,49 @@ class _ReadRows(torch.nn.Module):
         b, t, width = h.shape
         heads = sa.num_attention_heads
         size = width // heads
-        idx = self.rows[..., None].expand(-1, -1, width)
-        x = h.gather(1, idx)  # (B, R, H)
-        q = sa.query(x).view(b, -1, heads, size).transpose(1, 2)
-        k = sa.key(h).view(b, t, heads, size).transpose(1, 2)
-        v = sa.value(h).view(b, t, heads, size).transpose(1, 2)
+        if self.qkv is not None:
+            q, k, v = self.qkv.to(h.dtype).split(width, dim=-1)
+        else:
+            q, k, v = None, sa.key(h), sa.value(h)
+        idx = None if self.rows is None else self.rows[..., None].expand(-1, -1, width)
+        x = h if idx is None else h.gather(1, idx)  # (B, R, H)
+        if q is None:
+            q = sa.query(x)
+        elif idx is not None:
+            q = q.gather(1, idx)
+        q = q.reshape(b, -1, heads, size).transpose(1, 2)
+        k = k.reshape(b, t, heads, size).transpose(1, 2)
+        v = v.reshape(b, t, heads, size).transpose(1, 2)
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=self.keys[:, None, None, :], scale=size**-0.5)
         att = lay.attention.output(ctx.transpose(1, 2).reshape(b, -1, width), x)
-        return h.scatter(1, idx, lay.output(lay.intermediate(att), att))
+        out = lay.output(lay.intermediate(att), att)
+        return out if idx is None else h.scatter(1, idx, out)
+
+
+class _SharedQKV:
+    """The query, key and value projections of the layer whose prompt the candidates differ in.
+
+    Its input is example i's known states h_i plus candidate c's prompt p_c at the prompt
+    positions, and the projections are linear: (h_i + p_c) W + b = (h_i W + b) + p_c W. So h_i W + b
+    is computed once per example and p_c W once per candidate (L rows, not L rows per example),
+    and each (candidate, example) row only adds them: a quarter of the layer's matmuls saved.
+    """
+
+    def __init__(self, layer: torch.nn.Module, states: list[torch.Tensor], prompts: torch.Tensor):
+        sa = layer.attention.self
+        weight = torch.cat([sa.query.weight, sa.key.weight, sa.value.weight])  # (3H, H)
+        bias = torch.cat([sa.query.bias, sa.key.bias, sa.value.bias])
+        sizes = [s.shape[0] for s in states]
+        self.per_example = F.linear(torch.cat(states), weight, bias).split(sizes)  # (T_i, 3H) each
+        self.per_candidate = F.linear(prompts.to(weight.dtype), weight)  # (K, L, 3H)
+
+    def chunk(self, ex_idx: list[int], cand: torch.Tensor, t: int, at: int) -> torch.Tensor:
+        """(B, t, 3H) for rows (cand[b], ex_idx[b]), the prompt at positions at..at+L."""
+        qkv = torch.nn.utils.rnn.pad_sequence([self.per_example[i] for i in ex_idx], batch_first=True)
+        if qkv.shape[1] < t:
+            qkv = F.pad(qkv, (0, 0, 0, t - qkv.shape[1]))
+        qkv[:, at : at + self.per_candidate.shape[1]] += self.per_candidate[cand]
+        return qkv
 
 
 class _PassEmbeddings(torch.nn.Module):

@@ -259,10 +259,10 @@ def test_chunk_size_does_not_change_scores(loaded, sst2_task, monkeypatch, layer
 def test_top_layer_at_the_read_rows_only_gives_the_same_scores(loaded, sst2_task, layers):
     """The top layer run only where the head reads (text rows, or the mask) equals the full layer,
     for input prompts and for deep prompts, with and without the reuse of lower layers."""
-    from servers.models import _ReadRows
+    from servers.models import _BertLayer
 
     kind, model = loaded
-    assert _ReadRows.fits(model.layers[-1]) == (model.family != "causal")
+    assert _BertLayer.fits(model.layers[-1]) == (model.family != "causal")
     enc = model.encode(sst2_task, _examples())
     n_layers = 1 if layers == "input" else model.num_layers
     p = _prompts(model, k=3, layers=n_layers, seed=5)

@@ -55,14 +55,20 @@ def _prompts(model, k: int, shared_below: int, length: int = 3, seed: int = 0):
     return p * torch.tensor([std[0]] + std[1:LAYERS])[None, :, None, None]
 
 
-def _rows_into(module):
-    """Counts the sequences a module runs on to the end; returns (counter, hook handle)."""
+def _rows_into(layer):
+    """Counts the sequences a transformer layer runs on to the end; returns (counter, hook handle).
+
+    The hook sits on the layer's last LayerNorm, which runs whether the layer is called as itself
+    or through a stand-in that calls its parts (`_BertLayer`)."""
+    import torch
+
     seen = [0]
 
-    def hook(mod, args, kwargs, output):
-        seen[0] += (args[0] if args else kwargs["hidden_states"]).shape[0]
+    def hook(mod, args, output):
+        seen[0] += args[0].shape[0]
 
-    return seen, module.register_forward_hook(hook, with_kwargs=True)
+    last_norm = [m for m in layer.modules() if isinstance(m, torch.nn.LayerNorm)][-1]
+    return seen, last_norm.register_forward_hook(hook)
 
 
 def _logits(model, task, enc, p, reuse: bool):
