@@ -215,8 +215,9 @@ def report(rows: list[dict], presets: list[str], tasks: list[str], plot: Path | 
                 if not c:
                     continue
                 qs = sorted(c)
-                ax.plot(qs, [statistics.mean(c[q]) for q in qs], marker="o", label=p)
-                ax.fill_between(qs, [min(c[q]) for q in qs], [max(c[q]) for q in qs], alpha=0.15)
+                color = f"C{presets.index(p)}"  # one color per preset in every panel
+                ax.plot(qs, [statistics.mean(c[q]) for q in qs], marker="o", label=p, color=color)
+                ax.fill_between(qs, [min(c[q]) for q in qs], [max(c[q]) for q in qs], alpha=0.15, color=color)
             ax.set_title(task)
             ax.set_xlabel("queries")
             ax.set_ylabel("test accuracy (points)")
