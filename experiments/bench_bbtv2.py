@@ -13,11 +13,11 @@ training examples with the model's layer reuse on and off, back to back in alter
 both modes see the same machine load. Before each generation the layer below gets a new best z,
 as when every generation improves: the worst case for the states the model keeps between
 requests (each lower pass then runs one layer). Prints queries/s per layer and for a whole round
-(what a BBTv2 run does over and over), the speedup, the ideal speedup if nothing but the layers at
-and above the tuned one ran per candidate (and one lower layer once per generation), and the
-largest logit difference between the two modes. With `--layers N` the model is MiniLM's architecture with N
-layers and random weights (timings only: the ideal speedup grows with depth, 2N/(N+1) if every layer
-ran whole; a bit more since the top layer runs only at the rows the head reads).
+(what a BBTv2 run does over and over), the speedup, the ideal speedup in matmul work (only the
+layers from the tuned one up per candidate, the tuned one without its query/key/value matmuls on
+BERT-style layers, and one lower layer once per generation), and the largest logit difference
+between the two modes. With `--layers N` the model is MiniLM's architecture with N layers and
+random weights (timings only: the ideal speedup grows with depth).
 
 compare: BBT and BBTv2 with bbt's default settings for each task and seed at the same query
 budget, in process: the runs of `bench_budget.py`'s bbt and bbtv2 presets, so runs already in its
@@ -137,10 +137,11 @@ def bench_reuse(args) -> None:
 
     def cost(layer: int) -> float:  # one candidate's share of a generation tuning `layer`
         if layer == 0:
-            return layers - 1 + top
-        tuned = (top - (2 + read) / 12 if layer == layers - 1 else 0.75) if bert else (top if layer == layers - 1 else 1.0)
-        above = layers - 1 - layer - (0 if layer == layers - 1 else 1) + (0 if layer == layers - 1 else top)
-        return tuned + max(above, 0.0) + (1 + (0.25 if bert else 0.0)) / cfg.popsize
+            return layers - 1 + top  # nothing to reuse
+        once = (1 + (0.25 if bert else 0.0)) / cfg.popsize  # layer l-1, and the shared projections
+        if layer == layers - 1:
+            return (top - (2 + read) / 12 if bert else top) + once
+        return (0.75 if bert else 1.0) + (layers - 2 - layer) + top + once
 
     ideal = layers * cost(0) / sum(cost(layer) for layer in range(layers))
     print(f"\na round (one generation per layer): {layers * cfg.popsize / total[False]:.2f} -> "

@@ -22,9 +22,9 @@ Presets:
 
 Each finished run is appended to `--results` (JSONL) with every setting it ran with, and runs
 already there (same preset name, settings, budget, task and seed) are skipped, so an interrupted
-sweep continues where it stopped. The test sample size is not part of that match. Prints one table per task (mean over seeds, and the
-spread), the queries at which bbt's defaults first reach the paper's accuracy at its full budget,
-and writes a plot with `--plot`.
+sweep continues where it stopped. The test sample size is not part of that match. Prints one
+table per task (mean over seeds, and the spread), the queries at which the last preset first
+reaches the first one's accuracy at its full budget, and writes a plot with `--plot`.
 """
 
 from __future__ import annotations

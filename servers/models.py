@@ -203,8 +203,7 @@ class PromptModel:
             swapped[first] = self.layers[first]
         for j, layer in swapped.items():  # before any hook, so the hooks land on the stand-ins
             top = j == self.num_layers - 1
-            self.layers[j] = _BertLayer(layer, keys, rows if top and rows is not None else None,
-                                        qkv if j == first else None)
+            self.layers[j] = _BertLayer(layer, keys, rows if top else None, qkv if j == first else None)
         handles = [self.layers[layer].register_forward_pre_hook(hook, with_kwargs=True) for layer, hook in hooks]
         try:
             if prompts is not None:
@@ -233,13 +232,13 @@ class PromptModel:
         (a layer that did not improve in a whole round) it costs nothing.
         """
         kept = self._kept.pop(id(enc), None)
-        base = None
-        if kept is not None and kept.enc is enc and kept.layer <= layer and torch.equal(kept.prefix, prompt[: kept.layer]):
-            base = kept
-        if base is not None and base.layer == layer:
-            states = base.states
+        if kept is not None and not (kept.enc is enc and kept.layer <= layer
+                                     and torch.equal(kept.prefix, prompt[: kept.layer])):
+            kept = None
+        if kept is not None and kept.layer == layer:
+            states = kept.states
         else:
-            states = self._states_entering(layer, enc, prompt, base)
+            states = self._states_entering(layer, enc, prompt, kept)
         self._kept[id(enc)] = _KeptStates(enc, layer, prompt[:layer].clone(), states)
         while len(self._kept) > 2:  # train inputs, and one more set (a server may serve several runs)
             self._kept.pop(next(iter(self._kept)))
@@ -311,7 +310,7 @@ class PromptModel:
         shift = torch.where(readout >= a, readout + length, readout)
         read = self._read_rows(shift, ids.shape[1], length) if self.top_rows_only else None
         if lower is None:
-            hidden = self._run(ids, mask, prompts, [], read, cand=None if prompts is None else cand)
+            hidden = self._run(ids, mask, prompts, [], read, cand=cand)
         else:
             with self._skipping(start):  # their output is known: `lower`, put in place at `start`
                 resume = _resume(lower, ex_idx, ids.shape[1])
@@ -629,12 +628,16 @@ class _KeptStates:
     states: list[torch.Tensor]  # per example, (T_i, H)
 
 
+def _padded(per_example: list[torch.Tensor] | tuple[torch.Tensor, ...], ex_idx: list[int], t: int) -> torch.Tensor:
+    """(B, t, ...) holding per_example[ex_idx[b]] (T_i, ...) in row b, zeros after its T_i."""
+    out = torch.nn.utils.rnn.pad_sequence([per_example[i] for i in ex_idx], batch_first=True)
+    return out if out.shape[1] >= t else F.pad(out, (0, 0, 0, t - out.shape[1]))
+
+
 def _resume(states: list[torch.Tensor], ex_idx: list[int], t: int):
     """A pre-hook that replaces a chunk's hidden states (B, t, H) with the known `states` of its
     examples: what the skipped layers below would have given."""
-    rows = torch.nn.utils.rnn.pad_sequence([states[i] for i in ex_idx], batch_first=True)
-    if rows.shape[1] < t:
-        rows = F.pad(rows, (0, 0, 0, t - rows.shape[1]))
+    rows = _padded(states, ex_idx, t)
 
     def hook(module, args, kwargs):
         return _with_hidden(args, kwargs, rows.to(_hidden_of(args, kwargs).dtype))
@@ -717,9 +720,7 @@ class _SharedQKV:
 
     def chunk(self, ex_idx: list[int], cand: torch.Tensor, t: int, at: int) -> torch.Tensor:
         """(B, t, 3H) for rows (cand[b], ex_idx[b]), the prompt at positions at..at+L."""
-        qkv = torch.nn.utils.rnn.pad_sequence([self.per_example[i] for i in ex_idx], batch_first=True)
-        if qkv.shape[1] < t:
-            qkv = F.pad(qkv, (0, 0, 0, t - qkv.shape[1]))
+        qkv = _padded(self.per_example, ex_idx, t)
         qkv[:, at : at + self.per_candidate.shape[1]] += self.per_candidate[cand]
         return qkv
 

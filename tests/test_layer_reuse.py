@@ -71,6 +71,19 @@ def _rows_into(layer):
     return seen, last_norm.register_forward_hook(hook)
 
 
+def _counted(model, fn):
+    """fn()'s result and the sequences each layer ran on meanwhile (the top layer run whole)."""
+    counters = [_rows_into(layer) for layer in model.layers]
+    model.top_rows_only = False
+    try:
+        out = fn()
+    finally:
+        model.top_rows_only = True
+        for _, handle in counters:
+            handle.remove()
+    return out, [c[0] for c, _ in counters]
+
+
 def _logits(model, task, enc, p, reuse: bool):
     model.reuse_lower_layers = reuse
     try:
@@ -98,19 +111,8 @@ def test_lower_layers_run_once_per_example_not_per_candidate(deep_model, sst2_ta
     enc = model.encode(sst2_task, [Example(text=t) for t in TEXTS])
     k, n, start = 5, len(TEXTS), 2
     p = _prompts(model, k=k, shared_below=start)
-    model.top_rows_only = False  # the top layer runs as itself, so that its hook counts it
-    counters = [_rows_into(layer) for layer in model.layers]
-    try:
-        _logits(model, sst2_task, enc, p, reuse=True)
-        reused = [c[0] for c, _ in counters]
-        for c, _ in counters:
-            c[0] = 0
-        _logits(model, sst2_task, enc, p, reuse=False)
-        full = [c[0] for c, _ in counters]
-    finally:
-        model.top_rows_only = True
-        for _, handle in counters:
-            handle.remove()
+    _, reused = _counted(model, lambda: _logits(model, sst2_task, enc, p, reuse=True))
+    _, full = _counted(model, lambda: _logits(model, sst2_task, enc, p, reuse=False))
     assert full == [k * n] * LAYERS
     assert reused == [n] * start + [k * n] * (LAYERS - start), kind
     assert all(type(layer).__name__ != "_Skip" for layer in model.layers)  # the stack is restored
@@ -158,19 +160,6 @@ def test_the_intrinsic_wire_form_triggers_reuse(deep_model, sst2_task):
     finally:
         handle.remove()
     assert counter[0] == len(TEXTS), f"{kind}: layer 0 ran {counter[0]} sequences"
-
-
-def _counted(model, fn):
-    """fn()'s result and the sequences each layer ran on meanwhile (the top layer run whole)."""
-    counters = [_rows_into(layer) for layer in model.layers]
-    model.top_rows_only = False
-    try:
-        out = fn()
-    finally:
-        model.top_rows_only = True
-        for _, handle in counters:
-            handle.remove()
-    return out, [c[0] for c, _ in counters]
 
 
 def test_over_a_round_each_lower_pass_runs_one_layer(deep_model, sst2_task):
