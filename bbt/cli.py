@@ -46,6 +46,8 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--wait", type=float, default=300.0, metavar="S",
                    help="seconds to keep retrying a server that is down or failing, e.g. while it restarts (default 300)")
     g.add_argument("--retries", type=int, default=None, metavar="N", help="also give up after N retries of one request")
+    g.add_argument("--device", metavar="DEV", help="where a model run in this process runs: auto (a GPU if torch sees "
+                   "one, else the CPU), cpu, cuda, cuda:N or mps (default: auto); a server's is set by bbt serve --device")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", action="append", metavar="[NAME=]PATH",
                    help="model to serve: minilm, a local directory, or NAME=DIR (repeat for several); default: minilm")
     s.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    s.add_argument("--device", default="auto", metavar="DEV",
+                   help="where the models run: auto (a GPU if torch sees one, else the CPU), cpu, cuda, cuda:N or mps")
     s.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
     s.add_argument("--api-keys", metavar="FILE", help="file with one allowed API key (or sha256:HEX of one) per line; "
                    "default: the keys in BBT_SERVER_API_KEYS (separated by commas or spaces), else no keys needed")
@@ -154,13 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_backend(args):
+    device = getattr(args, "device", None)
     if getattr(args, "endpoint", None):
+        if device is not None:
+            raise ConfigError("--device sets where a model in this process runs; with --endpoint the server decides "
+                              "(start it with bbt serve --device DEV)")
         from bbt.backends.http import HTTPBackend
 
         return HTTPBackend(args.endpoint, api_key=args.api_key, timeout=args.timeout, wait=args.wait, retries=args.retries)
     from bbt.backends.local import LocalBackend
 
-    return LocalBackend()
+    return LocalBackend(device=device or "auto")
 
 
 _BUDGET_FLAGS = {"queries": "--budget", "requests": "--max-requests", "examples": "--max-examples",
@@ -324,7 +332,7 @@ def cmd_serve(args) -> int:
         raise BBTError(f"bbt serve needs the server extra ({exc.name} is missing): pip install 'bbt[server]'") from None
     serve(models=args.model or ["minilm"], host=args.host, port=args.port, api_keys_file=args.api_keys,
           max_candidates=args.max_candidates, max_examples=args.max_examples, max_body_mb=args.max_body_mb,
-          quota=args.quota, quota_window=args.quota_window, rate_limit=args.rate_limit)
+          quota=args.quota, quota_window=args.quota_window, rate_limit=args.rate_limit, device=args.device)
     return 0
 
 

@@ -3,6 +3,7 @@
     cd /work/main && . .venv/bin/activate
     python experiments/bench_speed.py                       # MiniLM, SST-2 seed 42 train (32), L = 50, K = 20
     python experiments/bench_speed.py --generations 5 --prompt-length 50
+    python experiments/bench_speed.py --device cuda         # everything, the baseline too, on a GPU
 
 Measured in one run, on this machine, back to back in alternating order so that both see the same
 load:
@@ -41,18 +42,29 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "sst2"
 
 
-def matmul_peak(repeats: int = 5, n: int = 2048) -> float:
-    """Best fp32 GFLOP/s of an n x n matmul."""
+def matmul_peak(device, repeats: int = 5, n: int = 2048) -> float:
+    """Best fp32 GFLOP/s of an n x n matmul on `device`."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    if device.type != "cpu":
+        n *= 4  # 2048^2 is over before a GPU is busy
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     torch.matmul(a, b)  # warm-up
     best = 0.0
     for _ in range(repeats):
+        _sync(device)
         start = time.perf_counter()
         torch.matmul(a, b)
+        _sync(device)
         best = max(best, 2 * n**3 / (time.perf_counter() - start) / 1e9)
     return best
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main() -> int:
@@ -63,6 +75,7 @@ def main() -> int:
     ap.add_argument("--popsize", type=int, default=20)
     ap.add_argument("--no-ablation", dest="ablation", action="store_false",
                     help="skip the two extra modes: bbt BBT with 16,384-token passes, and with the top layer run whole")
+    ap.add_argument("--device", default="auto", help="where the model runs: auto, cpu, cuda, ... (default: %(default)s)")
     ap.add_argument("--generations", type=int, default=3, help="timed passes per mode: one generation (BBTv2: one round, a generation per layer)")
     args = ap.parse_args()
     if not (args.data / "task.json").is_file():
@@ -84,9 +97,10 @@ def main() -> int:
     task = resolve_task("sst2", args.data)
     data = load_task_folder(args.data, task, seed=args.seed)
     train = data.train
-    backend = LocalBackend(["minilm"])
+    backend = LocalBackend(["minilm"], device=args.device)
     service = backend.service
     model = service.get("minilm")
+    device = model.device
     info = model.info()
     k, length, d, h = args.popsize, args.prompt_length, 500, info.hidden_size
 
@@ -94,7 +108,7 @@ def main() -> int:
     enc = model.encode(task, train.examples)
     head = model._head(task)
     ids, mask = model._batch(enc, list(range(len(train))), length)
-    readout = torch.tensor(enc.readout)
+    readout = torch.tensor(enc.readout, device=device)
     shift = torch.where(readout >= model.prompt_at, readout + length, readout)
     spec = normal_spec(seed=100, d=d, D=length * h, target_std=info.embedding_std)
     labels = np.asarray(train.labels)
@@ -103,13 +117,13 @@ def main() -> int:
         with torch.no_grad():
             out = [head(model._run(ids, mask, prompts[c : c + 1].expand(len(train), -1, -1, -1), []), mask, shift,
                         model.prompt_at, length) for c in range(prompts.shape[0])]
-        return torch.stack(out).numpy()
+        return torch.stack(out).cpu().numpy()
 
     def baseline() -> int:
         es = CMAES(d, popsize=k, seed=0)
         z = es.ask()
         p = project(z, spec).reshape(k, 1, length, h)
-        logits = forward_each(torch.from_numpy(p))
+        logits = forward_each(torch.from_numpy(p).to(device))
         es.tell(z, ce_loss("ce", logits, labels))
         return k
 
@@ -122,17 +136,15 @@ def main() -> int:
         return ledger.tuning.queries
 
     def without(name: str, what: str) -> int:  # bbt BBT with one of its optimisations undone
-        import servers.models
-
-        chunk = servers.models.TOKENS_PER_CHUNK
         try:
             if what == "chunks":
-                servers.models.TOKENS_PER_CHUNK = 16384  # bbt's pass size before issue 6
+                model.chunk_tokens = lambda: 16384  # bbt's pass size before issue 6
             else:
                 model.top_rows_only = False
             return run_tune("bbt", name)
         finally:
-            servers.models.TOKENS_PER_CHUNK, model.top_rows_only = chunk, True
+            model.__dict__.pop("chunk_tokens", None)
+            model.top_rows_only = True
 
     modes = {"baseline": baseline, "bbt BBT": lambda: run_tune("bbt", "bbt BBT"),
              "bbt BBTv2": lambda: run_tune("bbtv2", "bbt BBTv2")}
@@ -147,10 +159,10 @@ def main() -> int:
     req = EvaluateRequest(model="minilm", task=task, inputs=train.examples, labels=train.labels, return_logits=True,
                           candidates=IntrinsicPrompts(z=Tensor.from_numpy(z), projections=[spec], prompt_length=length))
     got = service.evaluate(req).logits.to_numpy()
-    want = forward_each(torch.from_numpy(service._prompts(model, req)))
+    want = forward_each(torch.from_numpy(service._prompts(model, req)).to(device))
     baseline(), modes["bbt BBT"]()  # warm-up: label embeddings, projections, CMA-ES
     times["bbt BBT"].clear()
-    peaks = [matmul_peak()]
+    peaks = [matmul_peak(device)]
     for g in range(args.generations):
         order = list(modes) if g % 2 == 0 else list(reversed(modes))
         for name in order:
@@ -158,7 +170,7 @@ def main() -> int:
             queries[name].append(modes[name]())
             if name == "baseline":
                 times[name].append(time.perf_counter() - start)
-        peaks.append(matmul_peak())
+        peaks.append(matmul_peak(device))
     peak = statistics.median(peaks)
 
     params = sum(p.numel() for name, p in model.model.base_model.named_parameters() if "embeddings" not in name)
@@ -167,8 +179,8 @@ def main() -> int:
     flop_per_query = 2 * params * tokens_per_query
 
     print(f"MiniLM ({params / 1e6:.1f} M non-embedding parameters), SST-2 seed {args.seed}: {len(train)} training "
-          f"examples, prompt length {length}, population {k}; torch threads {torch.get_num_threads()}")
-    print(f"matmul peak (fp32, 2048^2): {peak:.1f} GFLOP/s (median of {len(peaks)}: "
+          f"examples, prompt length {length}, population {k}; device {device}, torch threads {torch.get_num_threads()}")
+    print(f"matmul peak (fp32, {2048 if device.type == 'cpu' else 8192}^2): {peak:.1f} GFLOP/s (median of {len(peaks)}: "
           f"{min(peaks):.1f} .. {max(peaks):.1f})")
     print(f"tokens per query: {tokens_per_query} useful, {padded_per_query} in the baseline's padded batch")
     print(f"\n{'mode':<15}{'s/generation':>13}{'queries/s':>11}{'useful GFLOP/s':>16}{'of peak':>9}{'vs baseline':>13}")

@@ -38,6 +38,10 @@ ENCODER_LOGIT_SCALE = 20.0  # cosine in [-1, 1] -> logits; sentence-transformers
 # for MiniLM) stay in cache and in reused heap memory: on a 2-core CPU bbt tuned 1.5x faster than
 # with 16384 (experiments/bench_speed.py, its ablation). Large enough for full GEMMs.
 TOKENS_PER_CHUNK = 2048
+# On a GPU, passes that small would leave it waiting on kernel launches. Not yet measured (no GPU
+# on the development machine): 32768 padded tokens keep MiniLM's largest activation (T x 4H floats)
+# at 200 MB and a 24-layer, H = 1024 model's at 512 MB.
+ACCELERATOR_TOKENS_PER_CHUNK = 32768
 
 # A few plain sentences (our own) to estimate hidden-state scales when a model loads.
 _SAMPLE_TEXT = [
@@ -68,6 +72,7 @@ class PromptModel:
 
     def __init__(self, name: str, path: Path, tokenizer, model: torch.nn.Module):
         self.name, self.path, self.tokenizer, self.model = name, path, tokenizer, model.eval()
+        self.device: torch.device = next(model.parameters()).device
         cfg = model.config
         self.hidden_size: int = cfg.hidden_size
         self.num_layers: int = cfg.num_hidden_layers
@@ -147,6 +152,7 @@ class PromptModel:
         Those states are kept for the next request on the same inputs (`_lower_states`).
         """
         n = len(enc.ids)
+        prompts = None if prompts is None else prompts.to(self.device)
         k = 1 if prompts is None else prompts.shape[0]
         length = 0 if prompts is None else prompts.shape[2]
         head = self._head(task)
@@ -155,15 +161,23 @@ class PromptModel:
         shared = None  # the tuned layer's query/key/value matmuls, split into shared and per-candidate parts
         if lower is not None and _BertLayer.fits(self.layers[start]):
             shared = _SharedQKV(self.layers[start], lower, prompts[:, start])
-        out = torch.empty(k, n, head.n_classes)
+        out = torch.empty(k, n, head.n_classes, device=self.device)
         # Example-major order over length-sorted examples: each chunk pads to its own longest.
         order = sorted(range(n), key=lambda i: len(enc.ids[i]))
         pairs = [(kk, i) for i in order for kk in range(k)]
-        for chunk in _chunks(pairs, [len(enc.ids[i]) + length for _, i in pairs]):
-            cand = torch.tensor([c for c, _ in chunk])
+        for chunk in _chunks(pairs, [len(enc.ids[i]) + length for _, i in pairs], self.chunk_tokens()):
+            cand = self._tensor([c for c, _ in chunk])
             ex_idx = [i for _, i in chunk]
-            out[cand, torch.tensor(ex_idx)] = self._forward_chunk(enc, ex_idx, cand, prompts, head, lower, start, shared)
-        return out
+            out[cand, self._tensor(ex_idx)] = self._forward_chunk(enc, ex_idx, cand, prompts, head, lower, start, shared)
+        return out.cpu()
+
+    def chunk_tokens(self) -> int:
+        """Padded tokens per forward pass on this model's device."""
+        return TOKENS_PER_CHUNK if self.device.type == "cpu" else ACCELERATOR_TOKENS_PER_CHUNK
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        """A long tensor on the model's device."""
+        return torch.tensor(values, dtype=torch.long, device=self.device)
 
     def _batch(self, enc: Encoded, ex_idx: list[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask (B, T), with `length` prompt slots after the leading specials."""
@@ -176,7 +190,7 @@ class PromptModel:
             full = s[:a] + [self.pad_id] * length + s[a:]
             ids[row, : len(full)] = torch.tensor(full)
             mask[row, : len(full)] = 1
-        return ids, mask
+        return ids.to(self.device), mask.to(self.device)  # built on the CPU: one copy each, not one per row
 
     def _run(self, ids: torch.Tensor, mask: torch.Tensor, prompts: torch.Tensor | None, hooks: list,
              rows: torch.Tensor | None = None, cand: torch.Tensor | None = None, first: int = 0,
@@ -192,7 +206,7 @@ class PromptModel:
         its query/key/value projections from there (`_SharedQKV`)."""
         a = self.prompt_at
         if first > 0:  # the skipped layers' output comes from a hook: the embeddings are not needed
-            embeds = torch.zeros(*ids.shape, self.hidden_size, dtype=self.word_embeddings.weight.dtype)
+            embeds = torch.zeros(*ids.shape, self.hidden_size, dtype=self.word_embeddings.weight.dtype, device=self.device)
         else:
             embeds = self.word_embeddings(ids)  # (B, T, H)
         keys = mask.bool()
@@ -253,7 +267,7 @@ class PromptModel:
         first = 0 if base is None else base.layer
         states: list[torch.Tensor] = [torch.empty(0)] * len(enc.ids)
         order = sorted(range(len(enc.ids)), key=lambda i: len(enc.ids[i]))
-        for ex_idx in _chunks(order, [len(enc.ids[i]) + length for i in order]):
+        for ex_idx in _chunks(order, [len(enc.ids[i]) + length for i in order], self.chunk_tokens()):
             ids, mask = self._batch(enc, ex_idx, length)
             captured: list[torch.Tensor] = []
 
@@ -266,12 +280,12 @@ class PromptModel:
                 hooks.insert(0, (first, _resume(base.states, ex_idx, ids.shape[1])))
             with self._skipping(first):
                 try:
-                    self._run(ids, mask, below, hooks, cand=torch.zeros(len(ex_idx), dtype=torch.long), first=first)
+                    self._run(ids, mask, below, hooks, cand=self._tensor([0] * len(ex_idx)), first=first)
                 except _Stop:
                     pass
             hidden = captured[0]
             for row, i in enumerate(ex_idx):
-                states[i] = hidden[row, : int(mask[row].sum())].clone()
+                states[i] = hidden[row, : len(enc.ids[i]) + length].clone()
         return states
 
     @contextmanager
@@ -306,7 +320,7 @@ class PromptModel:
         length = 0 if prompts is None else prompts.shape[2]
         a = self.prompt_at
         ids, mask = self._batch(enc, ex_idx, length)
-        readout = torch.tensor([enc.readout[i] for i in ex_idx])
+        readout = self._tensor([enc.readout[i] for i in ex_idx])
         shift = torch.where(readout >= a, readout + length, readout)
         read = self._read_rows(shift, ids.shape[1], length) if self.top_rows_only else None
         if lower is None:
@@ -336,7 +350,7 @@ class PromptModel:
             rng = np.random.Generator(np.random.PCG64(seed))
             ids = rng.choice(self._ordinary_ids(), size=length, replace=False)
             with torch.inference_mode():
-                self._init_cache[key] = self.word_embeddings(torch.as_tensor(ids)).float().numpy()
+                self._init_cache[key] = self.word_embeddings(self._tensor(ids.tolist())).float().cpu().numpy()
         return self._init_cache[key]
 
     def _ordinary_ids(self) -> np.ndarray:
@@ -406,15 +420,15 @@ class EncoderModel(PromptModel):
 
     def _read_rows(self, readout: torch.Tensor, t: int, length: int) -> torch.Tensor | None:
         if self.pooling == "cls":
-            return torch.zeros(len(readout), 1, dtype=torch.long)
+            return torch.zeros(len(readout), 1, dtype=torch.long, device=readout.device)
         a = self.prompt_at  # mean pooling reads every position but the prompt's (padding is masked there)
-        cols = torch.cat([torch.arange(a), torch.arange(a + length, t)])
+        cols = torch.cat([torch.arange(a), torch.arange(a + length, t)]).to(readout.device)
         return cols.expand(len(readout), -1)
 
     def _label_embeddings(self, task: TaskSpec) -> torch.Tensor:
         key = tuple(task.label_texts)
         if key not in self._label_cache:
-            batch = self.tokenizer(list(key), padding=True, return_tensors="pt")
+            batch = self.tokenizer(list(key), padding=True, return_tensors="pt").to(self.device)
             hidden = self.model.base_model(**batch).last_hidden_state
             self._label_cache[key] = self._pool(hidden, batch["attention_mask"])  # (C, H)
         return self._label_cache[key]
@@ -450,11 +464,11 @@ class MaskedLMModel(PromptModel):
         raise ConfigError(f"model {self.name!r}: no masked-LM head (cls or lm_head) found")
 
     def _head(self, task: TaskSpec):
-        verb = torch.tensor(self.verbalizer_ids(task))
+        verb = self._tensor(self.verbalizer_ids(task))
         lm_head = self._lm_head()
 
         def head(hidden, mask, readout, at, length):
-            at_mask = hidden[torch.arange(hidden.shape[0]), readout]  # (B, H)
+            at_mask = hidden[torch.arange(hidden.shape[0], device=hidden.device), readout]  # (B, H)
             return lm_head(at_mask)[:, verb]
 
         head.n_classes = len(task.labels)
@@ -487,11 +501,11 @@ class CausalLMModel(PromptModel):
         return ids, len(ids) - 1
 
     def _head(self, task: TaskSpec):
-        verb = torch.tensor(self.verbalizer_ids(task))
+        verb = self._tensor(self.verbalizer_ids(task))
         lm_head = self.model.get_output_embeddings()
 
         def head(hidden, mask, readout, at, length):
-            return lm_head(hidden[torch.arange(hidden.shape[0]), readout])[:, verb]
+            return lm_head(hidden[torch.arange(hidden.shape[0], device=hidden.device), readout])[:, verb]
 
         head.n_classes = len(task.labels)
         return head
@@ -538,10 +552,36 @@ def detect_family(path: Path) -> str:
     )
 
 
-def load_model(name_or_path: str, *, name: str | None = None, family: str | None = None) -> PromptModel:
-    """Load a frozen model from an installed package or a local directory (never the network)."""
+def resolve_device(spec: str | None = None) -> torch.device:
+    """The torch device for `spec`: 'cpu', 'cuda', 'cuda:1', 'mps'; 'auto' or None: a GPU if torch
+    sees one, else the CPU. A device this torch build or machine lacks is a ConfigError."""
+    if spec in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"unknown device {spec!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device {spec!r}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu, or install a CUDA "
+            "build of torch on a machine with a GPU"
+        )
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {spec!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {spec!r}: MPS is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device {spec!r}: bbt runs models on cpu, cuda or mps")
+    return device
+
+
+def load_model(name_or_path: str, *, name: str | None = None, family: str | None = None,
+               device: str | None = None) -> PromptModel:
+    """Load a frozen model from an installed package or a local directory (never the network),
+    onto `device` (see `resolve_device`; default: a GPU if there is one, else the CPU)."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
+    where = resolve_device(device)  # before the slow load: a bad device fails at once
     path = resolve_model_path(name_or_path)
     family = family or detect_family(path)
     classes = {"encoder": AutoModel, "masked": AutoModelForMaskedLM, "causal": AutoModelForCausalLM}
@@ -552,7 +592,7 @@ def load_model(name_or_path: str, *, name: str | None = None, family: str | None
         model = classes[family].from_pretrained(path, local_files_only=True, dtype=torch.float32)
     except (OSError, ValueError) as exc:
         raise ModelNotFound(f"cannot load a {family} model from {path}: {exc}") from exc
-    model.requires_grad_(False)
+    model.requires_grad_(False).to(where)
     display = name or name_or_path
     if family == "encoder":
         return EncoderModel(display, path, tokenizer, model, pooling=_pooling_mode(path))

@@ -30,7 +30,7 @@ from bbt.protocol import (
     Tensor,
     Usage,
 )
-from servers.models import DEFAULT_MODEL, Encoded, PromptModel, as_tensor, load_model
+from servers.models import DEFAULT_MODEL, Encoded, PromptModel, as_tensor, load_model, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +51,15 @@ class ModelService:
     Args:
         models: specs 'NAME=PATH', 'PATH' or 'minilm' loaded up front; with `lazy`, other names
             are loaded on first use (the in-process backend), otherwise they are unknown (a server).
+        device: where the models run: 'auto' (a GPU if torch sees one, else the CPU), 'cpu',
+            'cuda', 'cuda:N' or 'mps'.
     """
 
-    def __init__(self, models: list[str], *, limits: Limits | None = None, lazy: bool = True):
+    def __init__(self, models: list[str], *, limits: Limits | None = None, lazy: bool = True,
+                 device: str = "auto"):
         self.limits = limits or Limits()
         self.lazy = lazy
+        self.device = str(resolve_device(device))  # a bad device fails here, before any model loads
         self._models: dict[str, PromptModel] = {}
         self._lock = threading.Lock()  # one forward pass at a time: torch already uses every core
         self._encodings: OrderedDict[str, Encoded] = OrderedDict()
@@ -64,7 +68,7 @@ class ModelService:
 
     def add(self, spec: str) -> PromptModel:
         name, _, path = spec.partition("=") if "=" in spec else (spec, "", spec)
-        model = _shared_model(path, name)
+        model = _shared_model(path, name, self.device)
         self._models[name] = model
         return model
 
@@ -183,16 +187,16 @@ class ModelService:
         return out.reshape(k, layers, length, h)
 
 
-_LOADED: dict[str, PromptModel] = {}
+_LOADED: dict[tuple[str, str], PromptModel] = {}
 _LOAD_LOCK = threading.Lock()
 
 
-def _shared_model(path: str, name: str) -> PromptModel:
-    """Load each model directory once per process, whatever name it is served under."""
+def _shared_model(path: str, name: str, device: str) -> PromptModel:
+    """Load each model directory once per process and device, whatever name it is served under."""
     with _LOAD_LOCK:
-        if path not in _LOADED:
-            _LOADED[path] = load_model(path or DEFAULT_MODEL, name=name)
-        return _LOADED[path]
+        if (path, device) not in _LOADED:
+            _LOADED[path, device] = load_model(path or DEFAULT_MODEL, name=name, device=device)
+        return _LOADED[path, device]
 
 
 def _check_k_l(k: int, length: int, max_k: int, max_l: int) -> None:

@@ -9,7 +9,9 @@ from bbt.protocol import EvaluateRequest, EvaluateResponse, ModelInfo, StatsRequ
 class LocalBackend:
     """Calls the server's evaluation code directly, with the same protocol objects as HTTP."""
 
-    def __init__(self, models: list[str] | None = None):
+    def __init__(self, models: list[str] | None = None, *, device: str = "auto"):
+        """`device`: where the models run: auto (a GPU if torch sees one, else the CPU), cpu,
+        cuda, cuda:N or mps."""
         try:
             from servers import service
         except ImportError as exc:
@@ -17,7 +19,7 @@ class LocalBackend:
                 f"running a model in process needs the model side ({exc.name} is missing): "
                 "pip install 'bbt[server]', or tune against a server with --endpoint URL"
             ) from None
-        self.service = service.ModelService(models or [])  # the model side, for benchmarks and tests
+        self.service = service.ModelService(models or [], device=device)  # the model side, for benchmarks and tests
 
     def model_info(self, model: str) -> ModelInfo:
         return self.service.get(model).info()
