@@ -8,8 +8,8 @@
 Measured in one run, on this machine, back to back in alternating order so that both see the same
 load:
 
-- peak: the best fp32 GFLOP/s of a 2048 x 2048 matmul in torch (same thread settings as the model),
-  measured before and after every pass; the median is used.
+- peak: the best fp32 GFLOP/s of a 2048 x 2048 matmul in torch (8192 x 8192 on a GPU; same
+  thread settings as the model), measured before and after every pass; the median is used.
 - baseline: a loop like the original BBT code's: pycma ask, p = A z in numpy, then for each
   candidate one forward pass of the whole padded batch (all 32 training examples padded to the
   longest), fp32, under `torch.no_grad`, cross-entropy, pycma tell.
