@@ -131,9 +131,10 @@ def test_evaluation_in_chunks_equals_one_pass(tiny_bert_mlm, local_backend, tiny
     monkeypatch.setattr(run, "EVAL_CHUNK", 5)
     ledger = Ledger(Budget())
     parts, part_logits = run.evaluate_split(local_backend, str(tiny_bert_mlm), sst2_task, tiny_data.test, prompt, ledger)
-    np.testing.assert_allclose(part_logits, whole_logits, rtol=1e-5, atol=1e-6)
+    # chunks pad to other lengths than the whole split, so fp32 kernels sum in another order: last bits differ
+    np.testing.assert_allclose(part_logits, whole_logits, rtol=1e-4, atol=1e-5)
     assert part_logits.shape == (12, 2)
-    assert parts.accuracy == whole.accuracy and parts.loss == pytest.approx(whole.loss, rel=1e-5)
+    assert parts.accuracy == whole.accuracy and parts.loss == pytest.approx(whole.loss, rel=1e-4)
     assert ledger.evaluation.requests == 3 and ledger.evaluation.examples == 12  # 5 + 5 + 2
     assert ledger.tuning.queries == 0
 

@@ -320,8 +320,8 @@ def test_population_split_across_two_servers(server, http, tmp_path):
                 assert two.usage.requests == 2 and one.usage.requests == 1
                 assert two.usage.tokens == one.usage.tokens
                 # batches of 3 and 2 may round differently from one batch of 5, in the last bits only
-                np.testing.assert_allclose(two.losses, one.losses, rtol=1e-5, atol=1e-6)
-                np.testing.assert_allclose(two.logits.to_numpy(), one.logits.to_numpy(), rtol=1e-5, atol=1e-5)
+                np.testing.assert_allclose(two.losses, one.losses, rtol=1e-4, atol=1e-5)
+                np.testing.assert_allclose(two.logits.to_numpy(), one.logits.to_numpy(), rtol=1e-4, atol=1e-5)
                 assert np.ptp(one.losses) > 1e-3  # candidates differ, so a reordering would show
             zero = both.evaluate(tiny_request(seed=13).model_copy(update={"candidates": None, "inputs": DATA.train.examples[:3],
                                                                           "labels": DATA.train.labels[:3]}))
