@@ -4,6 +4,7 @@
     python experiments/bench_speed.py                       # MiniLM, SST-2 seed 42 train (32), L = 50, K = 20
     python experiments/bench_speed.py --generations 5 --prompt-length 50
     python experiments/bench_speed.py --device cuda         # everything, the baseline too, on a GPU
+    python experiments/bench_speed.py --compile             # adds bbt BBT with torch.compile'd layer blocks
 
 Measured in one run, on this machine, back to back in alternating order so that both see the same
 load:
@@ -20,6 +21,9 @@ load:
   reuse of the layers below the tuned one.
 - ablations (skip with `--no-ablation`): bbt BBT with forward passes of 16,384 padded tokens (the
   size before issue 6) instead of 2,048, and with the top layer run at every position.
+- with `--compile`: bbt BBT with the layers' dense blocks run through `torch.compile`
+  (`PromptModel.compile`, what `bbt serve --compile` does). The compile time is printed apart;
+  recompiles for new shapes during the timed passes count, as a user would pay them.
 
 Useful FLOPs per query = 2 x non-embedding parameters x non-padding tokens (the texts with their
 template, plus L prompt tokens each); the useful fraction is useful FLOP/s over the peak (BBTv2's
@@ -75,6 +79,8 @@ def main() -> int:
     ap.add_argument("--popsize", type=int, default=20)
     ap.add_argument("--no-ablation", dest="ablation", action="store_false",
                     help="skip the two extra modes: bbt BBT with 16,384-token passes, and with the top layer run whole")
+    ap.add_argument("--compile", action="store_true",
+                    help="add bbt BBT with torch.compile'd layer blocks (compiling takes up to a minute)")
     ap.add_argument("--device", default="auto", help="where the model runs: auto, cpu, cuda, ... (default: %(default)s)")
     ap.add_argument("--generations", type=int, default=3, help="timed passes per mode: one generation (BBTv2: one round, a generation per layer)")
     args = ap.parse_args()
@@ -151,8 +157,23 @@ def main() -> int:
     if args.ablation:
         modes["BBT 16k passes"] = lambda: without("BBT 16k passes", "chunks")
         modes["BBT whole top"] = lambda: without("BBT whole top", "top")
+    compile_seconds = None
+    if args.compile:
+        def compiled(name: str) -> int:
+            model.compile()
+            try:
+                return run_tune("bbt", name)
+            finally:
+                model.compile(False)
+
+        modes["BBT compiled"] = lambda: compiled("BBT compiled")
     times: dict[str, list[float]] = {m: [] for m in modes}
     queries: dict[str, list[int]] = {m: [] for m in modes}
+    if args.compile:
+        start = time.perf_counter()
+        model.compile()  # compiles now; not counted with the timed passes
+        compile_seconds = time.perf_counter() - start
+        model.compile(False)
 
     # the same function both ways: bbt's scoring and the baseline's forward on the same prompts
     z = np.random.default_rng(0).standard_normal((k, 1, d))
@@ -160,6 +181,10 @@ def main() -> int:
                           candidates=IntrinsicPrompts(z=Tensor.from_numpy(z), projections=[spec], prompt_length=length))
     got = service.evaluate(req).logits.to_numpy()
     want = forward_each(torch.from_numpy(service._prompts(model, req)).to(device))
+    if args.compile:
+        model.compile()
+        compiled_diff = np.abs(service.evaluate(req).logits.to_numpy() - got).max()
+        model.compile(False)
     baseline(), modes["bbt BBT"]()  # warm-up: label embeddings, projections, CMA-ES
     times["bbt BBT"].clear()
     peaks = [matmul_peak(device)]
@@ -191,6 +216,9 @@ def main() -> int:
         per_gen = k * sum(times[name]) / sum(queries[name])
         print(f"{name:<15}{per_gen:>13.2f}{qps[name]:>11.2f}{useful:>16.1f}{useful / peak:>9.2f}"
               f"{qps[name] / qps['baseline']:>12.2f}x")
+    if compile_seconds is not None:
+        print(f"\ntorch.compile: compiling took {compile_seconds:.1f} s; "
+              f"largest logit difference, compiled vs eager: {compiled_diff:.2e}")
     print(f"\nlargest logit difference, bbt vs baseline: {np.abs(want - got).max():.2e}")
     print(f"ratio bbt BBT / baseline (queries/s): {qps['bbt BBT'] / qps['baseline']:.2f}x (issue 6 asks for 1.4x)")
     backend.close()

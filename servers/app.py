@@ -83,7 +83,7 @@ def create_app(service: ModelService, *, api_keys: Iterable[str] | None = None, 
 def serve(models: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_keys_file: str | Path | None = None,
           max_candidates: int = 256, max_examples: int = 10000, max_body_mb: float = 64.0,
           quota: int | None = None, quota_window: float = 86400.0, rate_limit: float | None = None,
-          device: str = "auto") -> None:
+          device: str = "auto", compile: bool = False) -> None:
     """Validate the settings, load the models, then serve until interrupted (blocking).
 
     Every setting is checked before the (slow) model loading, and a bad one raises ConfigError
@@ -125,8 +125,11 @@ def serve(models: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_k
         log.info("no API keys: every client shares one quota and rate limit (account %r)", auth.ANONYMOUS)
 
     start = time.perf_counter()
-    service = ModelService(models, limits=limits, lazy=False, device=device)
-    log.info("loaded %s on %s in %.1f s", ", ".join(service.names), service.device, time.perf_counter() - start)
+    if compile:
+        log.info("compiling the models' layer blocks with torch.compile (about a minute)")
+    service = ModelService(models, limits=limits, lazy=False, device=device, compile=compile)
+    log.info("loaded %s on %s%s in %.1f s", ", ".join(service.names), service.device,
+             ", compiled" if compile else "", time.perf_counter() - start)
     app = create_app(service, api_keys=[f"sha256:{d}" for d in digests], quotas=quotas)
     # one worker process: the models live in this process; keep-alive so clients reuse connections
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_keep_alive=75)
