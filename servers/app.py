@@ -126,7 +126,7 @@ def serve(models: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_k
 
     start = time.perf_counter()
     if compile:
-        log.info("compiling the models' layer blocks with torch.compile (about a minute)")
+        log.info("compiling the models' layer blocks with torch.compile (up to a minute)")
     service = ModelService(models, limits=limits, lazy=False, device=device, compile=compile)
     log.info("loaded %s on %s%s in %.1f s", ", ".join(service.names), service.device,
              ", compiled" if compile else "", time.perf_counter() - start)
