@@ -135,7 +135,8 @@ class ModelService:
 
     def _encode(self, model: PromptModel, req) -> Encoded:
         key = hashlib.sha1(
-            json.dumps([model.name, req.task.model_dump(), [e.model_dump() for e in req.inputs]]).encode()
+            # the model's directory, not its name: a copy loaded under one name may be served under others
+            json.dumps([str(model.path), req.task.model_dump(), [e.model_dump() for e in req.inputs]]).encode()
         ).hexdigest()
         if key in self._encodings:
             self._encodings.move_to_end(key)

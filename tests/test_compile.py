@@ -69,3 +69,17 @@ def test_a_machine_that_cannot_compile_gets_a_clear_error(tiny_encoder, monkeypa
     assert not model.compiled
     assert all(getattr(owner, attr) is block for owner, attr, block, _ in model._blocks)
     assert service.evaluate(req).losses == before
+
+
+def test_two_models_first_loaded_under_one_name_keep_their_own_encodings(tiny_bert_mlm, tiny_gpt2):
+    """A model directory is loaded once per process under the first name asked for; a service that
+    serves two such copies must not share their tokenized inputs (found through this file's tests:
+    BERT token ids reached GPT-2)."""
+    from servers.service import ModelService
+
+    ModelService([f"m={tiny_bert_mlm}"], device="cpu"), ModelService([f"m={tiny_gpt2}"], device="cpu")
+    both = ModelService([f"bert={tiny_bert_mlm}", f"gpt={tiny_gpt2}"], device="cpu")
+    for name in ("bert", "gpt"):
+        model = both.get(name)
+        req = _request(model.hidden_size).model_copy(update={"model": name})
+        assert len(both.evaluate(req).losses) == 3
