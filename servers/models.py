@@ -91,7 +91,8 @@ class PromptModel:
         self.reuse_lower_layers = True  # see logits(); a switch for tests and benchmarks
         self._kept: dict[int, _KeptStates] = {}  # id(Encoded) -> the last lower states computed for it
         self.top_rows_only = True  # see _read_rows(); a switch for tests and benchmarks
-        self._blocks: list[tuple[torch.nn.Module, str, torch.nn.Module, torch.nn.Module | None]] = []
+        self._blocks: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []  # (owner, attribute, eager block)
+        self._compiled_blocks: list[torch.nn.Module] | None = None  # made once, on the first compile()
         self.compiled = False
 
     def compile(self, on: bool = True) -> None:
@@ -112,22 +113,19 @@ class PromptModel:
                                     (layer, "output"), (layer, "mlp")):
                     block = getattr(owner, attr, None)
                     if isinstance(block, torch.nn.Module):
-                        self._blocks.append((owner, attr, block, None))
+                        self._blocks.append((owner, attr, block))
         if on == self.compiled:
             return
+        if on and self._compiled_blocks is None:
+            # dynamic: passes vary in rows and length; freezing: the weights are constants, so inductor
+            # may lay them out for the CPU's matmul kernels once
+            self._compiled_blocks = [torch.compile(block, dynamic=True, options={"freezing": True})
+                                     for _, _, block in self._blocks]
+        for (owner, attr, eager), fast in zip(self._blocks, self._compiled_blocks):
+            setattr(owner, attr, fast if on else eager)
+        self.compiled = on
         if not on:
-            for owner, attr, eager, _ in self._blocks:
-                setattr(owner, attr, eager)
-            self.compiled = False
             return
-        # dynamic: passes vary in rows and length; freezing: the weights are constants, so inductor
-        # may lay them out for the CPU's matmul kernels once
-        self._blocks = [(owner, attr, eager,
-                         torch.compile(eager, dynamic=True, options={"freezing": True}) if fast is None else fast)
-                        for owner, attr, eager, fast in self._blocks]
-        for owner, attr, _, fast in self._blocks:
-            setattr(owner, attr, fast)
-        self.compiled = True
         try:
             with torch.inference_mode():  # compile now, on a small batch
                 ids = torch.full((2, 8), self.pad_id + 1, dtype=torch.long, device=self.device)

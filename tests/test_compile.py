@@ -32,7 +32,8 @@ def test_compiled_blocks_score_like_eager_ones(fixture, request):
     fast = ModelService([f"m={path}"], device="cpu", compile=True)
     model = fast.get("m")
     assert model is not eager.get("m") and model.compiled and not eager.get("m").compiled
-    assert model._blocks and all(type(b).__name__ == "OptimizedModule" for _, _, _, b in model._blocks)
+    assert model._blocks
+    assert all(type(getattr(owner, attr)).__name__ == "OptimizedModule" for owner, attr, _ in model._blocks)
     req = _request(model.hidden_size)
     want, got = eager.evaluate(req), fast.evaluate(req)
     np.testing.assert_allclose(got.logits.to_numpy(), want.logits.to_numpy(), rtol=1e-4, atol=1e-5)
@@ -41,7 +42,7 @@ def test_compiled_blocks_score_like_eager_ones(fixture, request):
     model.compile(False)  # back to eager: the original modules, the same scores
     try:
         assert not model.compiled
-        assert all(getattr(owner, attr) is block for owner, attr, block, _ in model._blocks)
+        assert all(getattr(owner, attr) is block for owner, attr, block in model._blocks)
         np.testing.assert_allclose(fast.evaluate(req).logits.to_numpy(), want.logits.to_numpy(), rtol=1e-5, atol=1e-6)
     finally:
         model.compile()  # the shared copy stays as the service that loaded it asked
@@ -51,6 +52,7 @@ def test_a_machine_that_cannot_compile_gets_a_clear_error(tiny_encoder, monkeypa
     """Inductor fails on the first call (no C++ compiler, say): a ConfigError at load time, and the
     model is left in eager mode, still scoring."""
     from servers.models import load_model
+    from servers.service import ModelService
 
     class Broken(torch.nn.Module):
         def forward(self, *args, **kwargs):
@@ -58,8 +60,6 @@ def test_a_machine_that_cannot_compile_gets_a_clear_error(tiny_encoder, monkeypa
 
     model = load_model(str(tiny_encoder), name="m", device="cpu")
     req = _request(model.hidden_size)
-    from servers.service import ModelService
-
     service = ModelService([], device="cpu")
     service._models["m"] = model
     before = service.evaluate(req).losses
@@ -67,7 +67,7 @@ def test_a_machine_that_cannot_compile_gets_a_clear_error(tiny_encoder, monkeypa
     with pytest.raises(ConfigError, match="torch.compile does not work for m here .*InvalidCxxCompiler.*C\\+\\+ compiler"):
         model.compile()
     assert not model.compiled
-    assert all(getattr(owner, attr) is block for owner, attr, block, _ in model._blocks)
+    assert all(getattr(owner, attr) is block for owner, attr, block in model._blocks)
     assert service.evaluate(req).losses == before
 
 
