@@ -24,7 +24,8 @@ Each finished run is appended to `--results` (JSONL) with every setting it ran w
 already there (same preset name, settings, budget, task and seed) are skipped, so an interrupted
 sweep continues where it stopped. The test sample size is not part of that match. Prints one
 table per task (mean over seeds, and the spread), the queries at which the last preset first
-reaches the first one's accuracy at its full budget, and writes a plot with `--plot`.
+reaches the first one's accuracy at its full budget, the gap between the two per seed with its
+standard error, and writes a plot with `--plot`.
 """
 
 from __future__ import annotations
@@ -165,6 +166,14 @@ def _parse_set(items: list[str]) -> dict:
     return out
 
 
+def paired_gaps(rows: list[dict], task: str, ref: str, q_ref: int, new: str, q_new: int) -> list[float]:
+    """Per seed run by both presets: `new`'s test accuracy at q_new minus `ref`'s at q_ref (points)."""
+    at = {(r["preset"], r["seed"]): r["curve"] for r in rows if r["task"] == task}
+    seeds = sorted(s for p, s in at if p == ref and (new, s) in at)
+    return [at[(new, s)][str(q_new)] - at[(ref, s)][str(q_ref)] for s in seeds
+            if str(q_new) in at[(new, s)] and str(q_ref) in at[(ref, s)]]
+
+
 def report(rows: list[dict], presets: list[str], tasks: list[str], plot: Path | None) -> None:
     """Mean curves per task and preset; where the last preset reaches the first one's final accuracy."""
     curves: dict[tuple[str, str], dict[int, list[float]]] = {}
@@ -202,6 +211,13 @@ def report(rows: list[dict], presets: list[str], tasks: list[str], plot: Path | 
             q_new = max(new_curve)
             print(f"  {task:<8} {ref} at {q_ref}: {target:.1f}; {new} at {q_new}: {statistics.mean(new_curve[q_new]):.1f}; "
                   + (f"{new} reaches {target:.1f} at {reach[0]} queries" if reach else f"{new} does not reach it"))
+            gaps = paired_gaps(rows, task, ref, q_ref, new, q_new)
+            if len(gaps) >= 2:
+                # Runs with one seed share the train/dev split and the test sample, so the gap per seed is the
+                # fair comparison; its standard error says whether three seeds can tell the two apart at all.
+                se = statistics.stdev(gaps) / len(gaps) ** 0.5
+                print(f"  {'':<8} per seed {new} - {ref}: {' '.join(f'{g:+.1f}' for g in gaps)}; "
+                      f"mean {statistics.mean(gaps):+.1f} +- {se:.1f} (standard error)")
     if plot is not None:
         import matplotlib
 
