@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the cache and --quiet may be given with it")
     m = t.add_argument_group("method")
     m.add_argument("--method", choices=["bbt", "bbtv2"], default=d.method, help="bbt: input prompt; bbtv2: deep prompt, layer by layer")
-    m.add_argument("--model", default=d.model, help="model name, or a local model directory (in process)")
+    m.add_argument("--model", default=d.model, help="minilm, smollm2, a local model directory or a .gguf file (in "
+                   "process); with --endpoint, a model the server serves")
     m.add_argument("--prompt-length", type=int, default=d.prompt_length, metavar="L", help="soft-prompt tokens")
     m.add_argument("--intrinsic-dim", type=int, default=d.intrinsic_dim, metavar="D", help="dimension of z")
     m.add_argument("--popsize", type=int, default=d.popsize, help="CMA-ES population (queries per generation)")
@@ -132,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Serve models over HTTP (protocol v1, OpenAPI page at /docs)."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     s.add_argument("--model", action="append", metavar="[NAME=]PATH",
-                   help="model to serve: minilm, a local directory, or NAME=DIR (repeat for several); default: minilm")
+                   help="model to serve: minilm, smollm2, a local directory or .gguf file, or NAME=PATH (repeat for "
+                   "several); default: minilm")
     s.add_argument("--host", default="127.0.0.1", help="interface to listen on")
     s.add_argument("--device", default="auto", metavar="DEV",
                    help="where the models run: auto (a GPU if torch sees one, else the CPU), cpu, cuda, cuda:N or mps")

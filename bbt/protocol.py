@@ -100,6 +100,12 @@ class _Candidates(_Model):
         description="p0 of the input prompt: the input embeddings of L ordinary vocabulary tokens that the server "
         "draws with this seed (BBT's initialisation), added to every candidate; none: p0 = 0",
     )
+    layer: int | None = Field(
+        default=None, ge=0,
+        description="BBTv2: the lowest prompted layer in which the candidates differ (the layer this generation "
+        "tunes); below it every candidate carries the same prompts, so the server runs those layers once per "
+        "example instead of once per candidate. The server checks it; absent: the server compares the prompts",
+    )
 
 
 class PromptTensor(_Candidates):
@@ -230,6 +236,16 @@ class ModelInfo(_Model):
     embedding_std: float = Field(description="std of the word embedding table")
     hidden_std: list[float] = Field(description="std of the hidden states entering each layer, on sample text")
     modes: list[str] = Field(description="'bbt' (input prompt) and/or 'bbtv2' (deep prompt)")
+    prompt_placement: Literal["after_leading_special_tokens"] = Field(
+        default="after_leading_special_tokens",
+        description="where the L prompt vectors sit: right after the special tokens the tokenizer puts before the "
+        "text ([CLS], <s>, BOS), before the first text token; prompt entry l >= 1 is added to the hidden states "
+        "entering layer l at those positions",
+    )
+    prompt_position: int = Field(
+        default=0, ge=0, description="index of the first prompt vector: the number of leading special tokens "
+        "(0 for a tokenizer that adds none, as SmolLM2's: then the prompt comes first, as PEFT places it)",
+    )
 
 
 class ModelList(_Model):

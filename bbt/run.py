@@ -32,6 +32,7 @@ from bbt.config import TuneConfig
 from bbt.data import Split, TaskData
 from bbt.errors import ConfigError
 from bbt.protocol import EvaluateRequest, Example, ProjectionSpec, TaskSpec, Usage
+from bbt.tasks import for_family
 from bbt.tuner import Evaluation, Prompt, TuneState, tune
 
 ARTIFACT_VERSION = 1
@@ -53,6 +54,9 @@ class PromptArtifact(BaseModel):
     z: list[list[float]]  # (layers, d)
     projections: list[ProjectionSpec]
     init_seed: int | None = None  # p0: the server's vocabulary embeddings drawn with this seed; none: zeros
+    # where the prompt sits (`ModelInfo.prompt_placement`): after `prompt_position` leading special tokens
+    prompt_placement: str | None = None
+    prompt_position: int | None = None
 
     def prompt(self) -> Prompt:
         return Prompt(z=np.asarray(self.z, dtype=np.float64), projections=self.projections,
@@ -108,6 +112,7 @@ def run_tune(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, 
     wall_start = time.perf_counter()
     out = Path(out)
     saved = None
+    task = for_family(task, backend.model_info(cfg.model).family)  # a built-in task's causal-LM template on a causal LM
     if resume:
         if not (out / "config.json").exists():
             raise ConfigError(f"{out} is not a run folder (no config.json): nothing to resume")
@@ -176,8 +181,10 @@ def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out:
         if bar is not None:
             bar.close()
     prompt = result.prompt
+    info = backend.model_info(cfg.model)
     artifact = PromptArtifact(method=cfg.method, model=cfg.model, task=task, prompt_length=cfg.prompt_length,
-                              z=prompt.z.tolist(), projections=prompt.projections, init_seed=prompt.init_seed)
+                              z=prompt.z.tolist(), projections=prompt.projections, init_seed=prompt.init_seed,
+                              prompt_placement=info.prompt_placement, prompt_position=info.prompt_position)
     (out / "prompt.json").write_text(artifact.model_dump_json(indent=1))
 
     zero, _ = evaluate_split(backend, cfg.model, task, data.test, prompt.untuned(), ledger)

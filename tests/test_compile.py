@@ -51,7 +51,7 @@ def test_compiled_blocks_score_like_eager_ones(fixture, request):
 def test_a_machine_that_cannot_compile_gets_a_clear_error(tiny_encoder, monkeypatch):
     """Inductor fails on the first call (no C++ compiler, say): a ConfigError at load time, and the
     model is left in eager mode, still scoring."""
-    from servers.models import load_model
+    from servers.engine import load_model
     from servers.service import ModelService
 
     class Broken(torch.nn.Module):

@@ -24,7 +24,7 @@ TEXTS = ["the film was great and good", "this movie was dull",
 @pytest.fixture
 def loaded(tiny_model):
     """(kind, PromptModel): each tiny model loaded once per process."""
-    from servers.models import cached_model
+    from servers.loading import cached_model
 
     kind, path = tiny_model
     return kind, cached_model(str(path))
@@ -44,7 +44,7 @@ def _prompts(model, k: int, layers: int, length: int = 3, seed: int = 0, scale: 
 
 def test_family_is_detected_and_info_is_sane(loaded):
     kind, model = loaded
-    assert model.family == EXPECTED_FAMILY[kind]
+    assert model.family.name == EXPECTED_FAMILY[kind]
     info = model.info()
     assert info.hidden_size == 32 and info.num_layers == 2
     assert len(info.hidden_std) == 2 and all(s > 0 for s in info.hidden_std)
@@ -54,7 +54,7 @@ def test_family_is_detected_and_info_is_sane(loaded):
 
 
 def test_a_bare_base_model_is_an_encoder_and_unknown_architectures_are_refused(tiny_encoder, tmp_path):
-    from servers.models import detect_family, resolve_model_path
+    from servers.loading import detect_family, resolve_model_path
 
     bare = tmp_path / "bare"
     shutil.copytree(tiny_encoder, bare)
@@ -77,7 +77,7 @@ def test_a_bare_base_model_is_an_encoder_and_unknown_architectures_are_refused(t
 def test_verbalizer_words_are_distinct_single_tokens(loaded, task_name):
     kind, model = loaded
     task = BUILTIN_TASKS[task_name]
-    ids = model.verbalizer_ids(task)
+    ids = model.family.verbalizer_ids(task)
     assert len(set(ids)) == len(task.verbalizer)
     words = [model.tokenizer.decode([i]).strip().lower() for i in ids]
     assert words == [w.lower() for w in task.verbalizer]
@@ -88,10 +88,10 @@ def test_template_tokens(loaded, sst2_task):
     enc = model.encode(sst2_task, _examples())
     assert enc.tokens == [len(s) for s in enc.ids]
     for ids, at in zip(enc.ids, enc.readout):
-        if model.family == "encoder":
+        if model.family.name == "encoder":
             assert at == -1  # pooled: the template is not used, the text is
             assert "it was" not in model.tokenizer.decode(ids).lower()
-        elif model.family == "masked":
+        elif model.family.name == "masked":
             assert ids[at] == model.tokenizer.mask_token_id
             assert ids.count(model.tokenizer.mask_token_id) == 1
             assert model.tokenizer.decode(ids[:at]).strip().lower().endswith("it was")
@@ -104,7 +104,7 @@ def test_template_tokens(loaded, sst2_task):
 
 def test_masked_template_needs_exactly_one_mask(loaded):
     kind, model = loaded
-    if model.family != "masked":
+    if model.family.name != "masked":
         pytest.skip("only masked LMs read the mask position")
     two = TaskSpec(name="two", labels=["a", "b"], template="{text} {mask} and {mask}", verbalizer=["bad", "great"],
                    label_texts=["a", "b"])
@@ -114,11 +114,11 @@ def test_masked_template_needs_exactly_one_mask(loaded):
 
 def test_verbalizer_mapping_two_labels_to_one_token_is_refused(loaded):
     kind, model = loaded
-    if model.family == "encoder":
+    if model.family.name == "encoder":
         pytest.skip("sentence encoders compare with label texts, not verbalizer tokens")
     same = TaskSpec(name="same", labels=["a", "b"], verbalizer=["great", "great"], label_texts=["a", "b"])
     with pytest.raises(ConfigError, match="maps two labels to one token"):
-        model.verbalizer_ids(same)
+        model.family.verbalizer_ids(same)
 
 
 CAUSAL_PAIR = TaskSpec(name="rte-causal", labels=["entailment", "not_entailment"], pair=True,
@@ -128,7 +128,7 @@ CAUSAL_PAIR = TaskSpec(name="rte-causal", labels=["entailment", "not_entailment"
 def test_pair_inputs_reach_the_model(loaded):
     """Changing only text_pair changes the scores: the second sentence is read, not dropped."""
     kind, model = loaded
-    task = CAUSAL_PAIR if model.family == "causal" else BUILTIN_TASKS["rte"]
+    task = CAUSAL_PAIR if model.family.name == "causal" else BUILTIN_TASKS["rte"]
     pairs = [Example(text="the film was great", text_pair=t) for t in ("the film was good", "the story was awful and dull")]
     enc = model.encode(task, pairs)
     text = model.tokenizer.decode(enc.ids[1]).lower()
@@ -140,7 +140,7 @@ def test_pair_inputs_reach_the_model(loaded):
 @pytest.mark.parametrize("task_name", ["agnews", "dbpedia", "rte"])
 def test_causal_lm_refuses_templates_that_put_the_input_after_the_mask(tiny_gpt2, task_name):
     """A causal LM reads the class at the token after the input: text after {mask} would be silently dropped."""
-    from servers.models import cached_model
+    from servers.loading import cached_model
 
     model = cached_model(str(tiny_gpt2))
     task = BUILTIN_TASKS[task_name]
@@ -154,7 +154,7 @@ def test_long_texts_are_cut_to_fit(loaded, sst2_task):
     long = Example(text=" ".join(["the film was great"] * 200))
     enc = model.encode(sst2_task, [long])
     assert enc.tokens[0] <= model.max_input_tokens
-    if model.family == "masked":
+    if model.family.name == "masked":
         assert model.tokenizer.mask_token_id in enc.ids[0]  # the template survives the cut
 
 
@@ -180,7 +180,7 @@ def test_logits_match_a_reference_forward(loaded, sst2_task):
     import torch
     import torch.nn.functional as F
 
-    from servers.models import ENCODER_LOGIT_SCALE
+    from servers.families import ENCODER_LOGIT_SCALE
 
     kind, model = loaded
     enc = model.encode(sst2_task, _examples())
@@ -188,24 +188,24 @@ def test_logits_match_a_reference_forward(loaded, sst2_task):
     got = model.logits(sst2_task, enc, p)
     length, at = p.shape[2], model.prompt_at
     tok = model.tokenizer
-    if model.family == "encoder":
+    if model.family.name == "encoder":
         labels = []
         for text in sst2_task.label_texts:
             hidden = model.model(**tok(text, return_tensors="pt")).last_hidden_state[0]
             labels.append(F.normalize(hidden.mean(0), dim=-1))
         labels = torch.stack(labels)  # (C, H)
-    verb = None if model.family == "encoder" else model.verbalizer_ids(sst2_task)
+    verb = None if model.family.name == "encoder" else model.family.verbalizer_ids(sst2_task)
     with torch.no_grad():
         for i, ids in enumerate(enc.ids):
             for k in range(2):
                 emb = model.word_embeddings(torch.tensor([ids]))  # (1, T, H)
                 emb = torch.cat([emb[:, :at], p[k : k + 1, 0], emb[:, at:]], dim=1)  # (1, T + L, H)
-                if model.family == "encoder":
+                if model.family.name == "encoder":
                     hidden = model.model(inputs_embeds=emb).last_hidden_state[0]
                     text_only = torch.cat([hidden[:at], hidden[at + length :]])  # pool the text, not the prompt
                     expected = ENCODER_LOGIT_SCALE * F.normalize(text_only.mean(0), dim=-1) @ labels.T
                 else:
-                    if model.family == "masked":
+                    if model.family.name == "masked":
                         where = ids.index(tok.mask_token_id)
                     else:
                         where = len(ids) - 1  # the next token after the text before {mask}
@@ -228,7 +228,7 @@ def test_each_candidate_and_example_is_scored_as_if_alone(loaded, sst2_task):
 
 
 def test_chunks_respect_the_token_budget():
-    from servers.models import _chunks
+    from servers.batching import chunks as _chunks
 
     lengths = [3, 4, 4, 6, 9, 30]
     chunks = _chunks(list("abcdef"), lengths, tokens=12)
@@ -241,7 +241,7 @@ def test_chunks_respect_the_token_budget():
 def test_chunk_size_does_not_change_scores(loaded, sst2_task, monkeypatch, layers):
     """Tiny chunks (one or two sequences per forward pass) give the scores of one big pass, for input
     prompts and for deep prompts that share their lower layers (BBTv2's reuse path)."""
-    import servers.models as models
+    import servers.batching as models
 
     kind, model = loaded
     enc = model.encode(sst2_task, _examples())
@@ -259,10 +259,10 @@ def test_chunk_size_does_not_change_scores(loaded, sst2_task, monkeypatch, layer
 def test_top_layer_at_the_read_rows_only_gives_the_same_scores(loaded, sst2_task, layers):
     """The top layer run only where the head reads (text rows, or the mask) equals the full layer,
     for input prompts and for deep prompts, with and without the reuse of lower layers."""
-    from servers.models import _BertLayer
+    from servers.fastpaths import BertLayer as _BertLayer
 
     kind, model = loaded
-    assert _BertLayer.fits(model.layers[-1]) == (model.family != "causal")
+    assert _BertLayer.fits(model.layers[-1]) == (model.family.name != "causal")
     enc = model.encode(sst2_task, _examples())
     n_layers = 1 if layers == "input" else model.num_layers
     p = _prompts(model, k=3, layers=n_layers, seed=5)

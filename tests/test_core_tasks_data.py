@@ -379,3 +379,21 @@ def test_split_sample_is_seeded_ordered_and_paired():
     assert a.labels == [i % 3 for i in idx]  # labels stay with their examples
     assert split.sample(10, seed=1).examples != a.examples
     assert split.sample(None) is split and split.sample(50) is split
+
+
+def test_built_in_tasks_take_their_causal_template_on_a_causal_lm_only():
+    from bbt.tasks import BUILTIN_TASKS, CAUSAL_TEMPLATES, for_family
+
+    assert set(CAUSAL_TEMPLATES) == set(BUILTIN_TASKS)
+    for name, task in BUILTIN_TASKS.items():
+        causal = for_family(task, "causal")
+        template, verbalizer = CAUSAL_TEMPLATES[name]
+        assert (causal.template, causal.verbalizer) == (template, verbalizer)
+        # the input comes before {mask}: a causal LM reads the class at the next token
+        before = causal.template.split("{mask}")[0]
+        assert "{text}" in before and ("{text_pair}" in before or not task.pair)
+        assert causal.labels == task.labels and causal.label_texts == task.label_texts
+        assert for_family(task, "masked") is task and for_family(task, "encoder") is task
+        assert for_family(causal, "causal") is causal  # already adapted: left alone
+    mine = BUILTIN_TASKS["sst2"].model_copy(update={"template": "{text} Verdict: {mask}"})
+    assert for_family(mine, "causal") is mine  # a template the user chose is kept

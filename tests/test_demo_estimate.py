@@ -2,7 +2,7 @@
 
 The estimate is checked against real short runs on the tiny encoder under each kind of limit:
 it sends no evaluate query, its bounds hold what the run really spent, neither crosses a limit,
-and its evaluation figures are exact. The demo runs the real MiniLM, in process and through a
+and its evaluation figures are exact. The demo runs the real SmolLM2, in process and through a
 real server.
 """
 
@@ -207,17 +207,18 @@ def test_demo_without_the_server_extra_says_what_to_install(monkeypatch, tmp_pat
 def _check_demo_output(text: str, out) -> dict:
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 < metrics["queries_used"] <= 40
-    found = re.search(r"test accuracy on \d+ examples: (\d\.\d{3}) before tuning .*, (\d\.\d{3}) after; "
-                      r"the model with no prompt at all: (\d\.\d{3})", text)
+    found = re.search(r"test accuracy on \d+ examples: (\d\.\d{3}) for the plain model .*, (\d\.\d{3}) with the "
+                      r"tuned prompt \(([+-]\d+\.\d) points\); the search started from (\d\.\d{3})", text)
     assert found, text
-    shown = [float(x) for x in found.groups()]
-    assert shown == [round(metrics[k], 3) for k in ("zero_prompt_test_acc", "test_acc", "no_prompt_test_acc")]
+    plain, tuned, gain, zero = (float(x) for x in found.groups())
+    assert [plain, tuned, zero] == [round(metrics[k], 3) for k in ("no_prompt_test_acc", "test_acc", "zero_prompt_test_acc")]
+    assert gain == round(100 * (metrics["test_acc"] - metrics["no_prompt_test_acc"]), 1)
     assert f"spent {metrics['queries_used']} queries" in text and str(out) in text
     return metrics
 
 
 @pytest.mark.slow
-def test_demo_in_process(minilm_dir, tmp_path, capsys):
+def test_demo_in_process(smollm2, tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--in-process", "--budget", "40", "--out", str(out)]) == 0
     metrics = _check_demo_output(capsys.readouterr().out, out)
@@ -230,7 +231,7 @@ def test_demo_in_process(minilm_dir, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_demo_through_a_real_server(minilm_dir, tmp_path):
+def test_demo_through_a_real_server(smollm2, tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     done = subprocess.run([sys.executable, "-m", "bbt.cli", "demo", "--budget", "40", "--out", str(out)], cwd=REPO,

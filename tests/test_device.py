@@ -19,7 +19,7 @@ NO_CUDA = not torch.cuda.is_available()
 
 
 def test_auto_is_a_gpu_when_torch_sees_one_else_the_cpu():
-    from servers.models import resolve_device
+    from servers.loading import resolve_device
 
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device(None).type == expected
@@ -33,7 +33,7 @@ def test_auto_is_a_gpu_when_torch_sees_one_else_the_cpu():
     ("cuda:99", ["cuda:99"]),
 ])
 def test_a_bad_device_is_a_config_error(spec, words):
-    from servers.models import resolve_device
+    from servers.loading import resolve_device
 
     with pytest.raises(ConfigError) as err:
         resolve_device(spec)
@@ -43,7 +43,7 @@ def test_a_bad_device_is_a_config_error(spec, words):
 
 @pytest.mark.skipif(not NO_CUDA, reason="this machine has a CUDA GPU")
 def test_cuda_without_a_gpu_says_what_to_do():
-    from servers.models import resolve_device
+    from servers.loading import resolve_device
 
     with pytest.raises(ConfigError, match="sees no CUDA GPU; use --device cpu"):
         resolve_device("cuda")

@@ -29,7 +29,7 @@ def deep_model(request, tmp_path_factory):
     import torch
     import transformers
 
-    from servers.models import load_model
+    from servers.engine import load_model
 
     kind = request.param
     src = request.getfixturevalue(FAMILIES[kind])
@@ -55,7 +55,7 @@ def _prompts(model, k: int, shared_below: int, length: int = 3, seed: int = 0):
     return p * torch.tensor([std[0]] + std[1:LAYERS])[None, :, None, None]
 
 
-def _rows_into(layer):
+def _rows_into(layer, model=None):
     """Counts the sequences a transformer layer runs on to the end; returns (counter, hook handle).
 
     The hook sits on the layer's last LayerNorm, which runs whether the layer is called as itself
@@ -65,15 +65,17 @@ def _rows_into(layer):
     seen = [0]
 
     def hook(mod, args, output):
+        if model is not None and model.decoder is not None and model.decoder.in_prefix:
+            return  # a causal LM's prefix (the prompt, once per candidate) is not a row per example
         seen[0] += args[0].shape[0]
 
-    last_norm = [m for m in layer.modules() if isinstance(m, torch.nn.LayerNorm)][-1]
+    last_norm = [m for m in layer.modules() if type(m).__name__.endswith(("LayerNorm", "RMSNorm"))][-1]
     return seen, last_norm.register_forward_hook(hook)
 
 
 def _counted(model, fn):
     """fn()'s result and the sequences each layer ran on meanwhile (the top layer run whole)."""
-    counters = [_rows_into(layer) for layer in model.layers]
+    counters = [_rows_into(layer, model) for layer in model.layers]
     model.top_rows_only = False
     try:
         out = fn()
@@ -94,7 +96,7 @@ def _logits(model, task, enc, p, reuse: bool):
 
 @pytest.mark.parametrize("start", range(LAYERS))
 def test_reuse_gives_the_logits_of_the_full_pass(deep_model, sst2_task, start):
-    from servers.models import first_varying_layer
+    from servers.reuse import first_varying_layer
 
     kind, model = deep_model
     enc = model.encode(sst2_task, [Example(text=t) for t in TEXTS])
@@ -154,7 +156,7 @@ def test_the_intrinsic_wire_form_triggers_reuse(deep_model, sst2_task):
     z_other[:, :2] += 1.0
     other.candidates.z = Tensor.from_numpy(z_other)
     backend.evaluate(other)
-    counter, handle = _rows_into(served.layers[0])
+    counter, handle = _rows_into(served.layers[0], served)
     try:
         backend.evaluate(req)
     finally:
