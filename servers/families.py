@@ -160,7 +160,8 @@ class EncoderFamily(Family):
         """(C, H) unit embeddings of the label texts, computed once per label set."""
         key = tuple(task.label_texts)
         if key not in self._label_cache:
-            with torch.no_grad():  # not inference_mode: the result may meet autograd later
+            # not an inference tensor, even when first asked for under inference mode: it may meet autograd later
+            with torch.inference_mode(False), torch.no_grad():
                 batch = self.tokenizer(list(key), padding=True, return_tensors="pt").to(self.device)
                 hidden = self.model.base_model(**batch).last_hidden_state
                 self._label_cache[key] = self.pool(hidden, batch["attention_mask"])
@@ -223,6 +224,10 @@ class _RowHead(Head):
 class CausalFamily(Family):
     name = "causal"
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._heads: dict[tuple[int, ...], Head] = {}
+
     def encode_one(self, task: TaskSpec, ex: Example) -> tuple[list[int], int]:
         before_mask = task.template.split("{mask}")[0]
         # the class is read at the next token after before_mask: text placed after {mask} would be dropped
@@ -248,17 +253,19 @@ class CausalFamily(Family):
         return self.space_prefix and not task.template.split("{mask}")[0].endswith("\n")
 
     def head(self, task: TaskSpec) -> Head:
-        out = self.model.get_output_embeddings()
-        verb = self._tensor(self.verbalizer_ids(task))
-        if isinstance(out, torch.nn.Linear):  # only C rows of the vocabulary matrix, not all of them
-            rows = torch.nn.Linear(out.in_features, len(verb), bias=out.bias is not None).to(self.device)
-            with torch.no_grad():
-                rows.weight.copy_(out.weight[verb])
-                if out.bias is not None:
-                    rows.bias.copy_(out.bias[verb])
-            rows.requires_grad_(False)
-            return _RowHead(rows, torch.arange(len(verb), device=self.device))
-        return _RowHead(out, verb)
+        ids = tuple(self.verbalizer_ids(task))
+        if ids not in self._heads:  # made once per verbalizer, not on every request
+            out = self.model.get_output_embeddings()
+            # not inference tensors, even when first asked for under inference mode: autograd may meet them later
+            with torch.inference_mode(False), torch.no_grad():
+                verb = self._tensor(list(ids))
+                if isinstance(out, torch.nn.Linear):  # only C rows of the vocabulary matrix, not all of them
+                    weight, bias = out.weight[verb], None if out.bias is None else out.bias[verb]
+                    head = _RowHead(lambda h: F.linear(h, weight, bias), torch.arange(len(ids), device=self.device))
+                else:
+                    head = _RowHead(out, verb)
+            self._heads[ids] = head
+        return self._heads[ids]
 
 
 FAMILY_CLASSES: dict[str, type[Family]] = {"encoder": EncoderFamily, "masked": MaskedFamily, "causal": CausalFamily}

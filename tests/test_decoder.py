@@ -295,3 +295,19 @@ def test_a_gguf_file_is_dequantized_once_and_cached_by_its_content(tiny_llama, t
     monkeypatch.setenv("BBT_MODEL_CACHE", "off")
     loading.load_pretrained(str(gguf), device="cpu")
     assert len(loads) == 3  # no cache: dequantized every time
+
+
+@pytest.mark.parametrize("kind", ["llama", "encoder"])
+def test_gradients_after_scoring_under_inference_mode(kind, request):
+    """What a family caches on first use (the causal head's verbalizer rows, the encoder's label
+    embeddings) must not be an inference tensor: a server scores first, a gradient method may come after."""
+    import torch
+
+    from servers.engine import load_model
+
+    model = load_model(str(request.getfixturevalue({"llama": "tiny_llama", "encoder": "tiny_encoder"}[kind])))
+    enc = model.encode(TASK, [Example(text=t) for t in TEXTS])
+    model.logits(TASK, enc, None)  # fills the caches under inference mode
+    p = _prompts(model, k=1, layers=1).requires_grad_(True)
+    model.scores(TASK, enc, p).sum().backward()
+    assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
