@@ -130,6 +130,12 @@ class CachedBackend:
         self.backend.close()
         self.cache.close()
 
+    def __enter__(self) -> CachedBackend:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def evaluate(backend: Backend, request: EvaluateRequest) -> tuple[EvaluateResponse, bool]:
     """`backend.evaluate`, and whether the answer came from a cache (any backend works here)."""

@@ -71,7 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "default: DATA/task.json")
     g.add_argument("--data", metavar="DIR",
                    help="(required) task folder: task.json, 16shot/seedS/{train,dev}.jsonl, test.jsonl (or a pool.jsonl to sample from)")
-    g.add_argument("--seed", type=int, default=d.seed, help="picks the 16-shot split and seeds the search")
+    g.add_argument("--seed", type=int, default=d.seed, help="picks the 16-shot split and p0, and seeds the search")
+    g.add_argument("--search-seed", type=int, default=None, metavar="S",
+                   help="seeds the projections and CMA-ES apart from the split (default: --seed)")
+    g.add_argument("--ensemble", type=int, default=None, metavar="N",
+                   help="tune N prompts on the split with search seeds S, S+1, ... in turn and score them together "
+                   "(OUT/member-i, OUT/ensemble.json); the budget is the whole ensemble's, 1/N per member")
     g.add_argument("--k-shot", type=int, default=d.k_shot, help="examples per class when sampling from a pool")
     g.add_argument("--out", metavar="DIR", help="(required) run folder to write")
     g.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN where it stopped (killed, failed or "
@@ -88,8 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--loss", choices=["ce", "hinge", "perf"], default=d.loss, help="loss CMA-ES minimises")
     m.add_argument("--projection", choices=["normal", "uniform"], default=d.projection, help="random projection A")
     m.add_argument("--alpha", type=float, default=d.alpha, help="scale of the normal projection")
-    m.add_argument("--init", choices=["vocab", "zero"], default=d.init,
-                   help="p0, where the search starts: embeddings of random vocabulary tokens (BBT) or zeros")
+    m.add_argument("--init", choices=["zero", "vocab", "instruction", "demos"], default=None,
+                   help="p0, where the search starts: zeros; embeddings of random vocabulary tokens (BBT); of an "
+                   "instruction (--init-text, or the task's default); of training examples written out with the "
+                   f"template (demonstrations). Default: {d.init}, or instruction with --init-text")
+    m.add_argument("--init-text", default=None, metavar="TEXT",
+                   help="the instruction p0 is made from (implies --init instruction)")
     m.add_argument("--bound", type=float, default=None, help="keep z in [-BOUND, BOUND] (default: unbounded)")
     m.add_argument("--diagonal", action="store_true", help="separable CMA-ES, for a large intrinsic dimension")
     m.add_argument("--rounds", type=int, default=None, metavar="R",
@@ -118,14 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="score a tuned prompt on a split", description=(
         "Score a run's prompt, its untuned start (z = 0) and the model without a prompt on a split of its data folder."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    e.add_argument("--run", required=True, metavar="DIR", help="run folder written by bbt tune")
+    e.add_argument("--run", required=True, action="append", metavar="DIR",
+                   help="run folder written by bbt tune; give it several times (or an --ensemble folder) to score "
+                   "an ensemble, every member in the same request")
+    e.add_argument("--vote", choices=["majority", "mean"], default="majority",
+                   help="how an ensemble combines its members: majority vote (ties: the higher mean probability) or "
+                   "mean of class probabilities")
     e.add_argument("--split", choices=["train", "dev", "test"], default="test", help="which split")
     e.add_argument("--data", metavar="DIR", help="data folder (default: the one the run used)")
     _add_backend_args(e)
 
     p = sub.add_parser("predict", help="label texts with a tuned prompt",
                        description="Print the predicted label and class probabilities of each text as JSON lines.")
-    p.add_argument("--run", required=True, metavar="DIR", help="run folder written by bbt tune")
+    p.add_argument("--run", required=True, action="append", metavar="DIR",
+                   help="run folder written by bbt tune; several (or an --ensemble folder): an ensemble")
+    p.add_argument("--vote", choices=["majority", "mean"], default="majority", help="how an ensemble combines its members")
     p.add_argument("texts", nargs="+", metavar="TEXT", help="texts to label (pair tasks: TEXT and PAIR joined by ' ||| ')")
     _add_backend_args(p)
 
@@ -196,9 +212,10 @@ _RESUME_OPTIONS = {"resume", "endpoint", "api_key", "timeout", "wait", "retries"
 
 
 def cmd_tune(args) -> int:
+    from bbt import ensemble
     from bbt.data import load_task_folder
     from bbt.protocol import TaskSpec
-    from bbt.run import load_run_config, run_tune
+    from bbt.run import load_run_config, run_ensemble, run_tune
     from bbt.tasks import resolve_task
 
     if args.resume:
@@ -207,7 +224,10 @@ def cmd_tune(args) -> int:
         if changed:
             raise ConfigError("--resume takes the run's settings from RUN/config.json; drop "
                               + ", ".join("--" + k.replace("_", "-") for k in changed))
-        saved = load_run_config(args.resume)
+        index = Path(args.resume) / ensemble.INDEX_FILE
+        saved = json.loads(index.read_text()) if index.exists() else load_run_config(args.resume)
+        if index.exists():
+            args.ensemble = len(saved["members"])
         try:
             cfg, task = TuneConfig.model_validate(saved["config"]), TaskSpec.model_validate(saved["task"])
         except (KeyError, ValidationError) as exc:
@@ -232,7 +252,11 @@ def cmd_tune(args) -> int:
         backend = _with_cache(backend, args)
         context = {"data": str(Path(data_dir).resolve()), "endpoint": args.endpoint}
         try:
-            run_tune(cfg, task, data, backend, out, context=context, progress=not args.quiet, resume=bool(args.resume))
+            if args.ensemble is not None:
+                run_ensemble(cfg, args.ensemble, task, data, backend, out, context=context, progress=not args.quiet,
+                             resume=bool(args.resume))
+            else:
+                run_tune(cfg, task, data, backend, out, context=context, progress=not args.quiet, resume=bool(args.resume))
         except BackendError as exc:
             raise BackendError(f"{exc}\nwhat was spent is recorded in {out}; continue with: bbt tune --resume {out}") from exc
     finally:
@@ -251,9 +275,12 @@ def _tune_config(args) -> TuneConfig:
     try:
         budget = Budget(queries=args.budget, requests=args.max_requests, examples=args.max_examples, tokens=args.max_tokens,
                         cost=args.max_cost, price_per_1k_tokens=args.price_per_1k_tokens)
+        d = TuneConfig()
         return TuneConfig(model=args.model, method=args.method, seed=args.seed, prompt_length=args.prompt_length,
                           intrinsic_dim=args.intrinsic_dim, popsize=args.popsize, sigma=args.sigma, loss=args.loss,
-                          projection=args.projection, alpha=args.alpha, init=args.init, bound=args.bound,
+                          projection=args.projection, alpha=args.alpha, bound=args.bound,
+                          init=args.init or ("instruction" if args.init_text else d.init), init_text=args.init_text,
+                          search_seed=args.search_seed,
                           diagonal=args.diagonal, rounds=args.rounds, patience=args.patience, encoding=args.encoding,
                           k_shot=args.k_shot, budget=budget)
     except ValidationError as exc:  # e.g. --popsize 1, --budget 0: one line naming the option, no traceback
@@ -283,11 +310,15 @@ def _with_cache(backend, args):
 
 
 def cmd_evaluate(args) -> int:
+    from bbt import ensemble
     from bbt.data import load_task_folder
     from bbt.run import evaluate_split, load_artifact, load_run_config
 
-    artifact = load_artifact(args.run)
-    run_cfg = load_run_config(args.run)
+    runs = ensemble.member_runs(args.run)
+    if len(runs) > 1:
+        return _evaluate_ensemble(args, runs)
+    artifact = load_artifact(runs[0])
+    run_cfg = load_run_config(runs[0])
     data_dir = args.data or run_cfg.get("data")
     if not data_dir:
         raise BBTError("the run does not record its data folder: pass --data DIR")
@@ -311,10 +342,54 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _evaluate_ensemble(args, runs: list[Path]) -> int:
+    """`bbt evaluate` of several runs: the ensemble's metric beside each member's, their mean and the best."""
+    from bbt import ensemble
+    from bbt.budget import Ledger
+    from bbt.data import load_task_folder
+    from bbt.run import evaluate_split, load_artifact, load_run_config
+
+    artifacts = [load_artifact(r) for r in runs]
+    ensemble.check_compatible(artifacts)
+    run_cfg = load_run_config(runs[0])
+    data_dir = args.data or run_cfg.get("data")
+    if not data_dir:
+        raise BBTError("the first member does not record its data folder: pass --data DIR")
+    first = artifacts[0]
+    cfg = run_cfg.get("config", {})
+    data = load_task_folder(data_dir, first.task, seed=cfg.get("seed", 42), k=cfg.get("k_shot", 16))
+    split = {"train": data.train, "dev": data.dev, "test": data.test}[args.split]
+    backend = make_backend(args)
+    ledger = Ledger(Budget())
+    try:
+        scores, _ = ensemble.evaluate(backend, first.model, first.task, split, [a.prompt() for a in artifacts],
+                                      args.vote, ledger)
+        plain, _ = evaluate_split(backend, first.model, first.task, split, None)
+    finally:
+        backend.close()
+    key = first.task.metric
+    result = {
+        "split": data.test_name if args.split == "test" else args.split, "examples": len(split),
+        "vote": args.vote, f"ensemble_{key}": scores.ensemble,
+        "members": [{"run": str(r), key: m} for r, m in zip(runs, scores.members)],
+        f"mean_member_{key}": scores.mean_member, f"best_member_{key}": scores.best_member,
+        f"no_prompt_{key}": plain.metric if key == "f1" else plain.accuracy,
+        "requests": ledger.evaluation.requests, "queries": ledger.evaluation.queries,
+    }
+    if key == "f1":
+        result["ensemble_acc"] = scores.ensemble_accuracy
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def cmd_predict(args) -> int:
+    from bbt import ensemble
     from bbt.run import load_artifact, predict
 
-    artifact = load_artifact(args.run)
+    runs = ensemble.member_runs(args.run)
+    artifacts = [load_artifact(r) for r in runs]
+    ensemble.check_compatible(artifacts)
+    artifact = artifacts[0]
     texts, pairs = args.texts, None
     if artifact.task.pair:
         split = [t.split(" ||| ", 1) for t in args.texts]
@@ -323,7 +398,7 @@ def cmd_predict(args) -> int:
         texts, pairs = [s[0] for s in split], [s[1] for s in split]
     backend = make_backend(args)
     try:
-        for text, (label, probs) in zip(args.texts, predict(backend, artifact, texts, pairs)):
+        for text, (label, probs) in zip(args.texts, predict(backend, artifacts, texts, pairs, vote=args.vote)):
             print(json.dumps({"text": text, "label": label, "probs": dict(zip(artifact.task.labels, probs))}))
     finally:
         backend.close()

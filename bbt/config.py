@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bbt.budget import Budget
 from bbt.protocol import LossKind
@@ -17,7 +17,12 @@ class TuneConfig(BaseModel):
 
     model: str = Field(default="minilm", description="model name or local path (the server's name with an endpoint)")
     method: Literal["bbt", "bbtv2"] = Field(default="bbt", description="bbt: input prompt; bbtv2: a prompt per layer")
-    seed: int = Field(default=42, ge=0, description="seeds the data split, the projections and CMA-ES")
+    seed: int = Field(default=42, ge=0, description="seeds the data split, p0, and (unless search_seed) the search")
+    search_seed: int | None = Field(
+        default=None, ge=0,
+        description="seeds the projections and CMA-ES apart from the split, so prompts tuned on one split can "
+        "differ (ensembles); none: the split seed",
+    )
     prompt_length: int = Field(default=50, ge=1, description="L, soft-prompt tokens")
     intrinsic_dim: int = Field(default=500, ge=1, description="d, the dimension CMA-ES searches")
     popsize: int = Field(default=20, ge=2, description="candidates per generation (queries per request)")
@@ -26,9 +31,12 @@ class TuneConfig(BaseModel):
     projection: Literal["normal", "uniform"] = Field(
         default="normal", description="normal: std alpha*sigma_hat/(sqrt(d)*sigma); uniform: PyTorch Linear init"
     )
-    init: Literal["vocab", "zero"] = Field(
-        default="zero", description="p0: embeddings of random vocabulary tokens (as in BBT), or zeros"
+    init: Literal["zero", "vocab", "instruction", "demos"] = Field(
+        default="zero",
+        description="p0: zeros; embeddings of random vocabulary tokens (as in BBT); of an instruction text "
+        "(init_text, or the task's default); or of training examples written out as demonstrations",
     )
+    init_text: str | None = Field(default=None, min_length=1, description="the instruction of init 'instruction'")
     alpha: float = Field(default=1.0, gt=0, description="scale of the normal projection")
     bound: float | None = Field(default=None, gt=0, description="keep z in [-bound, bound]; none: unbounded")
     diagonal: bool = Field(default=False, description="separable CMA-ES (diagonal covariance), for large d")
@@ -47,3 +55,14 @@ class TuneConfig(BaseModel):
     )
     k_shot: int = Field(default=16, ge=1, description="examples per class when a split is sampled from a pool")
     budget: Budget = Field(default_factory=Budget)
+
+    @property
+    def search(self) -> int:
+        """The seed of the projections and CMA-ES."""
+        return self.seed if self.search_seed is None else self.search_seed
+
+    @model_validator(mode="after")
+    def _text_needs_instruction(self) -> TuneConfig:
+        if self.init_text is not None and self.init != "instruction":
+            raise ValueError(f"init_text is the instruction of init 'instruction'; init is {self.init!r}")
+        return self

@@ -100,6 +100,11 @@ class _Candidates(_Model):
         description="p0 of the input prompt: the input embeddings of L ordinary vocabulary tokens that the server "
         "draws with this seed (BBT's initialisation), added to every candidate; none: p0 = 0",
     )
+    init_text: str | None = Field(
+        default=None, min_length=1, max_length=20_000,
+        description="p0 of the input prompt: the input embeddings of this text's tokens (an instruction, or "
+        "demonstrations): its last L tokens, the text repeated as often as it takes to fill L; none: see init_seed",
+    )
     layer: int | None = Field(
         default=None, ge=0,
         description="BBTv2: the lowest prompted layer in which the candidates differ (the layer this generation "
@@ -108,8 +113,15 @@ class _Candidates(_Model):
     )
 
 
+    @model_validator(mode="after")
+    def _one_p0(self) -> _Candidates:
+        if self.init_seed is not None and self.init_text is not None:
+            raise ValueError("give init_seed or init_text, not both: p0 is vocabulary tokens or a text")
+        return self
+
+
 class PromptTensor(_Candidates):
-    """Candidate prompts sent as they are, shape [K, layers, L, H] (plus p0 where init_seed is set)."""
+    """Candidate prompts sent as they are, shape [K, layers, L, H] (plus p0 where init_seed or init_text is set)."""
 
     type: Literal["prompts"] = "prompts"
     prompts: Tensor

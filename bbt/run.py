@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from bbt import __version__, cache, checkpoint, metrics
 from bbt.backends.base import Backend
-from bbt.budget import Ledger
+from bbt.budget import Budget, Ledger
 from bbt.config import TuneConfig
 from bbt.data import Split, TaskData
 from bbt.errors import ConfigError
@@ -54,13 +54,14 @@ class PromptArtifact(BaseModel):
     z: list[list[float]]  # (layers, d)
     projections: list[ProjectionSpec]
     init_seed: int | None = None  # p0: the server's vocabulary embeddings drawn with this seed; none: zeros
+    init_text: str | None = None  # p0: the embeddings of this text's last L tokens (repeated if shorter)
     # where the prompt sits (`ModelInfo.prompt_placement`): after `prompt_position` leading special tokens
     prompt_placement: str | None = None
     prompt_position: int | None = None
 
     def prompt(self) -> Prompt:
         return Prompt(z=np.asarray(self.z, dtype=np.float64), projections=self.projections,
-                      prompt_length=self.prompt_length, init_seed=self.init_seed)
+                      prompt_length=self.prompt_length, init_seed=self.init_seed, init_text=self.init_text)
 
 
 @dataclass
@@ -184,6 +185,7 @@ def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out:
     info = backend.model_info(cfg.model)
     artifact = PromptArtifact(method=cfg.method, model=cfg.model, task=task, prompt_length=cfg.prompt_length,
                               z=prompt.z.tolist(), projections=prompt.projections, init_seed=prompt.init_seed,
+                              init_text=prompt.init_text,
                               prompt_placement=info.prompt_placement, prompt_position=info.prompt_position)
     (out / "prompt.json").write_text(artifact.model_dump_json(indent=1))
 
@@ -223,6 +225,83 @@ def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out:
     return out_metrics
 
 
+def share_budget(budget: Budget, n: int) -> Budget:
+    """What each of n members may spend of one budget (every limit divided, rounded down)."""
+    if n < 1:
+        raise ConfigError(f"an ensemble needs at least 1 member, not {n}")
+    update = {}
+    for unit in ("queries", "requests", "examples", "tokens"):
+        v = getattr(budget, unit)
+        if v is not None:
+            if v // n < 1:
+                raise ConfigError(f"a budget of {v} {unit} cannot be shared by {n} members")
+            update[unit] = v // n
+    if budget.cost is not None:
+        update["cost"] = budget.cost / n
+    return budget.model_copy(update=update)
+
+
+def run_ensemble(cfg: TuneConfig, n: int, task: TaskSpec, data: TaskData, backend: Backend, out: str | Path, *,
+                 context: dict | None = None, progress: bool = True, log=print, resume: bool = False) -> dict:
+    """Tune n prompts on one split with search seeds s, s+1, ... (s: cfg.search) in turn, then score
+    them together; returns (and writes to OUT/metrics.json) the ensemble's and the members' metrics.
+
+    The budget is the whole ensemble's: each member gets 1/n of it. Each member is an ordinary run
+    folder OUT/member-i (resumable on its own); OUT/ensemble.json lists them. With `resume`,
+    finished members are kept and a member cut short continues from its checkpoint.
+    """
+    from bbt import ensemble
+
+    out = Path(out)
+    if not resume and (out / ensemble.INDEX_FILE).exists():
+        raise ConfigError(f"{out} already holds an ensemble: continue it with bbt tune --resume {out}, or pick another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    names = [f"member-{i + 1}" for i in range(n)]
+    ensemble.write_index(out, names, config=cfg.model_dump(), task=task.model_dump(), **(context or {}))
+    member_cfg = cfg.model_copy(update={"budget": share_budget(cfg.budget, n)})
+    results = []
+    for i, name in enumerate(names):
+        log(f"member {i + 1} of {n} (search seed {cfg.search + i})")
+        mc = member_cfg.model_copy(update={"search_seed": cfg.search + i})
+        started = (out / name / "config.json").exists()
+        results.append(run_tune(mc, task, data, backend, out / name, context=context, progress=progress, log=log,
+                                resume=started))
+    task = for_family(task, backend.model_info(cfg.model).family)
+    prompts = [load_artifact(out / name).prompt() for name in names]
+    ledger = Ledger(Budget(), out / "ledger.jsonl")  # what scoring the ensemble spends (evaluation: no limit)
+    try:
+        dev, _ = ensemble.evaluate(backend, cfg.model, task, data.dev, prompts, "majority", ledger)
+        test_logits = ensemble.score_prompts(backend, cfg.model, task, data.test, prompts, ledger)
+    finally:
+        ledger.close()
+    labels = np.asarray(data.test.labels)
+    members = [float(x) for x in metrics.score(task.metric, test_logits, labels)]
+    best = int(np.argmax(dev.members))  # the best single member, chosen on dev
+    out_metrics = {
+        "members": n,
+        **{f"test_{'acc' if task.metric == 'acc' else 'f1'}_{vote}_vote":
+           float(metrics.score(task.metric, ensemble.combine(test_logits, vote)[None], labels)[0])
+           for vote in ("majority", "mean")},
+        "member_test": members,
+        "mean_member_test": float(np.mean(members)),
+        "best_dev_member": best + 1,
+        "best_dev_member_test": members[best],
+        "no_prompt_test_acc": results[0]["no_prompt_test_acc"],
+        "test_split": data.test_name,
+        "metric": task.metric,
+        "queries_used": sum(r["queries_used"] for r in results),
+        "tuning_seconds": round(sum(r["tuning_seconds"] for r in results), 3),
+    }
+    out_metrics["test_acc"] = float(metrics.accuracy(ensemble.combine(test_logits, "majority")[None], labels)[0])
+    (out / "metrics.json").write_text(json.dumps(out_metrics, indent=2))
+    key = "acc" if task.metric == "acc" else "f1"
+    log(f"ensemble of {n}, {data.test_name} {key}: majority {out_metrics[f'test_{key}_majority_vote']:.4f}, "
+        f"mean vote {out_metrics[f'test_{key}_mean_vote']:.4f}; members {', '.join(f'{m:.4f}' for m in members)} "
+        f"(mean {out_metrics['mean_member_test']:.4f}, best on dev {members[best]:.4f}); "
+        f"no prompt {out_metrics['no_prompt_test_acc']:.4f}")
+    return out_metrics
+
+
 def load_artifact(run: str | Path) -> PromptArtifact:
     """The prompt.json of a run folder, with a clear error for a missing or bad file."""
     path = Path(run) / "prompt.json"
@@ -251,18 +330,22 @@ def load_run_config(run: str | Path) -> dict:
         raise ConfigError(f"{run} is not a run folder: {path} is missing") from None
 
 
-def predict(backend: Backend, artifact: PromptArtifact, texts: list[str], pairs: list[str] | None = None,
-            model: str | None = None) -> list[tuple[str, list[float]]]:
-    """Label and class probabilities for each text with a tuned prompt."""
-    if artifact.task.pair and (pairs is None or len(pairs) != len(texts)):
-        raise ConfigError(f"task {artifact.task.name!r} takes sentence pairs: give a text_pair for every text")
+def predict(backend: Backend, artifact: PromptArtifact | list[PromptArtifact], texts: list[str],
+            pairs: list[str] | None = None, model: str | None = None, vote: str = "majority") -> list[tuple[str, list[float]]]:
+    """Label and class probabilities for each text with a tuned prompt, or with an ensemble (a list
+    of artifacts, scored in one request: the label by `vote`, the probabilities the members' mean)."""
+    from bbt import ensemble
+
+    artifacts = artifact if isinstance(artifact, list) else [artifact]
+    first = artifacts[0]
+    if first.task.pair and (pairs is None or len(pairs) != len(texts)):
+        raise ConfigError(f"task {first.task.name!r} takes sentence pairs: give a text_pair for every text")
     examples = [Example(text=t, text_pair=pairs[i] if pairs else None) for i, t in enumerate(texts)]
-    req = EvaluateRequest(model=model or artifact.model, task=artifact.task, inputs=examples, return_logits=True,
-                          candidates=artifact.prompt().candidates())
-    logits = backend.evaluate(req).logits.to_numpy()[0]
-    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probs /= probs.sum(axis=1, keepdims=True)
-    return [(artifact.task.labels[int(p.argmax())], [round(float(x), 4) for x in p]) for p in probs]
+    split = Split(examples, [0] * len(examples))
+    logits = ensemble.score_prompts(backend, model or first.model, first.task, split, [a.prompt() for a in artifacts])
+    labels = ensemble.combine(logits, vote).argmax(axis=1)
+    probs = ensemble.probabilities(logits).mean(axis=0)
+    return [(first.task.labels[int(y)], [round(float(x), 4) for x in p]) for y, p in zip(labels, probs)]
 
 
 def _progress_bar(total: int | None, enabled: bool):

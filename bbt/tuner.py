@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from bbt import cache, metrics
+from bbt import cache, metrics, starts
 from bbt.backends.base import Backend
 from bbt.budget import Ledger
 from bbt.config import TuneConfig
@@ -56,6 +56,7 @@ class Prompt:
     projections: list[ProjectionSpec]
     prompt_length: int
     init_seed: int | None = None  # p0 = embeddings of vocabulary tokens the server draws with this seed
+    init_text: str | None = None  # p0 = embeddings of this text's tokens (an instruction, demonstrations)
 
     def untuned(self) -> Prompt:
         """The search's starting point, z = 0 (p = p0): the "zero prompt" the metrics compare against."""
@@ -68,12 +69,18 @@ class Prompt:
         z = self.z[None] if z is None else z
         if encoding == "intrinsic":
             return IntrinsicPrompts(z=Tensor.from_numpy(z), projections=self.projections,
-                                    prompt_length=self.prompt_length, init_seed=self.init_seed, layer=layer)
+                                    prompt_length=self.prompt_length, init_seed=self.init_seed,
+                                    init_text=self.init_text, layer=layer)
+        return PromptTensor(prompts=Tensor.from_numpy(self.materialize(z), dtype=encoding),
+                            init_seed=self.init_seed, init_text=self.init_text, layer=layer)
+
+    def materialize(self, z: np.ndarray | None = None) -> np.ndarray:
+        """A z for a population z [K, layers, d] (default: this prompt): [K, layers, L, H], p0 not added."""
+        z = self.z[None] if z is None else z
         k, layers, _ = z.shape
         hidden = self.projections[0].D // self.prompt_length
         p = np.stack([project(z[:, l], self.projections[l]) for l in range(layers)], axis=1)  # (K, layers, D)
-        return PromptTensor(prompts=Tensor.from_numpy(p.reshape(k, layers, self.prompt_length, hidden), dtype=encoding),
-                            init_seed=self.init_seed, layer=layer)
+        return p.reshape(k, layers, self.prompt_length, hidden)
 
 
 @dataclass
@@ -104,6 +111,7 @@ class Scorer:
         stats = backend.stats(StatsRequest(model=cfg.model, task=task, inputs=split.examples))
         self.hidden_std = stats.hidden_std
         self.n = len(split)
+        self.tokens = stats.tokens  # per example, template included, prompt excluded
         self.tokens_per_query = sum(stats.tokens) + self.n * cfg.prompt_length
 
     def affordable(self, k: int) -> int:
@@ -135,7 +143,7 @@ def make_projections(cfg: TuneConfig, info: ModelInfo, layers: int, hidden_std: 
     D = cfg.prompt_length * info.hidden_size
     specs = []
     for layer in range(layers):
-        seed = derive_seed(cfg.seed, _PROJECTION, layer)
+        seed = derive_seed(cfg.search, _PROJECTION, layer)
         if cfg.projection == "uniform":
             specs.append(uniform_spec(seed=seed, d=cfg.intrinsic_dim, D=D))
         else:
@@ -160,10 +168,11 @@ class TuneState:
     history: list[dict] = field(default_factory=list)
 
 
-def start_state(cfg: TuneConfig, info: ModelInfo, hidden_std: list[float]) -> TuneState:
+def start_state(cfg: TuneConfig, info: ModelInfo, hidden_std: list[float], init_text: str | None = None) -> TuneState:
     """A search at generation 0: z = 0 at every prompted layer, fresh CMA-ES, projections from the seed.
 
-    `hidden_std` is the std of each layer's hidden states on the training inputs (`Backend.stats`).
+    `hidden_std` is the std of each layer's hidden states on the training inputs (`Backend.stats`);
+    `init_text` the text of p0 (`bbt.starts.init_text`) when cfg.init is "instruction" or "demos".
     """
     if cfg.prompt_length > info.max_prompt_tokens:
         raise ConfigError(f"prompt length {cfg.prompt_length} is over model {cfg.model!r}'s limit of {info.max_prompt_tokens} tokens")
@@ -173,9 +182,10 @@ def start_state(cfg: TuneConfig, info: ModelInfo, hidden_std: list[float]) -> Tu
         projections=make_projections(cfg, info, layers, hidden_std),
         prompt_length=cfg.prompt_length,
         init_seed=derive_seed(cfg.seed, _INIT) if cfg.init == "vocab" else None,
+        init_text=init_text,
     )
     optimizers = [
-        CMAES(cfg.intrinsic_dim, popsize=cfg.popsize, sigma=cfg.sigma, seed=derive_seed(cfg.seed, _CMA, layer),
+        CMAES(cfg.intrinsic_dim, popsize=cfg.popsize, sigma=cfg.sigma, seed=derive_seed(cfg.search, _CMA, layer),
               bound=cfg.bound, diagonal=cfg.diagonal)
         for layer in range(layers)
     ]
@@ -194,7 +204,11 @@ def tune(backend: Backend, cfg: TuneConfig, task: TaskSpec, train: Split, dev: S
     """
     train_scorer = Scorer(backend, cfg, task, train, ledger)
     dev_scorer = Scorer(backend, cfg, task, dev, ledger)
-    s = state if state is not None else start_state(cfg, backend.model_info(cfg.model), train_scorer.hidden_std)
+    if state is None:
+        text = starts.init_text(cfg.init, task, cfg.init_text, train, train_scorer.tokens, cfg.prompt_length,
+                                derive_seed(cfg.seed, _INIT))
+        state = start_state(cfg, backend.model_info(cfg.model), train_scorer.hidden_std, text)
+    s = state
     prompt, layers = s.prompt, len(s.optimizers)
     start = time.perf_counter() - s.seconds
     stop_reason = "budget"

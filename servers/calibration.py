@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from bbt.errors import ConfigError
 from bbt.protocol import Example, ModelInfo, TaskSpec
 
 if TYPE_CHECKING:
@@ -100,3 +101,19 @@ def vocab_prompt(model: PromptModel, seed: int, length: int) -> np.ndarray:
     rng = np.random.Generator(np.random.PCG64(seed))
     ids = rng.choice(ordinary_ids(model), size=length, replace=False)
     return model.word_embeddings(model.tensor(ids.tolist())).float().cpu().numpy()
+
+
+@torch.inference_mode()
+def text_prompt(model: PromptModel, text: str, length: int) -> np.ndarray:
+    """p0 [L, H]: input embeddings of the last `length` tokens of `text` (no special tokens),
+    repeated as often as it takes to fill `length` tokens.
+
+    An instruction or a few demonstrations as the starting point puts z = 0 on the embedding
+    manifold and, unlike random vocabulary tokens, says something about the task. The prompt
+    ends where the input begins, so the text's end is kept whole: a cut goes at the front.
+    """
+    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ConfigError(f"the init text {text[:80]!r} has no tokens for model {model.name!r}")
+    ids = (ids * -(-length // len(ids)))[-length:]
+    return model.word_embeddings(model.tensor(ids)).float().cpu().numpy()

@@ -63,7 +63,7 @@ class PromptModel:
         self.prompt_at = self.family.prompt_at
         self.lock = threading.Lock()
         self._info: ModelInfo | None = None
-        self._init_cache: dict[tuple[int, int], np.ndarray] = {}
+        self._init_cache: dict[tuple[int | str, int], np.ndarray] = {}
         self.reuse_lower_layers = True  # see scores(); a switch for tests and benchmarks
         self.top_rows_only = True  # the top layer only where the head reads; a switch for tests and benchmarks
         self._kept: dict[int, reuse.KeptStates] = {}  # id(Encoded) -> the last lower states computed for it
@@ -267,11 +267,17 @@ class PromptModel:
                 self.layers[j] = skipped[j]
 
     # ---- calibration ----------------------------------------------------------------------
-    def init_prompt(self, seed: int, length: int) -> np.ndarray:
-        """p0 [L, H] from vocabulary embeddings drawn with `seed` (`calibration.vocab_prompt`)."""
-        key = (seed, length)
+    def init_prompt(self, source: int | str, length: int) -> np.ndarray:
+        """p0 [L, H]: vocabulary embeddings drawn with a seed (`calibration.vocab_prompt`) or the
+        embeddings of a text's tokens (`calibration.text_prompt`)."""
+        key = (source, length)
         if key not in self._init_cache:
-            self._init_cache[key] = calibration.vocab_prompt(self, seed, length)
+            if isinstance(source, str):
+                self._init_cache[key] = calibration.text_prompt(self, source, length)
+            else:
+                self._init_cache[key] = calibration.vocab_prompt(self, source, length)
+            if len(self._init_cache) > 64:
+                self._init_cache.pop(next(iter(self._init_cache)))
         return self._init_cache[key]
 
     def hidden_std(self, enc: Encoded) -> list[float]:

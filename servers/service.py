@@ -167,9 +167,9 @@ class ModelService:
             prompts = self._project(model, c)
         if not np.isfinite(prompts).all():
             raise ConfigError("the projected prompts are not finite: z or the projection scale is too large")
-        if c.init_seed is not None:
+        if c.init_seed is not None or c.init_text is not None:
             prompts = np.array(prompts)  # the decoded tensor may be a read-only view of the request body
-            prompts[:, 0] += model.init_prompt(c.init_seed, prompts.shape[2])
+            prompts[:, 0] += model.init_prompt(c.init_seed if c.init_text is None else c.init_text, prompts.shape[2])
         return prompts
 
     def _project(self, model: PromptModel, c: IntrinsicPrompts) -> np.ndarray:

@@ -58,9 +58,10 @@ DATA = TaskData(train=_split_of(0, 4), dev=_split_of(4, 8), test=_split_of(8, 12
 TIMING = {"tuning_seconds", "wall_seconds", "queries_per_second", "seconds"}  # may differ between runs
 
 
-def small_config(encoding: str = "intrinsic", queries: int = 40, method: str = "bbt", seed: int = 7) -> TuneConfig:
+def small_config(encoding: str = "intrinsic", queries: int = 40, method: str = "bbt", seed: int = 7,
+                 init: str = "zero") -> TuneConfig:
     return TuneConfig(seed=seed, prompt_length=10, intrinsic_dim=50, popsize=10, encoding=encoding, method=method,
-                      budget=Budget(queries=queries))
+                      init=init, budget=Budget(queries=queries))
 
 
 @pytest.fixture(scope="module")
@@ -135,9 +136,11 @@ def test_http_client_imports_no_torch():
 
 # ---- the same run in process and over HTTP -------------------------------------------------------
 
-@pytest.mark.parametrize("encoding,method", [("intrinsic", "bbt"), ("float32", "bbt"), ("intrinsic", "bbtv2")])
-def test_tuning_over_http_equals_in_process(encoding, method, local, http, tmp_path):
-    cfg = small_config(encoding, method=method)
+@pytest.mark.parametrize("encoding,method,init", [("intrinsic", "bbt", "zero"), ("float32", "bbt", "zero"),
+                                                  ("intrinsic", "bbtv2", "zero"), ("intrinsic", "bbt", "demos")])
+def test_tuning_over_http_equals_in_process(encoding, method, init, local, http, tmp_path):
+    """The same run either way; with demonstrations as p0 the server embeds the client's text."""
+    cfg = small_config(encoding, method=method, init=init)
     want = run_tune(cfg, TASK, DATA, local, tmp_path / "local", progress=False, log=quiet)
     got = run_tune(cfg, TASK, DATA, http, tmp_path / "http", progress=False, log=quiet)
     assert without_timing(got) == without_timing(want)  # accuracies, losses, spending: exactly

@@ -32,4 +32,10 @@ class LocalBackend:
         return self.service.evaluate(request)
 
     def close(self) -> None:
-        pass
+        pass  # loaded models stay cached in the process for the next backend
+
+    def __enter__(self) -> LocalBackend:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
