@@ -145,6 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("texts", nargs="+", metavar="TEXT", help="texts to label (pair tasks: TEXT and PAIR joined by ' ||| ')")
     _add_backend_args(p)
 
+    x = sub.add_parser("export", help="write a tuned prompt for other tools (a PEFT adapter, bbt's deep-prompt file)",
+                       description="Write a run's prompt as a PEFT PROMPT_TUNING adapter (--format peft; BBT runs on "
+                       "models without leading special tokens) or as bbt's own per-layer prompt file (--format bbt; "
+                       "BBT and BBTv2). An ensemble folder exports each member to OUT/member-i.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    x.add_argument("--run", required=True, metavar="DIR", help="run (or ensemble) folder written by bbt tune")
+    x.add_argument("--format", choices=["peft", "bbt"], default="peft", help="what to write")
+    x.add_argument("--out", required=True, metavar="DIR", help="folder to write (existing files are never overwritten)")
+    x.add_argument("--base-model", metavar="NAME", help="base_model_name_or_path in the adapter (default: the run's model)")
+
     s = sub.add_parser("serve", help="start the bundled inference server", description=(
         "Serve models over HTTP (protocol v1, OpenAPI page at /docs)."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -405,6 +415,19 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from bbt import ensemble, export
+
+    run, out = Path(args.run), Path(args.out)
+    pairs = [(run, out)]
+    if (run / ensemble.INDEX_FILE).exists():
+        pairs = [(m, out / m.name) for m in ensemble.member_runs([run])]
+    for src, dst in pairs:
+        written = export.to_peft(src, dst, args.base_model) if args.format == "peft" else export.to_bbt(src, dst)
+        print(f"wrote {written}")
+    return 0
+
+
 def cmd_serve(args) -> int:
     try:
         from servers.app import serve
@@ -423,7 +446,8 @@ def cmd_demo(args) -> int:
     return run_demo(budget=args.budget, out=args.out, in_process=args.in_process)
 
 
-COMMANDS = {"tune": cmd_tune, "evaluate": cmd_evaluate, "predict": cmd_predict, "serve": cmd_serve, "demo": cmd_demo}
+COMMANDS = {"tune": cmd_tune, "evaluate": cmd_evaluate, "predict": cmd_predict, "export": cmd_export, "serve": cmd_serve,
+            "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -199,6 +199,9 @@ class EvaluateRequest(_Model):
     labels: list[int] | None = Field(default=None, description="needed for losses")
     loss: LossKind = "ce"
     return_logits: bool = False
+    return_prompts: bool = Field(
+        default=False, description="also return the prompts as the model received them: [K, layers, L, H], p0 added"
+    )
     candidates: Candidates | None = Field(
         default=None, description="absent: the frozen model with the template and no soft prompt (K=1)"
     )
@@ -211,8 +214,8 @@ class EvaluateRequest(_Model):
             bad = [y for y in self.labels if not 0 <= y < len(self.task.labels)]
             if bad:
                 raise ValueError(f"labels {bad[:5]} outside 0..{len(self.task.labels) - 1}")
-        if self.labels is None and not self.return_logits:
-            raise ValueError("nothing to return: give labels (for losses) or set return_logits")
+        if self.labels is None and not (self.return_logits or self.return_prompts):
+            raise ValueError("nothing to return: give labels (for losses), or set return_logits or return_prompts")
         return self
 
 
@@ -220,6 +223,7 @@ class EvaluateResponse(_Model):
     model: str
     losses: list[float] | None = Field(default=None, description="one per candidate")
     logits: Tensor | None = Field(default=None, description="class scores, shape [K, N, C]")
+    prompts: Tensor | None = Field(default=None, description="with return_prompts: shape [K, layers, L, H]")
     usage: Usage
 
 

@@ -5,6 +5,7 @@
     RUN/log.jsonl      one line per generation
     RUN/state.pkl      the search after its last complete generation (what --resume continues)
     RUN/prompt.json    the artifact: z, projection specs, model, task (versioned)
+    RUN/prompt.safetensors  the prompt as the model received it, p0 + A z: "prompts" [layers, L, H]
     RUN/metrics.json   train/dev/test scores, zero-prompt (z = 0) and no-prompt baselines, spending, timings
 
 A run killed at any moment (kill -9 included) is continued with `run_tune(..., resume=True)`
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from bbt import __version__, cache, checkpoint, metrics
+from bbt import __version__, cache, checkpoint, export, metrics
 from bbt.backends.base import Backend
 from bbt.budget import Budget, Ledger
 from bbt.config import TuneConfig
@@ -37,7 +38,7 @@ from bbt.tuner import Evaluation, Prompt, TuneState, tune
 
 ARTIFACT_VERSION = 1
 STATE_FILE = "state.pkl"
-RUN_FILES = ("config.json", "ledger.jsonl", "log.jsonl", STATE_FILE, "prompt.json", "metrics.json")
+RUN_FILES = ("config.json", "ledger.jsonl", "log.jsonl", STATE_FILE, "prompt.json", "prompt.safetensors", "metrics.json")
 EVAL_CHUNK = 500  # examples per evaluation request (servers cap N per request)
 
 
@@ -79,18 +80,35 @@ def evaluate_split(backend: Backend, model: str, task: TaskSpec, split: Split, p
 
     Large splits go out in chunks of EVAL_CHUNK examples; spending is booked as evaluation.
     """
-    chunks = []
+    ev, logits, _ = _score_split(backend, model, task, split, prompt, ledger, loss)
+    return ev, logits
+
+
+def evaluate_materialized(backend: Backend, model: str, task: TaskSpec, split: Split, prompt: Prompt,
+                          ledger: Ledger | None = None) -> tuple[Evaluation, np.ndarray, np.ndarray]:
+    """`evaluate_split`, and the prompt as the model received it (p0 + A z, [layers, L, H]) from the
+    same requests: only the server knows p0, and asking it separately would cost a query."""
+    return _score_split(backend, model, task, split, prompt, ledger, "ce", return_prompts=True)
+
+
+def _score_split(backend, model, task, split, prompt, ledger, loss, return_prompts: bool = False):
+    chunks, received = [], None
     for start in range(0, len(split), EVAL_CHUNK):
         inputs = split.examples[start : start + EVAL_CHUNK]
         req = EvaluateRequest(
             model=model, task=task, inputs=inputs, return_logits=True, loss=loss,
-            candidates=None if prompt is None else prompt.candidates(),
+            candidates=None if prompt is None else prompt.candidates(), return_prompts=return_prompts and start == 0,
         )
         resp, cached = cache.evaluate(backend, req)
         if ledger is not None:
             ledger.record(resp.usage, expected=Usage(queries=1, requests=1, examples=len(inputs), tokens=resp.usage.tokens),
                           tuning=False, cached=cached)
         chunks.append(resp.logits.to_numpy()[0])
+        if req.return_prompts:
+            if resp.prompts is None:
+                raise ConfigError("the server did not return the prompts it received (return_prompts): it runs an "
+                                  "older bbt")
+            received = resp.prompts.to_numpy()[0]
     logits = np.concatenate(chunks)  # (N, C)
     labels = np.asarray(split.labels)
     ev = Evaluation(
@@ -98,7 +116,7 @@ def evaluate_split(backend: Backend, model: str, task: TaskSpec, split: Split, p
         metric=float(metrics.score(task.metric, logits[None], labels)[0]),
         accuracy=float(metrics.accuracy(logits[None], labels)[0]),
     )
-    return ev, logits
+    return ev, logits, received
 
 
 def run_tune(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out: str | Path, *,
@@ -188,9 +206,10 @@ def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out:
                               init_text=prompt.init_text,
                               prompt_placement=info.prompt_placement, prompt_position=info.prompt_position)
     (out / "prompt.json").write_text(artifact.model_dump_json(indent=1))
-
     zero, _ = evaluate_split(backend, cfg.model, task, data.test, prompt.untuned(), ledger)
-    tuned, _ = evaluate_split(backend, cfg.model, task, data.test, prompt, ledger)
+    tuned, _, received = evaluate_materialized(backend, cfg.model, task, data.test, prompt, ledger)
+    export.save_prompts(out / export.PROMPT_FILE, received, method=cfg.method, model=cfg.model,
+                        prompt_placement=info.prompt_placement, prompt_position=info.prompt_position)
     dev = result.dev
     out_metrics = {
         "train_acc": result.train.accuracy,

@@ -122,6 +122,7 @@ class ModelService:
             model=req.model,
             losses=losses,
             logits=Tensor.from_numpy(logits) if req.return_logits else None,
+            prompts=Tensor.from_numpy(prompts) if req.return_prompts and prompts is not None else None,
             usage=Usage(queries=k, requests=1, examples=k * n, tokens=k * (sum(enc.tokens) + n * length)),
         )
 
