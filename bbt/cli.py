@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from bbt import __version__
 from bbt.budget import Budget
-from bbt.config import TuneConfig
+from bbt.config import GRADIENT_METHODS, TuneConfig
 from bbt.errors import BackendError, BBTError, ConfigError
 
 EXAMPLES = """examples:
@@ -83,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "out of quota), with the settings in RUN/config.json; only the options of the model's location, "
                    "the cache and --quiet may be given with it")
     m = t.add_argument_group("method")
-    m.add_argument("--method", choices=["bbt", "bbtv2"], default=d.method, help="bbt: input prompt; bbtv2: deep prompt, layer by layer")
+    m.add_argument("--method", choices=["bbt", "bbtv2", *GRADIENT_METHODS], default=d.method,
+                   help="bbt: input prompt; bbtv2: deep prompt, layer by layer; prompt-tuning, p-tuning, prefix-tuning, "
+                   "p-tuning-v2: the gradient baselines through PEFT (in process only; --lr, --epochs, --batch-size)")
     m.add_argument("--model", default=d.model, help="minilm, smollm2, a local model directory or a .gguf file (in "
                    "process); with --endpoint, a model the server serves")
     m.add_argument("--prompt-length", type=int, default=d.prompt_length, metavar="L", help="soft-prompt tokens")
@@ -99,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                    f"template (demonstrations). Default: {d.init}, or instruction with --init-text")
     m.add_argument("--init-text", default=None, metavar="TEXT",
                    help="the instruction p0 is made from (implies --init instruction)")
+    m.add_argument("--lr", type=float, default=None, help="gradient methods: learning rate (default: the paper's)")
+    m.add_argument("--epochs", type=int, default=d.epochs, help="gradient methods: passes over the training split")
+    m.add_argument("--batch-size", type=int, default=d.batch_size, help="gradient methods: examples per step")
     m.add_argument("--bound", type=float, default=None, help="keep z in [-BOUND, BOUND] (default: unbounded)")
     m.add_argument("--diagonal", action="store_true", help="separable CMA-ES, for a large intrinsic dimension")
     m.add_argument("--rounds", type=int, default=None, metavar="R",
@@ -225,7 +230,7 @@ def cmd_tune(args) -> int:
     from bbt import ensemble
     from bbt.data import load_task_folder
     from bbt.protocol import TaskSpec
-    from bbt.run import load_run_config, run_ensemble, run_tune
+    from bbt.run import load_run_config, run_ensemble, run_gradient, run_tune
     from bbt.tasks import resolve_task
 
     if args.resume:
@@ -262,7 +267,11 @@ def cmd_tune(args) -> int:
         backend = _with_cache(backend, args)
         context = {"data": str(Path(data_dir).resolve()), "endpoint": args.endpoint}
         try:
-            if args.ensemble is not None:
+            if cfg.method in GRADIENT_METHODS:
+                if args.resume or args.ensemble:
+                    raise ConfigError(f"--method {cfg.method} runs in one go: --resume and --ensemble are for bbt and bbtv2")
+                run_gradient(cfg, task, data, backend, out, context=context)
+            elif args.ensemble is not None:
                 run_ensemble(cfg, args.ensemble, task, data, backend, out, context=context, progress=not args.quiet,
                              resume=bool(args.resume))
             else:
@@ -290,7 +299,7 @@ def _tune_config(args) -> TuneConfig:
                           intrinsic_dim=args.intrinsic_dim, popsize=args.popsize, sigma=args.sigma, loss=args.loss,
                           projection=args.projection, alpha=args.alpha, bound=args.bound,
                           init=args.init or ("instruction" if args.init_text else d.init), init_text=args.init_text,
-                          search_seed=args.search_seed,
+                          search_seed=args.search_seed, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
                           diagonal=args.diagonal, rounds=args.rounds, patience=args.patience, encoding=args.encoding,
                           k_shot=args.k_shot, budget=budget)
     except ValidationError as exc:  # e.g. --popsize 1, --budget 0: one line naming the option, no traceback

@@ -10,13 +10,20 @@ from bbt.budget import Budget
 from bbt.protocol import LossKind
 
 
+GRADIENT_METHODS = ("prompt-tuning", "p-tuning", "prefix-tuning", "p-tuning-v2")
+
+
 class TuneConfig(BaseModel):
     """Everything that decides a tuning run. The same config and seed give the same run."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     model: str = Field(default="minilm", description="model name or local path (the server's name with an endpoint)")
-    method: Literal["bbt", "bbtv2"] = Field(default="bbt", description="bbt: input prompt; bbtv2: a prompt per layer")
+    method: Literal["bbt", "bbtv2", "prompt-tuning", "p-tuning", "prefix-tuning", "p-tuning-v2"] = Field(
+        default="bbt",
+        description="bbt: input prompt; bbtv2: a prompt per layer; the rest: gradient baselines through PEFT "
+        "(in process only: they need the weights)",
+    )
     seed: int = Field(default=42, ge=0, description="seeds the data split, p0, and (unless search_seed) the search")
     search_seed: int | None = Field(
         default=None, ge=0,
@@ -53,6 +60,9 @@ class TuneConfig(BaseModel):
         description="stop after this many generations in a row without a better dev score (BBTv2: generations, "
         "not rounds); none: run to the budget",
     )
+    lr: float | None = Field(default=None, gt=0, description="gradient methods: learning rate (none: the paper's)")
+    epochs: int = Field(default=30, ge=1, description="gradient methods: passes over the training split")
+    batch_size: int = Field(default=8, ge=1, description="gradient methods: examples per step")
     k_shot: int = Field(default=16, ge=1, description="examples per class when a split is sampled from a pool")
     budget: Budget = Field(default_factory=Budget)
 

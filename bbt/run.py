@@ -19,6 +19,7 @@ twice.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,6 +241,86 @@ def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out:
     log(ledger.describe())
     if ledger.mismatches:
         log(f"warning: the server's usage differed from the client's count {len(ledger.mismatches)} times; see metrics.json")
+    log(f"run folder: {out}")
+    return out_metrics
+
+
+def _local_service(backend: Backend):
+    """The in-process model side behind a backend (through caches), or None for a remote one."""
+    while not hasattr(backend, "service"):
+        inner = getattr(backend, "backend", None)
+        if inner is None:
+            return None
+        backend = inner
+    return backend.service
+
+
+def run_gradient(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out: str | Path, *,
+                 context: dict | None = None, log=print) -> dict:
+    """Train a gradient baseline (cfg.method: prompt-tuning, p-tuning, prefix-tuning, p-tuning-v2)
+    through PEFT on the in-process model, and write a run folder like `run_tune`'s: config.json,
+    log.jsonl (one line per epoch), metrics.json (the same scores, plus passes and examples seen)
+    and adapter/ (the PEFT adapter, best on dev). Needs the weights: a remote backend is refused."""
+    service = _local_service(backend)
+    if service is None:
+        raise ConfigError(f"--method {cfg.method} trains with the model's gradients, so it needs the weights: run it "
+                          "in process (without --endpoint); against an API, use bbt or bbtv2")
+    from servers import gradient  # the model side: torch, PEFT
+
+    wall_start = time.perf_counter()
+    out = Path(out)
+    task = for_family(task, backend.model_info(cfg.model).family)
+    if (out / "config.json").exists():
+        raise ConfigError(f"{out} already holds a run: pick another --out (nothing was overwritten)")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(
+        {"bbt_version": __version__, "config": cfg.model_dump(), "task": task.model_dump(), **(context or {})}, indent=2))
+    ledger = Ledger(cfg.budget, out / "ledger.jsonl")  # the no-prompt baseline is scored like any run's
+    try:
+        plain, _ = evaluate_split(backend, cfg.model, task, data.test, None, ledger)
+    finally:
+        ledger.close()
+    log(f"no-prompt {data.test_name} accuracy: {plain.accuracy:.4f}")
+    pm = service.get(cfg.model)
+    opt, lr, source = gradient.DEFAULTS[cfg.method]
+    log(f"{cfg.method}: {opt}, learning rate {cfg.lr or lr} ({'given' if cfg.lr else source}), up to {cfg.epochs} "
+        f"epochs of batches of {cfg.batch_size}")
+    with (out / "log.jsonl").open("w") as log_file:
+        def on_epoch(record: dict) -> None:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+
+        result = gradient.train(pm, task, data.train.examples, data.train.labels, data.dev.examples, data.dev.labels,
+                                method=cfg.method, length=cfg.prompt_length, seed=cfg.search, lr=cfg.lr,
+                                epochs=cfg.epochs, batch_size=cfg.batch_size,
+                                patience=10 if cfg.patience is None else cfg.patience, on_epoch=on_epoch)
+    result.peft_model.save_pretrained(str(out / "adapter"))
+    test_logits = gradient.predict_logits(pm, result.peft_model, task, data.test.examples, cfg.method)
+    labels = np.asarray(data.test.labels)
+    test = Evaluation(loss=float(metrics.loss("ce", test_logits[None], labels)[0]),
+                      metric=float(metrics.score(task.metric, test_logits[None], labels)[0]),
+                      accuracy=float(metrics.accuracy(test_logits[None], labels)[0]))
+    out_metrics = {
+        "method": cfg.method,
+        "train_acc": result.train.accuracy, "dev_acc": result.dev.accuracy, "test_acc": test.accuracy,
+        "zero_prompt_test_acc": None,  # no z = 0: a gradient method starts from PEFT's initialisation
+        "no_prompt_test_acc": plain.accuracy, "test_split": data.test_name,
+        "train_loss": result.train.loss, "dev_loss": result.dev.loss, "test_loss": test.loss,
+        "queries_used": 0,  # no black-box queries: it reads gradients
+        "epochs": result.epochs, "best_epoch": result.best_epoch, "stop_reason": result.stop_reason,
+        "forward_passes": result.forward_passes + math.ceil(len(data.test) / 32),
+        "backward_passes": result.backward_passes, "examples_seen": result.examples_seen,
+        "trainable_parameters": result.trainable_parameters, "learning_rate": cfg.lr or lr, "optimizer": opt,
+        "tuning_seconds": round(result.seconds, 3),
+    }
+    if task.metric == "f1":
+        out_metrics.update(train_f1=result.train.metric, dev_f1=result.dev.metric, test_f1=test.metric,
+                           no_prompt_test_f1=plain.metric)
+    out_metrics["wall_seconds"] = round(time.perf_counter() - wall_start, 3)
+    (out / "metrics.json").write_text(json.dumps(out_metrics, indent=2))
+    log(f"{cfg.method} {data.test_name} accuracy: {test.accuracy:.4f} (no prompt: {plain.accuracy:.4f}); "
+        f"{result.epochs} epochs, best {result.best_epoch}, {result.backward_passes} backward passes, "
+        f"{result.trainable_parameters} trainable parameters")
     log(f"run folder: {out}")
     return out_metrics
 

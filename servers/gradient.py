@@ -1,0 +1,205 @@
+"""The gradient methods black-box tuning replaces, through HF PEFT, on bbt's frozen model and read-out.
+
+Prompt Tuning (Lester et al., 2021), P-Tuning (Liu et al., 2021, a prompt encoder), Prefix-Tuning
+(Li and Liang, 2021, an MLP-reparameterized prefix at every layer) and P-Tuning v2 (Liu et al.,
+2022, a prefix at every layer without reparameterization) wrap the same model a bbt server
+scores, and are trained with the same template, verbalizer or label texts, read-out head and
+cross-entropy loss as a BBT run; the state best on dev is kept, as BBT keeps its best prompt.
+
+PEFT puts its virtual tokens before every input token (prompt methods) or in the keys and values
+of every layer (prefix methods); the class is read where bbt reads it, shifted past the virtual
+tokens. Shapes: B examples in a batch, T tokens, V virtual tokens, C classes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bbt.errors import ConfigError
+from bbt.protocol import Example, TaskSpec
+from servers.engine import PromptModel
+
+# method -> (optimizer, learning rate, where the default comes from)
+DEFAULTS: dict[str, tuple[str, float, str]] = {
+    "prompt-tuning": ("adafactor", 0.3, "Lester et al. 2021: Adafactor, learning rate 0.3"),
+    "p-tuning": ("adam", 1e-5, "Liu et al. 2021 (GPT Understands, Too): Adam, learning rate 1e-5"),
+    "prefix-tuning": ("adamw", 5e-5, "Li and Liang 2021: AdamW, learning rate 5e-5, MLP reparameterization"),
+    "p-tuning-v2": ("adamw", 1e-2, "Liu et al. 2022: AdamW, learning rate 5e-3 to 1e-2 (1e-2 here), no reparameterization"),
+}
+PREFIX_METHODS = ("prefix-tuning", "p-tuning-v2")
+
+
+@dataclass
+class Scores:
+    loss: float
+    metric: float
+    accuracy: float
+
+
+@dataclass
+class GradientResult:
+    """A trained method: its PEFT model (the state best on dev loaded), scores and what it cost."""
+
+    peft_model: torch.nn.Module
+    train: Scores
+    dev: Scores
+    epochs: int
+    best_epoch: int
+    forward_passes: int  # batches run forward (training, dev and train scoring)
+    backward_passes: int  # batches run backward
+    examples_seen: int  # training examples fed to a backward pass
+    trainable_parameters: int
+    seconds: float
+    stop_reason: str
+    history: list[dict] = field(default_factory=list)
+
+
+def peft_config(method: str, family: str, length: int, hidden: int):
+    """The PEFT config of a method for a model family."""
+    try:
+        import peft
+    except ImportError:
+        raise ConfigError("the gradient baselines need PEFT: pip install 'bbt[peft]'") from None
+    task_type = "CAUSAL_LM" if family == "causal" else "FEATURE_EXTRACTION"
+    if method in PREFIX_METHODS and family != "causal":
+        raise ConfigError(f"{method} puts a prefix in every layer's keys and values, which PEFT runs only on models "
+                          f"that take past key values (causal LMs); this model is a {family} model. Use prompt-tuning "
+                          "or p-tuning, or a causal LM")
+    if method == "prompt-tuning":
+        # sampled vocabulary embeddings: Lester et al.'s better initialisation, and bbt's --init vocab
+        return peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=length, prompt_tuning_init="SAMPLE_VOCAB")
+    if method == "p-tuning":
+        return peft.PromptEncoderConfig(task_type=task_type, num_virtual_tokens=length, encoder_hidden_size=hidden)
+    if method == "prefix-tuning":
+        return peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=length, prefix_projection=True,
+                                       encoder_hidden_size=512)
+    if method == "p-tuning-v2":
+        return peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=length, prefix_projection=False)
+    raise ConfigError(f"unknown gradient method {method!r}: choose {', '.join(DEFAULTS)}")
+
+
+def _optimizer(name: str, params, lr: float):
+    if name == "adafactor":
+        return torch.optim.Adafactor(params, lr=lr, weight_decay=1e-5)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+
+
+def class_logits(pm: PromptModel, peft_model, task: TaskSpec, examples: list[Example], method: str) -> torch.Tensor:
+    """(B, C) class scores of a PEFT-wrapped model, read by bbt's head of the model's family."""
+    enc = pm.encode(task, examples)
+    ids, mask = pm.batch(enc, list(range(len(examples))), 0)  # (B, T), no bbt prompt slots
+    readout = torch.tensor(enc.readout, device=pm.device)
+    shift = 0 if method in PREFIX_METHODS else peft_model.peft_config["default"].num_virtual_tokens
+    out = peft_model(input_ids=ids, attention_mask=mask)
+    rows = torch.arange(len(examples), device=pm.device)
+    if pm.family.name == "encoder":
+        hidden = out.last_hidden_state  # (B, V + T, H): PEFT's virtual tokens first
+        full = torch.cat([torch.ones(len(examples), shift, dtype=mask.dtype, device=mask.device), mask], dim=1)
+        return pm.family.head(task)(hidden, full, readout + shift, 0, shift)
+    verb = torch.tensor(pm.family.verbalizer_ids(task), device=pm.device)
+    return out.logits[rows, readout + shift][:, verb]  # (B, C) of the LM head at the read position
+
+
+def _scores(logits: torch.Tensor, labels: torch.Tensor, metric: str) -> Scores:
+    from bbt import metrics
+
+    lg, y = logits.detach().cpu().numpy()[None], labels.cpu().numpy()
+    return Scores(loss=float(F.cross_entropy(logits, labels)), metric=float(metrics.score(metric, lg, y)[0]),
+                  accuracy=float(metrics.accuracy(lg, y)[0]))
+
+
+def predict_logits(pm: PromptModel, peft_model, task: TaskSpec, examples: list[Example], method: str,
+                   batch_size: int = 32) -> np.ndarray:
+    """(N, C) class scores of a trained PEFT model, in batches, without gradients."""
+    peft_model.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            out.append(class_logits(pm, peft_model, task, examples[i : i + batch_size], method).float().cpu())
+    return torch.cat(out).numpy()
+
+
+def train(pm: PromptModel, task: TaskSpec, train_ex: list[Example], train_y: list[int], dev_ex: list[Example],
+          dev_y: list[int], *, method: str, length: int, seed: int, lr: float | None = None, epochs: int = 30,
+          batch_size: int = 8, patience: int | None = 10,
+          on_epoch: Callable[[dict], None] | None = None) -> GradientResult:
+    """Train a gradient method on the frozen model; the state best on dev (metric, then loss) is kept.
+
+    One epoch is one shuffled pass over train in batches of `batch_size` examples, then one scoring
+    of dev. `patience`: stop after that many epochs without a better dev score (None: never).
+    """
+    from peft import get_peft_model
+
+    if length > pm.max_prompt_tokens:
+        raise ConfigError(f"prompt length {length} is over model {pm.name!r}'s limit of {pm.max_prompt_tokens} tokens")
+    opt_name, default_lr, _ = DEFAULTS[method]
+    lr = default_lr if lr is None else lr
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    base = copy.copy(pm.model)  # PEFT rebinds a few attributes of the model it wraps: not on the shared one
+    peft_model = get_peft_model(base, peft_config(method, pm.family.name, length, pm.hidden_size))
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    n_params = sum(p.numel() for p in params)
+    opt = _optimizer(opt_name, params, lr)
+    y_train = torch.tensor(train_y, device=pm.device)
+    y_dev = torch.tensor(dev_y, device=pm.device)
+    forward = backward = seen = 0
+    best: tuple | None = None
+    best_state, best_epoch, history = None, 0, []
+    start = time.perf_counter()
+    stop_reason = "epochs"
+    epoch = 0
+    with pm.lock, torch.inference_mode(False):
+        for epoch in range(1, epochs + 1):
+            peft_model.train()
+            order = rng.permutation(len(train_ex))
+            losses = []
+            for i in range(0, len(order), batch_size):
+                idx = order[i : i + batch_size]
+                logits = class_logits(pm, peft_model, task, [train_ex[j] for j in idx], method)
+                loss = F.cross_entropy(logits, y_train[idx])
+                if not torch.isfinite(loss):
+                    raise ConfigError(f"{method}: the training loss became {float(loss)} at epoch {epoch}; "
+                                      f"lower the learning rate (now {lr})")
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                forward, backward, seen = forward + 1, backward + 1, seen + len(idx)
+                losses.append(loss.item())
+            dev_logits = torch.from_numpy(predict_logits(pm, peft_model, task, dev_ex, method))
+            forward += math.ceil(len(dev_ex) / 32)
+            dev = _scores(dev_logits, y_dev.cpu(), task.metric)
+            record = {"epoch": epoch, "train_loss": float(np.mean(losses)), "dev_loss": dev.loss, "dev_metric": dev.metric,
+                      "seconds": round(time.perf_counter() - start, 3)}
+            if best is None or (dev.metric, -dev.loss) > best:
+                best, best_epoch = (dev.metric, -dev.loss), epoch
+                best_state = [p.detach().clone() for p in params]
+                record["new_best_dev"] = True
+            history.append(record)
+            if on_epoch is not None:
+                on_epoch(record)
+            if patience is not None and epoch - best_epoch >= patience:
+                stop_reason = "patience"
+                break
+        with torch.no_grad():
+            for p, kept in zip(params, best_state):
+                p.copy_(kept)
+        train_logits = torch.from_numpy(predict_logits(pm, peft_model, task, train_ex, method))
+        dev_logits = torch.from_numpy(predict_logits(pm, peft_model, task, dev_ex, method))
+        forward += math.ceil(len(train_ex) / 32) + math.ceil(len(dev_ex) / 32)
+    return GradientResult(
+        peft_model=peft_model, train=_scores(train_logits, y_train.cpu(), task.metric),
+        dev=_scores(dev_logits, y_dev.cpu(), task.metric), epochs=epoch, best_epoch=best_epoch,
+        forward_passes=forward, backward_passes=backward, examples_seen=seen, trainable_parameters=n_params,
+        seconds=time.perf_counter() - start, stop_reason=stop_reason, history=history,
+    )

@@ -1,0 +1,101 @@
+"""The gradient baselines through PEFT: each method trains on each family it can run, writes a run
+folder like BBT's, reads the class where bbt reads it, and is refused where it cannot run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bbt.cli import main
+
+pytest.importorskip("peft", reason="peft is not installed (pip install 'bbt[peft]')")
+
+
+def _tune(model, data_dir, out, method, *extra) -> int:
+    return main(["tune", "--model", str(model), "--task", "sst2", "--data", str(data_dir), "--seed", "13",
+                 "--method", method, "--prompt-length", "3", "--epochs", "4", "--batch-size", "4",
+                 "--out", str(out), "--no-cache", "--quiet", *extra])
+
+
+@pytest.mark.parametrize("method", ["prompt-tuning", "p-tuning", "prefix-tuning", "p-tuning-v2"])
+@pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama"])
+def test_each_method_trains_a_causal_lm_and_writes_a_run_folder(fixture, method, data_dir, tmp_path, request):
+    model = request.getfixturevalue(fixture)
+    out = tmp_path / "run"
+    assert _tune(model, data_dir, out, method) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("train_acc", "dev_acc", "test_acc", "no_prompt_test_acc", "train_loss", "dev_loss", "test_loss"):
+        assert m[key] is not None and np.isfinite(m[key]), key
+    assert m["method"] == method and m["epochs"] == 4 and 1 <= m["best_epoch"] <= 4
+    assert m["backward_passes"] == 4 * 2 and m["examples_seen"] == 4 * 8  # 8 training examples, batches of 4
+    assert m["forward_passes"] > m["backward_passes"] and m["trainable_parameters"] > 0
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3, 4]
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    config = json.loads((out / "config.json").read_text())["config"]
+    assert config["method"] == method
+
+
+def test_training_lowers_the_loss_and_the_best_dev_state_is_kept(tiny_gpt2, local_backend, tiny_data, sst2_task):
+    from bbt.tasks import for_family
+    from servers import gradient
+
+    pm = local_backend.service.get(str(tiny_gpt2))
+    task = for_family(sst2_task, "causal")
+    result = gradient.train(pm, task, tiny_data.train.examples, tiny_data.train.labels, tiny_data.dev.examples,
+                            tiny_data.dev.labels, method="prompt-tuning", length=3, seed=0, epochs=8, batch_size=8,
+                            patience=None)
+    losses = [r["train_loss"] for r in result.history]
+    assert min(losses[1:]) < losses[0]
+    best = max(result.history, key=lambda r: (r["dev_metric"], -r["dev_loss"]))
+    assert result.best_epoch == best["epoch"]
+    assert result.dev.loss == pytest.approx(best["dev_loss"], abs=1e-5)  # the kept state is that epoch's
+
+
+def test_class_read_equals_bbts_for_the_same_prompt(tiny_gpt2, local_backend, tiny_data, sst2_task):
+    """A PEFT prompt-tuning model whose virtual tokens are bbt's prompt scores what bbt scores."""
+    import torch
+    from peft import get_peft_model
+
+    from bbt.protocol import EvaluateRequest, PromptTensor, Tensor
+    from bbt.tasks import for_family
+    from servers import gradient
+
+    pm = local_backend.service.get(str(tiny_gpt2))
+    task = for_family(sst2_task, "causal")
+    peft_model = get_peft_model(__import__("copy").copy(pm.model), gradient.peft_config("prompt-tuning", "causal", 3, 32))
+    prompt = np.random.default_rng(0).normal(0, 0.02, (3, 32)).astype(np.float32)
+    with torch.no_grad():
+        peft_model.prompt_encoder["default"].embedding.weight.copy_(torch.from_numpy(prompt))
+    got = gradient.predict_logits(pm, peft_model, task, tiny_data.dev.examples, "prompt-tuning")
+    req = EvaluateRequest(model=str(tiny_gpt2), task=task, inputs=tiny_data.dev.examples, return_logits=True,
+                          candidates=PromptTensor(prompts=Tensor.from_numpy(prompt[None, None])))
+    np.testing.assert_allclose(got, local_backend.evaluate(req).logits.to_numpy()[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_encoder", "tiny_bert_mlm"])
+def test_prompt_methods_run_on_encoders_and_masked_lms_prefix_methods_are_refused(fixture, data_dir, tmp_path, request,
+                                                                                  capsys):
+    model = request.getfixturevalue(fixture)
+    assert _tune(model, data_dir, tmp_path / "pt", "prompt-tuning") == 0
+    assert json.loads((tmp_path / "pt" / "metrics.json").read_text())["test_acc"] is not None
+    assert _tune(model, data_dir, tmp_path / "prefix", "prefix-tuning") != 0
+    assert "past key values" in capsys.readouterr().err
+    assert not (tmp_path / "prefix" / "adapter").exists()
+
+
+def test_a_gradient_method_needs_the_weights(data_dir, tmp_path, capsys):
+    code = main(["tune", "--task", "sst2", "--data", str(data_dir), "--seed", "13", "--method", "prompt-tuning",
+                 "--endpoint", "http://127.0.0.1:9", "--out", str(tmp_path / "r"), "--no-cache", "--quiet"])
+    assert code != 0 and "needs the weights" in capsys.readouterr().err
+
+
+def test_an_existing_run_folder_is_not_overwritten(tiny_gpt2, data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _tune(tiny_gpt2, data_dir, out, "prompt-tuning") == 0
+    before = (out / "metrics.json").read_text()
+    assert _tune(tiny_gpt2, data_dir, out, "p-tuning") != 0
+    assert "nothing was overwritten" in capsys.readouterr().err
+    assert (out / "metrics.json").read_text() == before
