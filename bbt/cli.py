@@ -331,11 +331,13 @@ def _with_cache(backend, args):
 def cmd_evaluate(args) -> int:
     from bbt import ensemble
     from bbt.data import load_task_folder
-    from bbt.run import evaluate_split, load_artifact, load_run_config
+    from bbt.run import evaluate_split, is_gradient_run, load_artifact, load_run_config
 
     runs = ensemble.member_runs(args.run)
     if len(runs) > 1:
         return _evaluate_ensemble(args, runs)
+    if is_gradient_run(runs[0]):
+        return _evaluate_gradient(args, runs[0])
     artifact = load_artifact(runs[0])
     run_cfg = load_run_config(runs[0])
     data_dir = args.data or run_cfg.get("data")
@@ -357,6 +359,38 @@ def cmd_evaluate(args) -> int:
               "zero_prompt_acc": zero.accuracy, "no_prompt_acc": plain.accuracy}
     if artifact.task.metric == "f1":
         result.update(f1=tuned.metric, zero_prompt_f1=zero.metric, no_prompt_f1=plain.metric)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _evaluate_gradient(args, run: Path) -> int:
+    """`bbt evaluate` of a gradient baseline: its adapter and the no-prompt model on a split."""
+    import numpy as np
+
+    from bbt import metrics
+    from bbt.data import load_task_folder
+    from bbt.run import evaluate_split, gradient_logits, load_run_config
+    from bbt.protocol import TaskSpec
+
+    saved = load_run_config(run)
+    task, cfg = TaskSpec.model_validate(saved["task"]), saved["config"]
+    data_dir = args.data or saved.get("data")
+    if not data_dir:
+        raise BBTError("the run does not record its data folder: pass --data DIR")
+    data = load_task_folder(data_dir, task, seed=cfg["seed"], k=cfg["k_shot"])
+    split = {"train": data.train, "dev": data.dev, "test": data.test}[args.split]
+    backend = make_backend(args)
+    try:
+        task, logits = gradient_logits(backend, run, split.examples)
+        plain, _ = evaluate_split(backend, cfg["model"], task, split, None)
+    finally:
+        backend.close()
+    labels = np.asarray(split.labels)
+    result = {"split": data.test_name if args.split == "test" else args.split, "examples": len(split),
+              "method": cfg["method"], "acc": float(metrics.accuracy(logits[None], labels)[0]),
+              "loss": float(metrics.loss("ce", logits[None], labels)[0]), "no_prompt_acc": plain.accuracy}
+    if task.metric == "f1":
+        result.update(f1=float(metrics.score("f1", logits[None], labels)[0]), no_prompt_f1=plain.metric)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -401,20 +435,48 @@ def _evaluate_ensemble(args, runs: list[Path]) -> int:
     return 0
 
 
+def _pairs(task, texts: list[str]) -> tuple[list[str], list[str] | None]:
+    if not task.pair:
+        return texts, None
+    split = [t.split(" ||| ", 1) for t in texts]
+    if any(len(s) != 2 for s in split):
+        raise BBTError(f"task {task.name!r} takes pairs: write each as 'TEXT ||| PAIR'")
+    return [s[0] for s in split], [s[1] for s in split]
+
+
+def _predict_gradient(args, run: Path) -> int:
+    import numpy as np
+
+    from bbt.protocol import Example, TaskSpec
+    from bbt.run import gradient_logits, load_run_config
+
+    task = TaskSpec.model_validate(load_run_config(run)["task"])
+    texts, pairs = _pairs(task, args.texts)
+    examples = [Example(text=t, text_pair=pairs[i] if pairs else None) for i, t in enumerate(texts)]
+    backend = make_backend(args)
+    try:
+        task, logits = gradient_logits(backend, run, examples)
+    finally:
+        backend.close()
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    for text, p in zip(args.texts, probs):
+        print(json.dumps({"text": text, "label": task.labels[int(p.argmax())],
+                          "probs": dict(zip(task.labels, [round(float(x), 4) for x in p]))}))
+    return 0
+
+
 def cmd_predict(args) -> int:
     from bbt import ensemble
-    from bbt.run import load_artifact, predict
+    from bbt.run import is_gradient_run, load_artifact, predict
 
     runs = ensemble.member_runs(args.run)
+    if len(runs) == 1 and is_gradient_run(runs[0]):
+        return _predict_gradient(args, runs[0])
     artifacts = [load_artifact(r) for r in runs]
     ensemble.check_compatible(artifacts)
     artifact = artifacts[0]
-    texts, pairs = args.texts, None
-    if artifact.task.pair:
-        split = [t.split(" ||| ", 1) for t in args.texts]
-        if any(len(s) != 2 for s in split):
-            raise BBTError(f"task {artifact.task.name!r} takes pairs: write each as 'TEXT ||| PAIR'")
-        texts, pairs = [s[0] for s in split], [s[1] for s in split]
+    texts, pairs = _pairs(artifact.task, args.texts)
     backend = make_backend(args)
     try:
         for text, (label, probs) in zip(args.texts, predict(backend, artifacts, texts, pairs, vote=args.vote)):

@@ -270,6 +270,8 @@ def run_gradient(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backe
     wall_start = time.perf_counter()
     out = Path(out)
     task = for_family(task, backend.model_info(cfg.model).family)
+    pm = service.get(cfg.model)
+    gradient.check(pm, cfg.method, cfg.prompt_length)
     if (out / "config.json").exists():
         raise ConfigError(f"{out} already holds a run: pick another --out (nothing was overwritten)")
     out.mkdir(parents=True, exist_ok=True)
@@ -281,7 +283,6 @@ def run_gradient(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backe
     finally:
         ledger.close()
     log(f"no-prompt {data.test_name} accuracy: {plain.accuracy:.4f}")
-    pm = service.get(cfg.model)
     opt, lr, source = gradient.DEFAULTS[cfg.method]
     log(f"{cfg.method}: {opt}, learning rate {cfg.lr or lr} ({'given' if cfg.lr else source}), up to {cfg.epochs} "
         f"epochs of batches of {cfg.batch_size}")
@@ -323,6 +324,27 @@ def run_gradient(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backe
         f"{result.trainable_parameters} trainable parameters")
     log(f"run folder: {out}")
     return out_metrics
+
+
+def gradient_logits(backend: Backend, run: str | Path, examples: list[Example]) -> tuple[TaskSpec, np.ndarray]:
+    """The task and class scores [N, C] of a gradient baseline's run folder (its PEFT adapter), in process."""
+    saved = load_run_config(run)
+    cfg, task = TuneConfig.model_validate(saved["config"]), TaskSpec.model_validate(saved["task"])
+    service = _local_service(backend)
+    if service is None:
+        raise ConfigError(f"{run} is a {cfg.method} run: scoring its PEFT adapter needs the weights, so it runs in "
+                          "process (without --endpoint)")
+    from servers import gradient
+
+    pm = service.get(cfg.model)
+    model = gradient.load(pm, str(Path(run) / "adapter"), cfg.method)
+    with pm.lock:
+        return task, gradient.predict_logits(pm, model, task, examples, cfg.method)
+
+
+def is_gradient_run(run: str | Path) -> bool:
+    """A folder written by `run_gradient` (a PEFT adapter, no bbt prompt)."""
+    return (Path(run) / "adapter").is_dir() and not (Path(run) / "prompt.json").exists()
 
 
 def share_budget(budget: Budget, n: int) -> Budget:

@@ -86,6 +86,13 @@ def peft_config(method: str, family: str, length: int, hidden: int):
     raise ConfigError(f"unknown gradient method {method!r}: choose {', '.join(DEFAULTS)}")
 
 
+def check(pm: PromptModel, method: str, length: int) -> None:
+    """Refuse, before anything is written, a method this model cannot run or a prompt over its limit."""
+    if length > pm.max_prompt_tokens:
+        raise ConfigError(f"prompt length {length} is over model {pm.name!r}'s limit of {pm.max_prompt_tokens} tokens")
+    peft_config(method, pm.family.name, length, pm.hidden_size)
+
+
 def _optimizer(name: str, params, lr: float):
     if name == "adafactor":
         return torch.optim.Adafactor(params, lr=lr, weight_decay=1e-5)
@@ -140,8 +147,7 @@ def train(pm: PromptModel, task: TaskSpec, train_ex: list[Example], train_y: lis
     """
     from peft import get_peft_model
 
-    if length > pm.max_prompt_tokens:
-        raise ConfigError(f"prompt length {length} is over model {pm.name!r}'s limit of {pm.max_prompt_tokens} tokens")
+    check(pm, method, length)
     opt_name, default_lr, _ = DEFAULTS[method]
     lr = default_lr if lr is None else lr
     torch.manual_seed(seed)
@@ -203,3 +209,17 @@ def train(pm: PromptModel, task: TaskSpec, train_ex: list[Example], train_y: lis
         forward_passes=forward, backward_passes=backward, examples_seen=seen, trainable_parameters=n_params,
         seconds=time.perf_counter() - start, stop_reason=stop_reason, history=history,
     )
+
+
+def load(pm: PromptModel, folder: str, method: str):
+    """A trained method back from its adapter folder (RUN/adapter), on a copy of the model's wrapper."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise ConfigError("scoring a gradient baseline needs PEFT: pip install 'bbt[peft]'") from None
+    if method not in DEFAULTS:
+        raise ConfigError(f"unknown gradient method {method!r}: choose {', '.join(DEFAULTS)}")
+    try:
+        return PeftModel.from_pretrained(copy.copy(pm.model), folder).eval()
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ConfigError(f"PEFT cannot read the adapter in {folder} onto {pm.name!r}: {exc}") from None

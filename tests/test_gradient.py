@@ -83,7 +83,7 @@ def test_prompt_methods_run_on_encoders_and_masked_lms_prefix_methods_are_refuse
     assert json.loads((tmp_path / "pt" / "metrics.json").read_text())["test_acc"] is not None
     assert _tune(model, data_dir, tmp_path / "prefix", "prefix-tuning") != 0
     assert "past key values" in capsys.readouterr().err
-    assert not (tmp_path / "prefix" / "adapter").exists()
+    assert not (tmp_path / "prefix").exists()  # refused before anything was written
 
 
 def test_a_gradient_method_needs_the_weights(data_dir, tmp_path, capsys):
@@ -99,3 +99,17 @@ def test_an_existing_run_folder_is_not_overwritten(tiny_gpt2, data_dir, tmp_path
     assert _tune(tiny_gpt2, data_dir, out, "p-tuning") != 0
     assert "nothing was overwritten" in capsys.readouterr().err
     assert (out / "metrics.json").read_text() == before
+
+
+def test_evaluate_and_predict_read_a_gradient_run(tiny_gpt2, data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _tune(tiny_gpt2, data_dir, out, "p-tuning-v2") == 0
+    m = json.loads((out / "metrics.json").read_text())
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(out), "--split", "test"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["method"] == "p-tuning-v2"
+    assert result["acc"] == pytest.approx(m["test_acc"]) and result["no_prompt_acc"] == pytest.approx(m["no_prompt_test_acc"])
+    assert main(["predict", "--run", str(out), "a great film", "bad"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["text"] for x in lines] == ["a great film", "bad"] and all(x["label"] in ("negative", "positive") for x in lines)
