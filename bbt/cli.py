@@ -160,6 +160,31 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, metavar="DIR", help="folder to write (existing files are never overwritten)")
     x.add_argument("--base-model", metavar="NAME", help="base_model_name_or_path in the adapter (default: the run's model)")
 
+    w = sub.add_parser("sweep", help="a grid of runs (tasks x seeds x methods x settings) scored at several budgets",
+                       description="Run every cell of a grid into OUT/cells/NAME (run folders, as bbt tune writes), "
+                       "each once to the largest budget and scored at every --budgets value from the prompt it had "
+                       "then. Rerun the same command to finish a sweep: done cells are skipped, a cut cell resumes. "
+                       "`bbt sweep report OUT` prints the table.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    w.add_argument("--tasks", nargs="+", metavar="TASK", help="task folders under --data-root (built-in names or not)")
+    w.add_argument("--data-root", metavar="DIR", help="folder holding one folder per task")
+    w.add_argument("--seeds", nargs="+", type=int, default=[13, 42, 87], help="split seeds")
+    w.add_argument("--methods", nargs="+", default=["bbt"], choices=["bbt", "bbtv2", *GRADIENT_METHODS])
+    w.add_argument("--budgets", nargs="+", type=int, default=[500], metavar="Q", help="queries at which to score")
+    w.add_argument("--model", default=d.model, help="the model (a server's name with --endpoint)")
+    w.add_argument("--prompt-length", type=int, default=None, metavar="L", help="soft-prompt tokens (default: bbt's)")
+    w.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="a tune setting for every cell (e.g. init=vocab alpha=0.5); KEY=V1,V2 makes it an axis of the grid")
+    w.add_argument("--grid", metavar="FILE", help="a YAML or JSON file with any of tasks, seeds, methods, budgets, "
+                   "model, data_root, settings (fixed), grid (setting -> list of values); flags given override it")
+    w.add_argument("--test-limit", type=int, default=500, help="test examples per cell (a seeded sample; 0: all)")
+    w.add_argument("--out", metavar="DIR", help="(required) the sweep folder")
+    w.add_argument("--workers", type=int, default=1, help="cells at a time, each in its own process (torch threads "
+                   "split between them); 1: in this process")
+    w.add_argument("--ray", nargs="?", const=True, default=None, metavar="ADDRESS",
+                   help="run cells as Ray tasks: on a local Ray, or on the cluster at ADDRESS (pip install 'bbt[ray]')")
+    w.add_argument("--endpoint", nargs="+", default=[], metavar="URL", help="servers to run cells against (round robin)")
+    w.add_argument("--api-key", default=os.environ.get("BBT_API_KEY"), help="API key for --endpoint")
+
     s = sub.add_parser("serve", help="start the bundled inference server", description=(
         "Serve models over HTTP (protocol v1, OpenAPI page at /docs)."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -499,6 +524,87 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _sweep_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def cmd_sweep(args) -> int:
+    from bbt import sweep
+
+    if not args.out:
+        raise ConfigError("--out is required: the sweep folder")
+    spec_fields: dict = {}
+    if args.grid:
+        import yaml
+
+        try:
+            loaded = yaml.safe_load(Path(args.grid).read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read the grid file {args.grid}: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{args.grid} must hold a mapping (tasks, seeds, methods, budgets, settings, grid)")
+        unknown = set(loaded) - set(sweep.SweepSpec.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"{args.grid}: unknown keys {sorted(unknown)}")
+        spec_fields.update(loaded)
+    defaults = vars(build_parser().parse_args(["sweep"]))
+    for name in ("tasks", "seeds", "methods", "budgets", "model", "data_root", "test_limit"):
+        value = getattr(args, name)
+        if value is not None and (name not in spec_fields or value != defaults.get(name)):
+            spec_fields[name] = value
+    settings, grid = dict(spec_fields.get("settings", {})), dict(spec_fields.get("grid", {}))
+    if args.prompt_length is not None:
+        settings["prompt_length"] = args.prompt_length
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: write KEY=VALUE")
+        values = [_sweep_value(v) for v in value.split(",")]
+        if len(values) > 1:
+            grid[key] = values
+        else:
+            settings[key] = values[0]
+    spec_fields.update(settings=settings, grid=grid, endpoints=args.endpoint, api_key=args.api_key)
+    if not spec_fields.get("tasks") or not spec_fields.get("data_root"):
+        raise ConfigError("a sweep needs --tasks and --data-root (or a --grid file with them)")
+    spec_fields["test_limit"] = spec_fields.get("test_limit") or None
+    spec = sweep.SweepSpec(**spec_fields)
+    try:
+        spec.check()
+    except ValidationError as exc:
+        raise ConfigError(_option_errors(exc)) from None
+    outcome = sweep.run_sweep(spec, args.out, workers=args.workers, ray=args.ray)
+    print(sweep.format_table(sweep.table(args.out)))
+    return 1 if outcome.failed else 0
+
+
+def cmd_sweep_report(argv: list[str]) -> int:
+    from bbt import sweep
+
+    p = argparse.ArgumentParser(prog="bbt sweep report", description="The table of a sweep folder: test metric per "
+                                "task, method, settings and budget, mean ± standard error over seeds, the no-prompt "
+                                "baseline and the paired gap to it.")
+    p.add_argument("folder", metavar="DIR")
+    p.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
+    p.add_argument("--plot", metavar="FILE", help="also plot metric against queries (PNG; needs matplotlib)")
+    args = p.parse_args(argv)
+    sweep.load_spec(Path(args.folder))
+    lines = sweep.table(args.folder)
+    print(sweep.format_table(lines))
+    for name, why in sweep.failures(args.folder).items():
+        print(f"failed: {name}: {why}")
+    if args.csv:
+        sweep.write_csv(lines, args.csv)
+        print(f"csv: {args.csv}")
+    if args.plot:
+        sweep.plot(lines, args.plot)
+        print(f"plot: {args.plot}")
+    return 0
+
+
 def cmd_serve(args) -> int:
     try:
         from servers.app import serve
@@ -517,11 +623,19 @@ def cmd_demo(args) -> int:
     return run_demo(budget=args.budget, out=args.out, in_process=args.in_process)
 
 
-COMMANDS = {"tune": cmd_tune, "evaluate": cmd_evaluate, "predict": cmd_predict, "export": cmd_export, "serve": cmd_serve,
+COMMANDS = {"tune": cmd_tune, "evaluate": cmd_evaluate, "predict": cmd_predict, "export": cmd_export, "sweep": cmd_sweep,
+            "serve": cmd_serve,
             "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["sweep", "report"]:
+        try:
+            return cmd_sweep_report(argv[2:])
+        except BBTError as exc:
+            print(f"bbt sweep report: error: {exc}", file=sys.stderr)
+            return 1
     parser = build_parser()
     args = parser.parse_args(argv)
     # the HTTP client says what it waits for (a server restarting, a rate limit) on stderr

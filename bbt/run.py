@@ -6,6 +6,7 @@
     RUN/state.pkl      the search after its last complete generation (what --resume continues)
     RUN/prompt.json    the artifact: z, projection specs, model, task (versioned)
     RUN/prompt.safetensors  the prompt as the model received it, p0 + A z: "prompts" [layers, L, H]
+    RUN/path.json      each time the prompt to return changed: queries used and z (the prompt at a smaller budget)
     RUN/metrics.json   train/dev/test scores, zero-prompt (z = 0) and no-prompt baselines, spending, timings
 
 A run killed at any moment (kill -9 included) is continued with `run_tune(..., resume=True)`
@@ -39,7 +40,9 @@ from bbt.tuner import Evaluation, Prompt, TuneState, tune
 
 ARTIFACT_VERSION = 1
 STATE_FILE = "state.pkl"
-RUN_FILES = ("config.json", "ledger.jsonl", "log.jsonl", STATE_FILE, "prompt.json", "prompt.safetensors", "metrics.json")
+PATH_FILE = "path.json"
+RUN_FILES = ("config.json", "ledger.jsonl", "log.jsonl", STATE_FILE, "prompt.json", "prompt.safetensors", PATH_FILE,
+             "metrics.json")
 EVAL_CHUNK = 500  # examples per evaluation request (servers cap N per request)
 
 
@@ -207,6 +210,8 @@ def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out:
                               init_text=prompt.init_text,
                               prompt_placement=info.prompt_placement, prompt_position=info.prompt_position)
     (out / "prompt.json").write_text(artifact.model_dump_json(indent=1))
+    (out / PATH_FILE).write_text(json.dumps({"version": 1, "points": [
+        {"queries": q, "z": z.tolist()} for q, z in result.path]}))
     zero, _ = evaluate_split(backend, cfg.model, task, data.test, prompt.untuned(), ledger)
     tuned, _, received = evaluate_materialized(backend, cfg.model, task, data.test, prompt, ledger)
     export.save_prompts(out / export.PROMPT_FILE, received, method=cfg.method, model=cfg.model,
@@ -442,6 +447,19 @@ def load_artifact(run: str | Path) -> PromptArtifact:
         return PromptArtifact.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{path} is not a bbt prompt artifact: {exc.errors()[0]['msg']} at {exc.errors()[0]['loc']}") from exc
+
+
+def prompt_at(run: str | Path, queries: int) -> Prompt:
+    """The prompt a finished run would have returned with a budget of `queries` (RUN/path.json)."""
+    artifact = load_artifact(run)
+    try:
+        points = json.loads((Path(run) / PATH_FILE).read_text())["points"]
+    except FileNotFoundError:
+        raise ConfigError(f"{run} has no {PATH_FILE}: it did not finish, or an older bbt made it") from None
+    prompt = artifact.prompt()
+    z = next((p["z"] for p in reversed(points) if p["queries"] <= queries), None)
+    prompt.z = np.zeros_like(prompt.z) if z is None else np.asarray(z, dtype=np.float64)
+    return prompt
 
 
 def load_run_config(run: str | Path) -> dict:

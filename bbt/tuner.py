@@ -101,6 +101,12 @@ class TuneResult:
     seconds: float
     stop_reason: str
     history: list[dict] = field(default_factory=list)
+    path: list[tuple[int, np.ndarray]] = field(default_factory=list)  # TuneState.path
+
+    def prompt_at(self, queries: int) -> Prompt:
+        """The prompt this run would have returned with a budget of `queries` (z = 0 before any)."""
+        z = next((z for used, z in reversed(self.path) if used <= queries), np.zeros_like(self.prompt.z))
+        return replace(self.prompt, z=z.copy())
 
 
 class Scorer:
@@ -166,6 +172,8 @@ class TuneState:
     seconds: float = 0.0  # tuning time so far, over every session of a resumed run
     ledger_step: int = 0  # the ledger's step after the last complete generation
     history: list[dict] = field(default_factory=list)
+    # (queries used, z) each time the prompt to return changed: the prompt a smaller budget would have returned
+    path: list[tuple[int, np.ndarray]] = field(default_factory=list)
 
 
 def start_state(cfg: TuneConfig, info: ModelInfo, hidden_std: list[float], init_text: str | None = None) -> TuneState:
@@ -209,6 +217,8 @@ def tune(backend: Backend, cfg: TuneConfig, task: TaskSpec, train: Split, dev: S
                                 derive_seed(cfg.seed, _INIT))
         state = start_state(cfg, backend.model_info(cfg.model), train_scorer.hidden_std, text)
     s = state
+    if not hasattr(s, "path"):  # a checkpoint written before bbt kept the path
+        s.path = []
     prompt, layers = s.prompt, len(s.optimizers)
     start = time.perf_counter() - s.seconds
     stop_reason = "budget"
@@ -253,6 +263,8 @@ def tune(backend: Backend, cfg: TuneConfig, task: TaskSpec, train: Split, dev: S
         s.generation += 1
         s.seconds = time.perf_counter() - start
         s.ledger_step = ledger.step
+        if not s.path or not np.array_equal(s.path[-1][1], prompt.z):
+            s.path.append((ledger.tuning.queries, prompt.z.copy()))
         record.update(
             best_train_loss=s.best_train.loss, best_train_acc=s.best_train.accuracy,
             best_dev_metric=None if s.best_dev is None else s.best_dev.metric,
@@ -265,5 +277,5 @@ def tune(backend: Backend, cfg: TuneConfig, task: TaskSpec, train: Split, dev: S
             on_state(s)
     return TuneResult(
         prompt=prompt, train=s.chosen_train or s.best_train, dev=s.best_dev, generations=s.generation,
-        seconds=time.perf_counter() - start, stop_reason=stop_reason, history=s.history,
+        seconds=time.perf_counter() - start, stop_reason=stop_reason, history=s.history, path=s.path,
     )

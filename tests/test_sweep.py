@@ -1,0 +1,102 @@
+"""`bbt sweep`: one run per cell scored at several budgets, reruns that pay nothing, claims, failed
+cells that do not stop the sweep, local worker processes, and the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+
+import numpy as np
+import pytest
+
+from bbt import sweep
+from bbt.cli import main
+from bbt.run import prompt_at
+
+
+def _args(model, data_dir, out, *extra):
+    return ["sweep", "--tasks", data_dir.name, "--data-root", str(data_dir.parent), "--seeds", "13", "42",
+            "--methods", "bbt", "bbtv2", "--budgets", "8", "16", "--model", str(model), "--prompt-length", "4",
+            "--set", "intrinsic_dim=8", "popsize=4", "--test-limit", "0", "--out", str(out), *extra]
+
+
+def _ledger_lines(out):
+    return {p.parent.name: len(p.read_text().splitlines()) for p in (out / "cells").glob("*/ledger.jsonl")}
+
+
+def test_a_sweep_scores_each_budget_from_one_run_and_a_rerun_pays_nothing(tiny_encoder, data_dir, tmp_path, capsys,
+                                                                           monkeypatch):
+    monkeypatch.setenv("BBT_CACHE", str(tmp_path / "cache.sqlite"))
+    out = tmp_path / "S"
+    assert main(_args(tiny_encoder, data_dir, out)) == 0
+    rows = sweep.rows(out)
+    assert len(rows) == 2 * 2 * 2  # seeds x methods x budgets
+    for r in rows:
+        assert r["queries_used"] <= r["budget"] and 0 <= r["test"] <= 1
+    cell = out / "cells" / f"{data_dir.name}-s13-bbt"
+    metrics = json.loads((cell / "metrics.json").read_text())
+    assert metrics["queries_used"] <= 16  # one run, to the largest budget
+    at16 = next(r for r in rows if r["cell"] == cell.name and r["budget"] == 16)
+    assert at16["test"] == pytest.approx(metrics["test_acc"])  # at the full budget: the run's own prompt
+    path = json.loads((cell / "path.json").read_text())["points"]
+    want = next((p["z"] for p in reversed(path) if p["queries"] <= 8), None)
+    got = prompt_at(cell, 8).z
+    assert np.array_equal(got, np.zeros_like(got) if want is None else np.asarray(want))
+
+    before = _ledger_lines(out)
+    capsys.readouterr()
+    assert main(_args(tiny_encoder, data_dir, out)) == 0
+    assert _ledger_lines(out) == before  # nothing asked again: finished cells are skipped
+    assert "4 done, 0 to run" in capsys.readouterr().out
+
+    assert main(["sweep", "report", str(out), "--csv", str(tmp_path / "t.csv"), "--plot", str(tmp_path / "t.png")]) == 0
+    text = capsys.readouterr().out
+    body = [line for line in text.splitlines() if line.startswith(data_dir.name)]
+    assert len(body) == 4  # methods x budgets, mean over the 2 seeds
+    assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+    assert len((tmp_path / "t.csv").read_text().splitlines()) == 5
+
+
+def test_a_different_grid_in_the_same_folder_is_refused(tiny_encoder, data_dir, tmp_path, capsys):
+    out = tmp_path / "S"
+    spec = sweep.SweepSpec(tasks=[data_dir.name], seeds=[13], budgets=[8], data_root=str(data_dir.parent),
+                           model=str(tiny_encoder), settings={"prompt_length": 4, "intrinsic_dim": 8, "popsize": 4})
+    sweep.run_sweep(spec, out, log=lambda *a: None)
+    other = sweep.SweepSpec(**{**spec.__dict__, "budgets": [16]})
+    with pytest.raises(Exception, match="different sweep"):
+        sweep.run_sweep(other, out, log=lambda *a: None)
+
+
+def test_claims_keep_two_workers_off_one_cell(tmp_path):
+    path = tmp_path / "cell.claim"
+    assert sweep.claim(path)
+    assert not sweep.claim(path)  # held by a live process (this one)
+    path.write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname()}))  # a pid that is not running
+    assert sweep.claim(path)  # its owner died: taken over
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+
+
+def test_a_failed_cell_does_not_stop_the_sweep(tiny_encoder, data_dir, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(data_dir, root / "good")
+    (root / "broken").mkdir()
+    (root / "broken" / "task.json").write_text("{not json")
+    out = tmp_path / "S"
+    code = main(["sweep", "--tasks", "good", "broken", "--data-root", str(root), "--seeds", "13", "--budgets", "8",
+                 "--model", str(tiny_encoder), "--prompt-length", "4", "--set", "intrinsic_dim=8", "popsize=4",
+                 "--out", str(out)])
+    assert code == 1
+    assert [r["task"] for r in sweep.rows(out)] == ["good"]
+    assert "broken-s13-bbt" in sweep.failures(out)
+    assert main(["sweep", "report", str(out)]) == 0
+    assert "failed: broken-s13-bbt" in capsys.readouterr().out
+
+
+def test_worker_processes_give_the_same_table(tiny_encoder, data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("BBT_CACHE", "off")
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(_args(tiny_encoder, data_dir, one, "--methods", "bbt")) == 0
+    assert main(_args(tiny_encoder, data_dir, two, "--methods", "bbt", "--workers", "2")) == 0
+    assert sweep.table(one) == sweep.table(two)
