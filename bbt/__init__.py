@@ -7,6 +7,7 @@ this process or on a server over HTTP.
 
 __version__ = "0.1.0"
 
+from bbt.api import evaluate, local, predict, remote, run, sweep
 from bbt.budget import Budget, Ledger
 from bbt.cache import CachedBackend, EvaluationCache
 from bbt.config import TuneConfig
@@ -32,4 +33,5 @@ __all__ = sorted([
     "Ledger", "ModelNotFound", "Prompt", "QuotaExhausted", "RequestRejected", "ServerUnavailable", "Split", "TaskData",
     "TuneConfig", "TuneResult", "TuneState", "__version__", "build_matrix", "k_shot", "load_file", "load_task_file",
     "load_task_folder", "normal_spec", "project", "resolve_task", "tune", "uniform_spec",
+    "evaluate", "local", "predict", "remote", "run", "sweep",
 ])

@@ -255,7 +255,7 @@ def cmd_tune(args) -> int:
     from bbt import ensemble
     from bbt.data import load_task_folder
     from bbt.protocol import TaskSpec
-    from bbt.run import load_run_config, run_ensemble, run_gradient, run_tune
+    from bbt.runs import load_run_config, run_ensemble, run_gradient, run_tune
     from bbt.tasks import resolve_task
 
     if args.resume:
@@ -354,158 +354,37 @@ def _with_cache(backend, args):
 
 
 def cmd_evaluate(args) -> int:
-    from bbt import ensemble
-    from bbt.data import load_task_folder
-    from bbt.run import evaluate_split, is_gradient_run, load_artifact, load_run_config
+    from bbt import api
 
-    runs = ensemble.member_runs(args.run)
-    if len(runs) > 1:
-        return _evaluate_ensemble(args, runs)
-    if is_gradient_run(runs[0]):
-        return _evaluate_gradient(args, runs[0])
-    artifact = load_artifact(runs[0])
-    run_cfg = load_run_config(runs[0])
-    data_dir = args.data or run_cfg.get("data")
-    if not data_dir:
-        raise BBTError("the run does not record its data folder: pass --data DIR")
-    seed = run_cfg.get("config", {}).get("seed", 42)
-    data = load_task_folder(data_dir, artifact.task, seed=seed, k=run_cfg.get("config", {}).get("k_shot", 16))
-    split = {"train": data.train, "dev": data.dev, "test": data.test}[args.split]
     backend = make_backend(args)
     try:
-        prompt = artifact.prompt()
-        tuned, _ = evaluate_split(backend, artifact.model, artifact.task, split, prompt)
-        zero, _ = evaluate_split(backend, artifact.model, artifact.task, split, prompt.untuned())
-        plain, _ = evaluate_split(backend, artifact.model, artifact.task, split, None)
+        result = api.evaluate(args.run, split=args.split, data=args.data, vote=args.vote, backend=backend)
     finally:
         backend.close()
-    name = data.test_name if args.split == "test" else args.split
-    result = {"split": name, "examples": len(split), "acc": tuned.accuracy, "loss": tuned.loss,
-              "zero_prompt_acc": zero.accuracy, "no_prompt_acc": plain.accuracy}
-    if artifact.task.metric == "f1":
-        result.update(f1=tuned.metric, zero_prompt_f1=zero.metric, no_prompt_f1=plain.metric)
     print(json.dumps(result, indent=2))
-    return 0
-
-
-def _evaluate_gradient(args, run: Path) -> int:
-    """`bbt evaluate` of a gradient baseline: its adapter and the no-prompt model on a split."""
-    import numpy as np
-
-    from bbt import metrics
-    from bbt.data import load_task_folder
-    from bbt.run import evaluate_split, gradient_logits, load_run_config
-    from bbt.protocol import TaskSpec
-
-    saved = load_run_config(run)
-    task, cfg = TaskSpec.model_validate(saved["task"]), saved["config"]
-    data_dir = args.data or saved.get("data")
-    if not data_dir:
-        raise BBTError("the run does not record its data folder: pass --data DIR")
-    data = load_task_folder(data_dir, task, seed=cfg["seed"], k=cfg["k_shot"])
-    split = {"train": data.train, "dev": data.dev, "test": data.test}[args.split]
-    backend = make_backend(args)
-    try:
-        task, logits = gradient_logits(backend, run, split.examples)
-        plain, _ = evaluate_split(backend, cfg["model"], task, split, None)
-    finally:
-        backend.close()
-    labels = np.asarray(split.labels)
-    result = {"split": data.test_name if args.split == "test" else args.split, "examples": len(split),
-              "method": cfg["method"], "acc": float(metrics.accuracy(logits[None], labels)[0]),
-              "loss": float(metrics.loss("ce", logits[None], labels)[0]), "no_prompt_acc": plain.accuracy}
-    if task.metric == "f1":
-        result.update(f1=float(metrics.score("f1", logits[None], labels)[0]), no_prompt_f1=plain.metric)
-    print(json.dumps(result, indent=2))
-    return 0
-
-
-def _evaluate_ensemble(args, runs: list[Path]) -> int:
-    """`bbt evaluate` of several runs: the ensemble's metric beside each member's, their mean and the best."""
-    from bbt import ensemble
-    from bbt.budget import Ledger
-    from bbt.data import load_task_folder
-    from bbt.run import evaluate_split, load_artifact, load_run_config
-
-    artifacts = [load_artifact(r) for r in runs]
-    ensemble.check_compatible(artifacts)
-    run_cfg = load_run_config(runs[0])
-    data_dir = args.data or run_cfg.get("data")
-    if not data_dir:
-        raise BBTError("the first member does not record its data folder: pass --data DIR")
-    first = artifacts[0]
-    cfg = run_cfg.get("config", {})
-    data = load_task_folder(data_dir, first.task, seed=cfg.get("seed", 42), k=cfg.get("k_shot", 16))
-    split = {"train": data.train, "dev": data.dev, "test": data.test}[args.split]
-    backend = make_backend(args)
-    ledger = Ledger(Budget())
-    try:
-        scores, _ = ensemble.evaluate(backend, first.model, first.task, split, [a.prompt() for a in artifacts],
-                                      args.vote, ledger)
-        plain, _ = evaluate_split(backend, first.model, first.task, split, None)
-    finally:
-        backend.close()
-    key = first.task.metric
-    result = {
-        "split": data.test_name if args.split == "test" else args.split, "examples": len(split),
-        "vote": args.vote, f"ensemble_{key}": scores.ensemble,
-        "members": [{"run": str(r), key: m} for r, m in zip(runs, scores.members)],
-        f"mean_member_{key}": scores.mean_member, f"best_member_{key}": scores.best_member,
-        f"no_prompt_{key}": plain.metric if key == "f1" else plain.accuracy,
-        "requests": ledger.evaluation.requests, "queries": ledger.evaluation.queries,
-    }
-    if key == "f1":
-        result["ensemble_acc"] = scores.ensemble_accuracy
-    print(json.dumps(result, indent=2))
-    return 0
-
-
-def _pairs(task, texts: list[str]) -> tuple[list[str], list[str] | None]:
-    if not task.pair:
-        return texts, None
-    split = [t.split(" ||| ", 1) for t in texts]
-    if any(len(s) != 2 for s in split):
-        raise BBTError(f"task {task.name!r} takes pairs: write each as 'TEXT ||| PAIR'")
-    return [s[0] for s in split], [s[1] for s in split]
-
-
-def _predict_gradient(args, run: Path) -> int:
-    import numpy as np
-
-    from bbt.protocol import Example, TaskSpec
-    from bbt.run import gradient_logits, load_run_config
-
-    task = TaskSpec.model_validate(load_run_config(run)["task"])
-    texts, pairs = _pairs(task, args.texts)
-    examples = [Example(text=t, text_pair=pairs[i] if pairs else None) for i, t in enumerate(texts)]
-    backend = make_backend(args)
-    try:
-        task, logits = gradient_logits(backend, run, examples)
-    finally:
-        backend.close()
-    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probs /= probs.sum(axis=1, keepdims=True)
-    for text, p in zip(args.texts, probs):
-        print(json.dumps({"text": text, "label": task.labels[int(p.argmax())],
-                          "probs": dict(zip(task.labels, [round(float(x), 4) for x in p]))}))
     return 0
 
 
 def cmd_predict(args) -> int:
-    from bbt import ensemble
-    from bbt.run import is_gradient_run, load_artifact, predict
+    from bbt import api, ensemble
+    from bbt.runs import is_gradient_run, load_artifact, load_run_config
+    from bbt.protocol import TaskSpec
 
     runs = ensemble.member_runs(args.run)
     if len(runs) == 1 and is_gradient_run(runs[0]):
-        return _predict_gradient(args, runs[0])
-    artifacts = [load_artifact(r) for r in runs]
-    ensemble.check_compatible(artifacts)
-    artifact = artifacts[0]
-    texts, pairs = _pairs(artifact.task, args.texts)
+        task = TaskSpec.model_validate(load_run_config(runs[0])["task"])
+    else:
+        task = load_artifact(runs[0]).task
+    texts, pairs = args.texts, None
+    if task.pair:
+        split = [t.split(" ||| ", 1) for t in args.texts]
+        if any(len(s) != 2 for s in split):
+            raise BBTError(f"task {task.name!r} takes pairs: write each as 'TEXT ||| PAIR'")
+        texts, pairs = [s[0] for s in split], [s[1] for s in split]
     backend = make_backend(args)
     try:
-        for text, (label, probs) in zip(args.texts, predict(backend, artifacts, texts, pairs, vote=args.vote)):
-            print(json.dumps({"text": text, "label": label, "probs": dict(zip(artifact.task.labels, probs))}))
+        for text, row in zip(args.texts, api.predict(args.run, texts, pairs=pairs, vote=args.vote, backend=backend)):
+            print(json.dumps({**row, "text": text}))
     finally:
         backend.close()
     return 0
@@ -532,7 +411,7 @@ def _sweep_value(text: str):
 
 
 def cmd_sweep(args) -> int:
-    from bbt import sweep
+    from bbt import sweeps
 
     if not args.out:
         raise ConfigError("--out is required: the sweep folder")
@@ -546,7 +425,7 @@ def cmd_sweep(args) -> int:
             raise ConfigError(f"cannot read the grid file {args.grid}: {exc}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{args.grid} must hold a mapping (tasks, seeds, methods, budgets, settings, grid)")
-        unknown = set(loaded) - set(sweep.SweepSpec.__dataclass_fields__)
+        unknown = set(loaded) - set(sweeps.SweepSpec.__dataclass_fields__)
         if unknown:
             raise ConfigError(f"{args.grid}: unknown keys {sorted(unknown)}")
         spec_fields.update(loaded)
@@ -571,18 +450,18 @@ def cmd_sweep(args) -> int:
     if not spec_fields.get("tasks") or not spec_fields.get("data_root"):
         raise ConfigError("a sweep needs --tasks and --data-root (or a --grid file with them)")
     spec_fields["test_limit"] = spec_fields.get("test_limit") or None
-    spec = sweep.SweepSpec(**spec_fields)
+    spec = sweeps.SweepSpec(**spec_fields)
     try:
         spec.check()
     except ValidationError as exc:
         raise ConfigError(_option_errors(exc)) from None
-    outcome = sweep.run_sweep(spec, args.out, workers=args.workers, ray=args.ray)
-    print(sweep.format_table(sweep.table(args.out)))
+    outcome = sweeps.run_sweep(spec, args.out, workers=args.workers, ray=args.ray)
+    print(sweeps.format_table(sweeps.table(args.out)))
     return 1 if outcome.failed else 0
 
 
 def cmd_sweep_report(argv: list[str]) -> int:
-    from bbt import sweep
+    from bbt import sweeps
 
     p = argparse.ArgumentParser(prog="bbt sweep report", description="The table of a sweep folder: test metric per "
                                 "task, method, settings and budget, mean ± standard error over seeds, the no-prompt "
@@ -591,16 +470,16 @@ def cmd_sweep_report(argv: list[str]) -> int:
     p.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
     p.add_argument("--plot", metavar="FILE", help="also plot metric against queries (PNG; needs matplotlib)")
     args = p.parse_args(argv)
-    sweep.load_spec(Path(args.folder))
-    lines = sweep.table(args.folder)
-    print(sweep.format_table(lines))
-    for name, why in sweep.failures(args.folder).items():
+    sweeps.load_spec(Path(args.folder))
+    lines = sweeps.table(args.folder)
+    print(sweeps.format_table(lines))
+    for name, why in sweeps.failures(args.folder).items():
         print(f"failed: {name}: {why}")
     if args.csv:
-        sweep.write_csv(lines, args.csv)
+        sweeps.write_csv(lines, args.csv)
         print(f"csv: {args.csv}")
     if args.plot:
-        sweep.plot(lines, args.plot)
+        sweeps.plot(lines, args.plot)
         print(f"plot: {args.plot}")
     return 0
 

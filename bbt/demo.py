@@ -75,7 +75,7 @@ def run_demo(budget: int, out: str, in_process: bool) -> int:
 
 
 def _tune(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend, out: str, endpoint: str | None) -> dict:
-    from bbt.run import run_tune
+    from bbt.runs import run_tune
 
     try:
         return run_tune(cfg, task, data, backend, out, context={"data": str(DEMO_DIR), "endpoint": endpoint},

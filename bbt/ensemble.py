@@ -25,7 +25,7 @@ from bbt.tuner import Prompt
 
 INDEX_FILE = "ensemble.json"
 INDEX_VERSION = 1
-EVAL_CHUNK = 500  # inputs per request, as bbt.run scores one prompt
+EVAL_CHUNK = 500  # inputs per request, as bbt.runs scores one prompt
 Vote = Literal["majority", "mean"]
 
 

@@ -14,7 +14,7 @@ with the run's `Budget` (the same `Ledger.affordable` decides what fits, so ever
 replay where it ends the run) for the two extremes: a new best in *every* generation (the most dev
 queries and requests) and in the first generation only (the first always beats "no best yet").
 Each unit's upper bound is the larger of the two, its lower bound the smaller.
-Evaluation is what `bbt.run.run_tune` spends outside the budget: the plain model (no prompt), the
+Evaluation is what `bbt.runs.run_tune` spends outside the budget: the plain model (no prompt), the
 untuned prompt (z = 0) and the tuned prompt on the test split, in chunks of EVAL_CHUNK examples,
 one query each; it is exact.
 """
@@ -30,7 +30,7 @@ from bbt.data import Split, TaskData
 from bbt.errors import ConfigError
 from bbt.tasks import for_family
 from bbt.protocol import StatsRequest, TaskSpec, Usage
-from bbt.run import EVAL_CHUNK
+from bbt.runs import EVAL_CHUNK
 
 _FLAGS = {"queries": "--budget", "requests": "--max-requests", "examples": "--max-examples",
           "tokens": "--max-tokens", "cost": "--max-cost"}

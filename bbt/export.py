@@ -3,7 +3,7 @@
 A run keeps its prompt as z and projection seeds (prompt.json), which only a bbt server can turn
 back into vectors (p0 needs the model's embeddings). So a run also writes the prompt as the model
 received it, p0 + A z, in RUN/prompt.safetensors (tensor "prompts", shape [layers, L, H]): the
-server returns it with the final test evaluation (`bbt.run.evaluate_materialized`).
+server returns it with the final test evaluation (`bbt.runs.evaluate_materialized`).
 
 `bbt export --format peft` writes a BBT prompt as a PEFT PROMPT_TUNING adapter (adapter_config.json,
 adapter_model.safetensors with "prompt_embeddings" [L, H]). PEFT puts its virtual tokens before
@@ -54,7 +54,7 @@ def _refuse_existing(out: Path, names: tuple[str, ...]) -> None:
 
 def to_peft(run: str | Path, out: str | Path, base_model: str | None = None) -> Path:
     """Write a BBT run's prompt as a PEFT PROMPT_TUNING adapter in `out`; returns `out`."""
-    from bbt.run import load_artifact
+    from bbt.runs import load_artifact
 
     artifact = load_artifact(run)
     if artifact.method != "bbt" or len(artifact.z) != 1:
@@ -97,7 +97,7 @@ def to_peft(run: str | Path, out: str | Path, base_model: str | None = None) -> 
 
 def to_bbt(run: str | Path, out: str | Path) -> Path:
     """Write any run's prompt (BBT or BBTv2) as bbt's deep-prompt file in `out`; returns `out`."""
-    from bbt.run import load_artifact
+    from bbt.runs import load_artifact
 
     artifact = load_artifact(run)
     prompts = load_prompts(run)

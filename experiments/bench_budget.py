@@ -46,7 +46,7 @@ from bbt.backends import LocalBackend
 from bbt.budget import Budget, Ledger
 from bbt.config import TuneConfig
 from bbt.data import TaskData, load_task_folder
-from bbt.run import evaluate_split
+from bbt.runs import evaluate_split
 from bbt.tasks import for_family, resolve_task
 from bbt.tuner import tune
 

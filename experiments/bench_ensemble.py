@@ -27,7 +27,7 @@ from bbt.backends import LocalBackend
 from bbt.budget import Budget, Ledger
 from bbt.config import TuneConfig
 from bbt.data import TaskData, load_task_folder
-from bbt.run import evaluate_split, load_artifact, run_ensemble
+from bbt.runs import evaluate_split, load_artifact, run_ensemble
 from bbt.tasks import BUILTIN_TASKS, for_family
 
 REPO = Path(__file__).resolve().parents[1]

@@ -37,7 +37,7 @@ from bbt.budget import Budget  # noqa: E402
 from bbt.config import TuneConfig  # noqa: E402
 from bbt.data import load_task_folder  # noqa: E402
 from bbt.protocol import EvaluateRequest  # noqa: E402
-from bbt.run import run_tune  # noqa: E402
+from bbt.runs import run_tune  # noqa: E402
 from bbt.tasks import resolve_task  # noqa: E402
 from tests.serverproc import running_server  # noqa: E402
 

@@ -30,7 +30,7 @@ from bbt.budget import Budget
 from bbt.config import GRADIENT_METHODS, TuneConfig
 from bbt.data import TaskData, load_task_folder
 from bbt.errors import ConfigError
-from bbt.run import run_gradient, run_tune
+from bbt.runs import run_gradient, run_tune
 from bbt.tasks import BUILTIN_TASKS
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,13 +19,13 @@ from bbt.config import TuneConfig
 from bbt.errors import ConfigError
 from bbt.projection import normal_spec, uniform_spec
 from bbt.protocol import EvaluateRequest, Example, ProjectionSpec, TaskSpec, Tensor
-from bbt.run import ARTIFACT_VERSION, PromptArtifact, load_artifact
+from bbt.runs import ARTIFACT_VERSION, PromptArtifact, load_artifact
 from bbt.tasks import BUILTIN_TASKS
 
 
 def test_import_bbt_loads_no_torch():
     """The client installs numpy, cma, httpx, pydantic: importing it must not pull in the model side."""
-    code = ("import sys, bbt, bbt.cli, bbt.tuner, bbt.run\n"
+    code = ("import sys, bbt, bbt.cli, bbt.tuner, bbt.runs\n"
             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'servers', 'tokenizers'))\n"
             "print(','.join(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)

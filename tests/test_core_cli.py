@@ -229,7 +229,7 @@ def test_predict_pairs(tmp_path, tiny_bert_mlm, capsys):
     import numpy as np
 
     from bbt.projection import normal_spec
-    from bbt.run import PromptArtifact
+    from bbt.runs import PromptArtifact
     from bbt.tasks import BUILTIN_TASKS
 
     z = np.random.default_rng(0).standard_normal((1, 8))

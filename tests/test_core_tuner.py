@@ -123,7 +123,7 @@ def test_prompt_longer_than_the_model_allows(tiny_encoder, local_backend, tiny_d
 
 def test_evaluation_in_chunks_equals_one_pass(tiny_bert_mlm, local_backend, tiny_data, sst2_task, monkeypatch):
     """Large splits go out EVAL_CHUNK examples at a time; the scores must not depend on the chunking."""
-    from bbt import run
+    from bbt import runs as run
 
     prompt = Prompt(z=np.random.default_rng(0).standard_normal((1, 6)), prompt_length=2,
                     projections=[normal_spec(seed=0, d=6, D=2 * 32, target_std=0.5)])

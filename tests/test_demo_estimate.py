@@ -23,7 +23,7 @@ from bbt.cli import main
 from bbt.config import TuneConfig
 from bbt.errors import ConfigError
 from bbt.estimate import _PerQuery, _replay, estimate
-from bbt.run import run_tune
+from bbt.runs import run_tune
 from conftest import REPO
 
 UNITS = ("queries", "requests", "examples", "tokens", "cost")

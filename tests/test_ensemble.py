@@ -13,7 +13,7 @@ from bbt.budget import Budget, Ledger
 from bbt.cli import main
 from bbt.config import TuneConfig
 from bbt.errors import ConfigError
-from bbt.run import evaluate_split, run_ensemble, share_budget
+from bbt.runs import evaluate_split, run_ensemble, share_budget
 from bbt.tuner import tune
 
 

@@ -25,7 +25,7 @@ from bbt.data import Split, TaskData
 from bbt.errors import AuthError, ConfigError, RequestRejected, ServerUnavailable
 from bbt.projection import normal_spec
 from bbt.protocol import EvaluateRequest, EvaluateResponse, Example, IntrinsicPrompts, PromptTensor, Tensor, Usage
-from bbt.run import run_tune
+from bbt.runs import run_tune
 from bbt.tasks import resolve_task
 from bbt.tuner import tune
 from serverproc import API_KEY, REPO, free_port, running_server, shared_server
@@ -130,7 +130,7 @@ def without_timing(record: dict) -> dict:
 # ---- the client imports no torch ----------------------------------------------------------------
 
 def test_http_client_imports_no_torch():
-    code = "import bbt, bbt.backends.http, bbt.tuner, bbt.run, sys; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import bbt, bbt.backends.http, bbt.tuner, bbt.runs, sys; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
 
 

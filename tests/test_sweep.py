@@ -11,9 +11,9 @@ import socket
 import numpy as np
 import pytest
 
-from bbt import sweep
+from bbt import sweeps
 from bbt.cli import main
-from bbt.run import prompt_at
+from bbt.runs import prompt_at
 
 
 def _args(model, data_dir, out, *extra):
@@ -31,7 +31,7 @@ def test_a_sweep_scores_each_budget_from_one_run_and_a_rerun_pays_nothing(tiny_e
     monkeypatch.setenv("BBT_CACHE", str(tmp_path / "cache.sqlite"))
     out = tmp_path / "S"
     assert main(_args(tiny_encoder, data_dir, out)) == 0
-    rows = sweep.rows(out)
+    rows = sweeps.rows(out)
     assert len(rows) == 2 * 2 * 2  # seeds x methods x budgets
     for r in rows:
         assert r["queries_used"] <= r["budget"] and 0 <= r["test"] <= 1
@@ -61,20 +61,20 @@ def test_a_sweep_scores_each_budget_from_one_run_and_a_rerun_pays_nothing(tiny_e
 
 def test_a_different_grid_in_the_same_folder_is_refused(tiny_encoder, data_dir, tmp_path, capsys):
     out = tmp_path / "S"
-    spec = sweep.SweepSpec(tasks=[data_dir.name], seeds=[13], budgets=[8], data_root=str(data_dir.parent),
+    spec = sweeps.SweepSpec(tasks=[data_dir.name], seeds=[13], budgets=[8], data_root=str(data_dir.parent),
                            model=str(tiny_encoder), settings={"prompt_length": 4, "intrinsic_dim": 8, "popsize": 4})
-    sweep.run_sweep(spec, out, log=lambda *a: None)
-    other = sweep.SweepSpec(**{**spec.__dict__, "budgets": [16]})
+    sweeps.run_sweep(spec, out, log=lambda *a: None)
+    other = sweeps.SweepSpec(**{**spec.__dict__, "budgets": [16]})
     with pytest.raises(Exception, match="different sweep"):
-        sweep.run_sweep(other, out, log=lambda *a: None)
+        sweeps.run_sweep(other, out, log=lambda *a: None)
 
 
 def test_claims_keep_two_workers_off_one_cell(tmp_path):
     path = tmp_path / "cell.claim"
-    assert sweep.claim(path)
-    assert not sweep.claim(path)  # held by a live process (this one)
+    assert sweeps.claim(path)
+    assert not sweeps.claim(path)  # held by a live process (this one)
     path.write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname()}))  # a pid that is not running
-    assert sweep.claim(path)  # its owner died: taken over
+    assert sweeps.claim(path)  # its owner died: taken over
     assert json.loads(path.read_text())["pid"] == os.getpid()
 
 
@@ -88,8 +88,8 @@ def test_a_failed_cell_does_not_stop_the_sweep(tiny_encoder, data_dir, tmp_path,
                  "--model", str(tiny_encoder), "--prompt-length", "4", "--set", "intrinsic_dim=8", "popsize=4",
                  "--out", str(out)])
     assert code == 1
-    assert [r["task"] for r in sweep.rows(out)] == ["good"]
-    assert "broken-s13-bbt" in sweep.failures(out)
+    assert [r["task"] for r in sweeps.rows(out)] == ["good"]
+    assert "broken-s13-bbt" in sweeps.failures(out)
     assert main(["sweep", "report", str(out)]) == 0
     assert "failed: broken-s13-bbt" in capsys.readouterr().out
 
@@ -99,4 +99,19 @@ def test_worker_processes_give_the_same_table(tiny_encoder, data_dir, tmp_path, 
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(_args(tiny_encoder, data_dir, one, "--methods", "bbt")) == 0
     assert main(_args(tiny_encoder, data_dir, two, "--methods", "bbt", "--workers", "2")) == 0
-    assert sweep.table(one) == sweep.table(two)
+    assert sweeps.table(one) == sweeps.table(two)
+
+
+@pytest.mark.slow
+def test_a_sweep_on_a_local_ray_gives_the_same_table(tiny_encoder, data_dir, tmp_path, monkeypatch):
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'bbt[ray]')")
+    monkeypatch.setenv("BBT_CACHE", "off")
+    one, on_ray = tmp_path / "one", tmp_path / "ray"
+    assert main(_args(tiny_encoder, data_dir, one, "--methods", "bbt")) == 0
+    try:
+        assert main(_args(tiny_encoder, data_dir, on_ray, "--methods", "bbt", "--ray")) == 0
+    finally:
+        import ray
+
+        ray.shutdown()
+    assert sweeps.table(one) == sweeps.table(on_ray)

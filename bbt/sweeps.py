@@ -167,7 +167,7 @@ def _backend(spec: SweepSpec, cell_index: int):
 def run_cell(spec: SweepSpec, cell: Cell, out: Path, backend, log=lambda *a: None) -> list[dict] | None:
     """Run one cell (unless another worker holds it) and write its scores; its rows, or None if left to another."""
     from bbt.data import TaskData, load_task_folder
-    from bbt.run import evaluate_split, prompt_at, run_gradient, run_tune
+    from bbt.runs import evaluate_split, prompt_at, run_gradient, run_tune
     from bbt.tasks import BUILTIN_TASKS, for_family, resolve_task
 
     folder = out / "cells" / cell.name

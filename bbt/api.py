@@ -1,0 +1,198 @@
+"""The scripting surface: backends as context managers, and run, evaluate, predict, sweep.
+
+    import bbt
+
+    with bbt.local() as backend:                       # or bbt.remote("http://host:8000", api_key=...)
+        m = bbt.runs("sst2", "../shared/data/sst2", out="runs/sst2", budget=500, seed=42, backend=backend)
+        print(m["no_prompt_test_acc"], "->", m["test_acc"])
+        print(bbt.evaluate("runs/sst2", split="dev", backend=backend)["acc"])
+        print(bbt.predict("runs/sst2", ["a gripping film"], backend=backend))
+
+Every function takes run folders by path and the budget once (in queries), and returns plain
+dicts, as the command line prints them. Without a `backend`, each call runs the model in this
+process. The pieces underneath (`bbt.tuner.tune`, `bbt.runs.run_tune`, `bbt.ensemble`) stay
+available for finer control.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from bbt.backends.base import Backend
+from bbt.budget import Budget
+from bbt.config import GRADIENT_METHODS, TuneConfig
+from bbt.errors import ConfigError, DataError
+
+
+def local(models: list[str] | None = None, *, device: str = "auto"):
+    """A backend running the models in this process (needs `bbt[server]`); use it in a `with`."""
+    from bbt.backends.local import LocalBackend
+
+    return LocalBackend(models, device=device)
+
+
+def remote(url: str | list[str], *, api_key: str | None = None, timeout: float = 60.0):
+    """A backend for one or more `bbt serve` endpoints over HTTP; use it in a `with`."""
+    from bbt.backends.http import HTTPBackend
+
+    return HTTPBackend(url, api_key=api_key, timeout=timeout)
+
+
+@contextmanager
+def _backend(backend: Backend | None):
+    if backend is not None:
+        yield backend
+        return
+    owned = local()
+    try:
+        yield owned
+    finally:
+        owned.close()
+
+
+def run(task: str, data: str | Path, *, out: str | Path, budget: int | None = 500, seed: int = 42,
+        backend: Backend | None = None, ensemble: int | None = None, resume: bool = False, progress: bool = False,
+        **settings) -> dict:
+    """Tune a prompt (or a gradient baseline, `method=...`) on `task` from the folder `data`, into
+    the run folder `out`; returns its metrics.json. `budget`: queries (the whole ensemble's with
+    `ensemble`); `settings`: any TuneConfig field (method, model, prompt_length, init, ...)."""
+    from bbt.data import load_task_folder
+    from bbt.runs import run_ensemble, run_gradient, run_tune
+    from bbt.tasks import resolve_task
+
+    cfg = TuneConfig(seed=seed, budget=Budget(queries=budget), **settings)
+    spec = resolve_task(task, data)
+    split = load_task_folder(data, spec, seed=seed, k=cfg.k_shot)
+    context = {"data": str(Path(data).resolve()), "endpoint": None}
+    log = print if progress else (lambda *a: None)
+    with _backend(backend) as b:
+        if cfg.method in GRADIENT_METHODS:
+            return run_gradient(cfg, spec, split, b, out, context=context, log=log)
+        if ensemble:
+            return run_ensemble(cfg, ensemble, spec, split, b, out, context=context, progress=progress, log=log,
+                                resume=resume)
+        return run_tune(cfg, spec, split, b, out, context=context, progress=progress, log=log, resume=resume)
+
+
+def _split_of(run: Path, task, split: str, data: str | Path | None):
+    from bbt.data import load_task_folder
+    from bbt.runs import load_run_config
+
+    saved = load_run_config(run)
+    folder = data or saved.get("data")
+    if not folder:
+        raise DataError(f"{run} does not record its data folder: pass data=")
+    cfg = saved.get("config", {})
+    loaded = load_task_folder(folder, task, seed=cfg.get("seed", 42), k=cfg.get("k_shot", 16))
+    chosen = {"train": loaded.train, "dev": loaded.dev, "test": loaded.test}[split]
+    return chosen, loaded.test_name if split == "test" else split
+
+
+def evaluate(runs: str | Path | list, *, split: str = "test", data: str | Path | None = None, vote: str = "majority",
+             backend: Backend | None = None) -> dict:
+    """Scores on a split of a run's data: the tuned prompt beside its untuned start (z = 0) and the
+    model without a prompt; several runs (or an ensemble folder): the ensemble, every member (one
+    request per batch of inputs for all of them), their mean and the best; a gradient baseline:
+    its adapter, in process."""
+    from bbt import ensemble as ens
+    from bbt.runs import evaluate_split, is_gradient_run, load_artifact
+
+    if split not in ("train", "dev", "test"):
+        raise ConfigError(f"split {split!r}: train, dev or test")
+    members = ens.member_runs(runs if isinstance(runs, list) else [runs])
+    with _backend(backend) as b:
+        if len(members) == 1 and is_gradient_run(members[0]):
+            return _evaluate_gradient(members[0], split, data, b)
+        artifacts = [load_artifact(r) for r in members]
+        ens.check_compatible(artifacts)
+        first = artifacts[0]
+        chosen, name = _split_of(members[0], first.task, split, data)
+        key = first.task.metric
+        plain, _ = evaluate_split(b, first.model, first.task, chosen, None)
+        if len(members) == 1:
+            prompt = first.prompt()
+            tuned, _ = evaluate_split(b, first.model, first.task, chosen, prompt)
+            zero, _ = evaluate_split(b, first.model, first.task, chosen, prompt.untuned())
+            result = {"split": name, "examples": len(chosen), "acc": tuned.accuracy, "loss": tuned.loss,
+                      "zero_prompt_acc": zero.accuracy, "no_prompt_acc": plain.accuracy}
+            if key == "f1":
+                result.update(f1=tuned.metric, zero_prompt_f1=zero.metric, no_prompt_f1=plain.metric)
+            return result
+        from bbt.budget import Ledger
+
+        ledger = Ledger(Budget())
+        scores, _ = ens.evaluate(b, first.model, first.task, chosen, [a.prompt() for a in artifacts], vote, ledger)
+    result = {
+        "split": name, "examples": len(chosen), "vote": vote, f"ensemble_{key}": scores.ensemble,
+        "members": [{"run": str(r), key: m} for r, m in zip(members, scores.members)],
+        f"mean_member_{key}": scores.mean_member, f"best_member_{key}": scores.best_member,
+        f"no_prompt_{key}": plain.metric if key == "f1" else plain.accuracy,
+        "requests": ledger.evaluation.requests, "queries": ledger.evaluation.queries,
+    }
+    if key == "f1":
+        result["ensemble_acc"] = scores.ensemble_accuracy
+    return result
+
+
+def _evaluate_gradient(run: Path, split: str, data, backend: Backend) -> dict:
+    from bbt import metrics
+    from bbt.protocol import TaskSpec
+    from bbt.runs import evaluate_split, gradient_logits, load_run_config
+
+    saved = load_run_config(run)
+    task = TaskSpec.model_validate(saved["task"])
+    chosen, name = _split_of(run, task, split, data)
+    task, logits = gradient_logits(backend, run, chosen.examples)
+    plain, _ = evaluate_split(backend, saved["config"]["model"], task, chosen, None)
+    labels = np.asarray(chosen.labels)
+    result = {"split": name, "examples": len(chosen), "method": saved["config"]["method"],
+              "acc": float(metrics.accuracy(logits[None], labels)[0]),
+              "loss": float(metrics.loss("ce", logits[None], labels)[0]), "no_prompt_acc": plain.accuracy}
+    if task.metric == "f1":
+        result.update(f1=float(metrics.score("f1", logits[None], labels)[0]), no_prompt_f1=plain.metric)
+    return result
+
+
+def predict(runs: str | Path | list, texts: list[str], *, pairs: list[str] | None = None, vote: str = "majority",
+            backend: Backend | None = None) -> list[dict]:
+    """{"text", "label", "probs"} for each text: one run, an ensemble (several runs or an ensemble
+    folder; label by `vote`, probabilities the members' mean) or a gradient baseline."""
+    from bbt import ensemble as ens
+    from bbt.protocol import Example, TaskSpec
+    from bbt.runs import gradient_logits, is_gradient_run, load_artifact, load_run_config
+    from bbt.runs import predict as predict_prompts
+
+    members = ens.member_runs(runs if isinstance(runs, list) else [runs])
+    with _backend(backend) as b:
+        if len(members) == 1 and is_gradient_run(members[0]):
+            task = TaskSpec.model_validate(load_run_config(members[0])["task"])
+            if task.pair and (pairs is None or len(pairs) != len(texts)):
+                raise ConfigError(f"task {task.name!r} takes sentence pairs: give a text_pair for every text")
+            examples = [Example(text=t, text_pair=pairs[i] if pairs else None) for i, t in enumerate(texts)]
+            task, logits = gradient_logits(b, members[0], examples)
+            probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+            probs /= probs.sum(axis=1, keepdims=True)
+            labelled = [(task.labels[int(p.argmax())], [round(float(x), 4) for x in p]) for p in probs]
+        else:
+            artifacts = [load_artifact(r) for r in members]
+            ens.check_compatible(artifacts)
+            task = artifacts[0].task
+            labelled = predict_prompts(b, artifacts, texts, pairs, vote=vote)
+    return [{"text": t, "label": label, "probs": dict(zip(task.labels, probs))} for t, (label, probs) in zip(texts, labelled)]
+
+
+def sweep(tasks: list[str], data_root: str | Path, *, out: str | Path, seeds: list[int] = (13, 42, 87),
+          budgets: list[int] = (500,), methods: list[str] = ("bbt",), model: str = "minilm", workers: int = 1,
+          test_limit: int | None = 500, grid: dict | None = None, **settings) -> list[dict]:
+    """Run (or finish) a sweep into `out` and return its table: one dict per task, method,
+    settings and budget with `test`, `test_se`, `no_prompt`, `gap`, `gap_se` (points) and `seeds`.
+    `settings`: TuneConfig fields for every cell; `grid`: field -> list of values."""
+    from bbt import sweeps as sw
+
+    spec = sw.SweepSpec(tasks=list(tasks), seeds=list(seeds), methods=list(methods), budgets=list(budgets),
+                        data_root=str(data_root), model=model, settings=settings, grid=grid or {}, test_limit=test_limit)
+    sw.run_sweep(spec, out, workers=workers, log=lambda *a: None)
+    return sw.table(out)
