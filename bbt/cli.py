@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f"template (demonstrations). Default: {d.init}, or instruction with --init-text")
     m.add_argument("--init-text", default=None, metavar="TEXT",
                    help="the instruction p0 is made from (implies --init instruction)")
+    m.add_argument("--report-to", choices=["none", "tensorboard"], default="none",
+                   help="also log each generation as TensorBoard scalars in RUN/tensorboard (pip install tensorboardX)")
     m.add_argument("--lr", type=float, default=None, help="gradient methods: learning rate (default: the paper's)")
     m.add_argument("--epochs", type=int, default=d.epochs, help="gradient methods: passes over the training split")
     m.add_argument("--batch-size", type=int, default=d.batch_size, help="gradient methods: examples per step")
@@ -185,6 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--endpoint", nargs="+", default=[], metavar="URL", help="servers to run cells against (round robin)")
     w.add_argument("--api-key", default=os.environ.get("BBT_API_KEY"), help="API key for --endpoint")
 
+    v = sub.add_parser("watch", help="a live view of a run or sweep folder",
+                       description="Show a run's loss and dev score against queries, the budget spent and left and "
+                       "queries per second (a sweep: one line per cell), redrawn as its log grows; returns when it "
+                       "ends. A folder that does not exist yet is waited for.")
+    v.add_argument("folder", metavar="RUN_OR_SWEEP")
+    v.add_argument("--interval", type=float, default=1.0, metavar="S", help="seconds between redraws")
+    v.add_argument("--once", action="store_true", help="draw once and return")
+
     s = sub.add_parser("serve", help="start the bundled inference server", description=(
         "Serve models over HTTP (protocol v1, OpenAPI page at /docs)."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -248,7 +258,8 @@ def _option_errors(exc: ValidationError) -> str:
 
 
 # what `bbt tune --resume RUN` may be given: where the model is, the cache, the progress bar
-_RESUME_OPTIONS = {"resume", "endpoint", "api_key", "timeout", "wait", "retries", "cache", "no_cache", "quiet", "command"}
+_RESUME_OPTIONS = {"resume", "endpoint", "api_key", "timeout", "wait", "retries", "cache", "no_cache", "quiet", "command",
+                   "report_to"}
 
 
 def cmd_tune(args) -> int:
@@ -300,7 +311,8 @@ def cmd_tune(args) -> int:
                 run_ensemble(cfg, args.ensemble, task, data, backend, out, context=context, progress=not args.quiet,
                              resume=bool(args.resume))
             else:
-                run_tune(cfg, task, data, backend, out, context=context, progress=not args.quiet, resume=bool(args.resume))
+                run_tune(cfg, task, data, backend, out, context=context, progress=not args.quiet, resume=bool(args.resume),
+                         report_to=args.report_to)
         except BackendError as exc:
             raise BackendError(f"{exc}\nwhat was spent is recorded in {out}; continue with: bbt tune --resume {out}") from exc
     finally:
@@ -484,6 +496,13 @@ def cmd_sweep_report(argv: list[str]) -> int:
     return 0
 
 
+def cmd_watch(args) -> int:
+    from bbt import watch
+
+    watch.watch(args.folder, interval=args.interval, once=args.once)
+    return 0
+
+
 def cmd_serve(args) -> int:
     try:
         from servers.app import serve
@@ -503,7 +522,7 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"tune": cmd_tune, "evaluate": cmd_evaluate, "predict": cmd_predict, "export": cmd_export, "sweep": cmd_sweep,
-            "serve": cmd_serve,
+            "watch": cmd_watch, "serve": cmd_serve,
             "demo": cmd_demo}
 
 

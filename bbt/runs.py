@@ -125,12 +125,13 @@ def _score_split(backend, model, task, split, prompt, ledger, loss, return_promp
 
 def run_tune(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out: str | Path, *,
              context: dict | None = None, progress: bool = True, log=print, resume: bool = False,
-             replace: bool = False) -> dict:
+             replace: bool = False, report_to: str = "none") -> dict:
     """Tune, evaluate, and write the run folder; returns the metrics written to metrics.json.
 
     With `resume`, `out` is a run folder this function started before (with the same cfg, task and
     data): the run continues from its checkpoint, and a finished run just returns its metrics.
     Otherwise a folder that already holds a run is refused, unless `replace` (then its files go).
+    `report_to="tensorboard"` also writes each generation as TensorBoard scalars to RUN/tensorboard.
     """
     wall_start = time.perf_counter()
     out = Path(out)
@@ -155,13 +156,14 @@ def run_tune(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, 
             {"bbt_version": __version__, "config": cfg.model_dump(), "task": task.model_dump(), **(context or {})}, indent=2))
     ledger = Ledger(cfg.budget, out / "ledger.jsonl")
     try:
-        return _run(cfg, task, data, backend, out, ledger, saved, progress=progress, log=log, wall_start=wall_start)
+        return _run(cfg, task, data, backend, out, ledger, saved, progress=progress, log=log, wall_start=wall_start,
+                    report_to=report_to)
     finally:
         ledger.close()
 
 
 def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out: Path, ledger: Ledger,
-         saved: RunState | None, *, progress: bool, log, wall_start: float) -> dict:
+         saved: RunState | None, *, progress: bool, log, wall_start: float, report_to: str = "none") -> dict:
     for note in data.notes:
         log(f"note: {note}")
     if saved is None:
@@ -184,9 +186,17 @@ def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out:
     log_file = (out / "log.jsonl").open("w")  # rewritten up to the checkpoint: generations after it are redone
     log_file.writelines(json.dumps(record) + "\n" for record in history)
 
+    board = _tensorboard(out) if report_to == "tensorboard" else None
+
     def on_generation(record: dict) -> None:
         log_file.write(json.dumps(record) + "\n")
         log_file.flush()
+        if board is not None:
+            step = record["queries_used"]  # x axis: queries paid for, as every bbt curve
+            for key in ("loss_min", "loss_mean", "train_acc", "best_train_loss", "best_dev_metric", "dev_loss"):
+                if record.get(key) is not None:
+                    board.add_scalar(f"tuning/{key}", record[key], step)
+            board.flush()
         if bar is not None:
             bar.update(record["queries_used"] - bar.n)
             dev = record["best_dev_metric"]
@@ -203,6 +213,8 @@ def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out:
         log_file.close()
         if bar is not None:
             bar.close()
+        if board is not None:
+            board.close()
     prompt = result.prompt
     info = backend.model_info(cfg.model)
     artifact = PromptArtifact(method=cfg.method, model=cfg.model, task=task, prompt_length=cfg.prompt_length,
@@ -427,6 +439,14 @@ def run_ensemble(cfg: TuneConfig, n: int, task: TaskSpec, data: TaskData, backen
         f"(mean {out_metrics['mean_member_test']:.4f}, best on dev {members[best]:.4f}); "
         f"no prompt {out_metrics['no_prompt_test_acc']:.4f}")
     return out_metrics
+
+
+def _tensorboard(out: Path):
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        raise ConfigError("--report-to tensorboard needs tensorboardX (no torch): pip install tensorboardX") from None
+    return SummaryWriter(str(out / "tensorboard"))
 
 
 def load_artifact(run: str | Path) -> PromptArtifact:
