@@ -88,17 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "p-tuning-v2: the gradient baselines through PEFT (in process only; --lr, --epochs, --batch-size)")
     m.add_argument("--model", default=d.model, help="minilm, smollm2, a local model directory or a .gguf file (in "
                    "process); with --endpoint, a model the server serves")
-    m.add_argument("--prompt-length", type=int, default=d.prompt_length, metavar="L", help="soft-prompt tokens")
+    m.add_argument("--prompt-length", type=int, default=None, metavar="L",
+                   help=f"soft-prompt tokens (default: {d.prompt_length}; causal LMs: 10)")
     m.add_argument("--intrinsic-dim", type=int, default=d.intrinsic_dim, metavar="D", help="dimension of z")
     m.add_argument("--popsize", type=int, default=d.popsize, help="CMA-ES population (queries per generation)")
     m.add_argument("--sigma", type=float, default=d.sigma, help="CMA-ES initial step size")
     m.add_argument("--loss", choices=["ce", "hinge", "perf"], default=d.loss, help="loss CMA-ES minimises")
     m.add_argument("--projection", choices=["normal", "uniform"], default=d.projection, help="random projection A")
-    m.add_argument("--alpha", type=float, default=d.alpha, help="scale of the normal projection")
+    m.add_argument("--alpha", type=float, default=None,
+                   help=f"scale of the normal projection (default: {d.alpha}; causal LMs: 0.5)")
     m.add_argument("--init", choices=["zero", "vocab", "instruction", "demos"], default=None,
                    help="p0, where the search starts: zeros; embeddings of random vocabulary tokens (BBT); of an "
                    "instruction (--init-text, or the task's default); of training examples written out with the "
-                   f"template (demonstrations). Default: {d.init}, or instruction with --init-text")
+                   f"template (demonstrations). Default: {d.init} (causal LMs: instruction), or instruction with "
+                   "--init-text")
     m.add_argument("--init-text", default=None, metavar="TEXT",
                    help="the instruction p0 is made from (implies --init instruction)")
     m.add_argument("--report-to", choices=["none", "tensorboard"], default="none",
@@ -331,11 +334,11 @@ def _tune_config(args) -> TuneConfig:
     try:
         budget = Budget(queries=args.budget, requests=args.max_requests, examples=args.max_examples, tokens=args.max_tokens,
                         cost=args.max_cost, price_per_1k_tokens=args.price_per_1k_tokens)
-        d = TuneConfig()
-        return TuneConfig(model=args.model, method=args.method, seed=args.seed, prompt_length=args.prompt_length,
+        given = {k: v for k, v in (("prompt_length", args.prompt_length), ("alpha", args.alpha),
+                                   ("init", args.init or ("instruction" if args.init_text else None))) if v is not None}
+        return TuneConfig(**given, model=args.model, method=args.method, seed=args.seed,
                           intrinsic_dim=args.intrinsic_dim, popsize=args.popsize, sigma=args.sigma, loss=args.loss,
-                          projection=args.projection, alpha=args.alpha, bound=args.bound,
-                          init=args.init or ("instruction" if args.init_text else d.init), init_text=args.init_text,
+                          projection=args.projection, bound=args.bound, init_text=args.init_text,
                           search_seed=args.search_seed, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
                           diagonal=args.diagonal, rounds=args.rounds, patience=args.patience, encoding=args.encoding,
                           k_shot=args.k_shot, budget=budget)

@@ -21,11 +21,11 @@ from bbt.budget import Ledger
 from bbt.data import Split
 from bbt.errors import ConfigError
 from bbt.protocol import EvaluateRequest, PromptTensor, TaskSpec, Tensor, Usage
+from bbt.runs import EVAL_CHUNK  # inputs per request, as one prompt is scored
 from bbt.tuner import Prompt
 
 INDEX_FILE = "ensemble.json"
 INDEX_VERSION = 1
-EVAL_CHUNK = 500  # inputs per request, as bbt.runs scores one prompt
 Vote = Literal["majority", "mean"]
 
 

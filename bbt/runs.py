@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from bbt import __version__, cache, checkpoint, export, metrics
 from bbt.backends.base import Backend
 from bbt.budget import Budget, Ledger
-from bbt.config import TuneConfig
+from bbt.config import TuneConfig, with_family_defaults
 from bbt.data import Split, TaskData
 from bbt.errors import ConfigError
 from bbt.protocol import EvaluateRequest, Example, ProjectionSpec, TaskSpec, Usage
@@ -136,7 +136,9 @@ def run_tune(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, 
     wall_start = time.perf_counter()
     out = Path(out)
     saved = None
-    task = for_family(task, backend.model_info(cfg.model).family)  # a built-in task's causal-LM template on a causal LM
+    family = backend.model_info(cfg.model).family
+    task = for_family(task, family)  # a built-in task's causal-LM template on a causal LM
+    cfg = with_family_defaults(cfg, family)  # e.g. a causal LM's prompt length, where cfg does not say
     if resume:
         if not (out / "config.json").exists():
             raise ConfigError(f"{out} is not a run folder (no config.json): nothing to resume")
@@ -286,7 +288,8 @@ def run_gradient(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backe
 
     wall_start = time.perf_counter()
     out = Path(out)
-    task = for_family(task, backend.model_info(cfg.model).family)
+    family = backend.model_info(cfg.model).family
+    task, cfg = for_family(task, family), with_family_defaults(cfg, family)
     pm = service.get(cfg.model)
     gradient.check(pm, cfg.method, cfg.prompt_length)
     if (out / "config.json").exists():
@@ -392,6 +395,7 @@ def run_ensemble(cfg: TuneConfig, n: int, task: TaskSpec, data: TaskData, backen
     from bbt import ensemble
 
     out = Path(out)
+    cfg = with_family_defaults(cfg, backend.model_info(cfg.model).family)
     if not resume and (out / ensemble.INDEX_FILE).exists():
         raise ConfigError(f"{out} already holds an ensemble: continue it with bbt tune --resume {out}, or pick another --out")
     out.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ seeded sample of `--test-limit` examples (all of RTE), mean ± standard error ov
 wall time, model passes (BBT: queries; gradient methods: forward + backward batches) and tunable
 parameters. Each cell is a run folder under `--work`; finished cells are rows of `--results`
 (JSONL), so a rerun does only what is missing and a cut BBT run resumes. A method a model cannot
-run (prefix methods on a sentence encoder) is reported as such.
+run is reported as such.
 """
 
 from __future__ import annotations

@@ -69,10 +69,6 @@ def peft_config(method: str, family: str, length: int, hidden: int):
     except ImportError:
         raise ConfigError("the gradient baselines need PEFT: pip install 'bbt[peft]'") from None
     task_type = "CAUSAL_LM" if family == "causal" else "FEATURE_EXTRACTION"
-    if method in PREFIX_METHODS and family != "causal":
-        raise ConfigError(f"{method} puts a prefix in every layer's keys and values, which PEFT runs only on models "
-                          f"that take past key values (causal LMs); this model is a {family} model. Use prompt-tuning "
-                          "or p-tuning, or a causal LM")
     if method == "prompt-tuning":
         # sampled vocabulary embeddings: Lester et al.'s better initialisation, and bbt's --init vocab
         return peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=length, prompt_tuning_init="SAMPLE_VOCAB")
@@ -172,7 +168,11 @@ def train(pm: PromptModel, task: TaskSpec, train_ex: list[Example], train_y: lis
             losses = []
             for i in range(0, len(order), batch_size):
                 idx = order[i : i + batch_size]
-                logits = class_logits(pm, peft_model, task, [train_ex[j] for j in idx], method)
+                try:
+                    logits = class_logits(pm, peft_model, task, [train_ex[j] for j in idx], method)
+                except (TypeError, ValueError, AttributeError) as exc:  # e.g. a model that takes no past key values
+                    raise ConfigError(f"{method} cannot run on {pm.name!r} ({type(pm.model).__name__}) through PEFT: "
+                                      f"{exc}") from exc
                 loss = F.cross_entropy(logits, y_train[idx])
                 if not torch.isfinite(loss):
                     raise ConfigError(f"{method}: the training loss became {float(loss)} at epoch {epoch}; "

@@ -70,8 +70,24 @@ def test_parser_defaults_come_from_tuneconfig():
 
     args = build_parser().parse_args(["tune", "--data", "d", "--out", "o"])
     d = TuneConfig()
-    assert (args.prompt_length, args.intrinsic_dim, args.popsize, args.sigma, args.budget, args.model) == (
-        d.prompt_length, d.intrinsic_dim, d.popsize, d.sigma, d.budget.queries, d.model)
+    assert (args.intrinsic_dim, args.popsize, args.sigma, args.budget, args.model) == (
+        d.intrinsic_dim, d.popsize, d.sigma, d.budget.queries, d.model)
+    # settings with a family default are left unset, so the model's family decides (a given one wins)
+    assert (args.prompt_length, args.alpha, args.init) == (None, None, None)
+
+
+def test_family_defaults_fill_only_what_was_not_given():
+    from bbt.config import TuneConfig, with_family_defaults
+
+    cfg = with_family_defaults(TuneConfig(prompt_length=20), "causal")
+    assert (cfg.prompt_length, cfg.init, cfg.alpha) == (20, "instruction", 0.5)
+    assert with_family_defaults(TuneConfig(), "encoder") == TuneConfig()  # the sentence encoder keeps bbt's defaults
+    given = with_family_defaults(TuneConfig(init="zero", alpha=1.0, prompt_length=50), "causal")
+    assert (given.prompt_length, given.init, given.alpha) == (50, "zero", 1.0)
+    assert with_family_defaults(TuneConfig(init="instruction", init_text="Say it."), "causal").init_text == "Say it."
+    # a config read back from a run folder names every field: nothing changes on resume
+    saved = TuneConfig.model_validate(TuneConfig().model_dump())
+    assert with_family_defaults(saved, "causal") == saved
 
 
 # ---- a whole run on a tiny model ------------------------------------------------------------

@@ -75,15 +75,19 @@ def test_class_read_equals_bbts_for_the_same_prompt(tiny_gpt2, local_backend, ti
     np.testing.assert_allclose(got, local_backend.evaluate(req).logits.to_numpy()[0], atol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["prompt-tuning", "p-tuning-v2"])
 @pytest.mark.parametrize("fixture", ["tiny_encoder", "tiny_bert_mlm"])
-def test_prompt_methods_run_on_encoders_and_masked_lms_prefix_methods_are_refused(fixture, data_dir, tmp_path, request,
-                                                                                  capsys):
+def test_prompt_and_prefix_methods_run_on_encoders_and_masked_lms(fixture, method, data_dir, tmp_path, request):
     model = request.getfixturevalue(fixture)
-    assert _tune(model, data_dir, tmp_path / "pt", "prompt-tuning") == 0
-    assert json.loads((tmp_path / "pt" / "metrics.json").read_text())["test_acc"] is not None
-    assert _tune(model, data_dir, tmp_path / "prefix", "prefix-tuning") != 0
-    assert "past key values" in capsys.readouterr().err
-    assert not (tmp_path / "prefix").exists()  # refused before anything was written
+    assert _tune(model, data_dir, tmp_path / "run", method) == 0
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert np.isfinite(m["test_acc"]) and m["backward_passes"] == 8
+
+
+def test_a_prompt_over_the_models_limit_is_refused_before_anything_is_written(tiny_encoder, data_dir, tmp_path, capsys):
+    assert _tune(tiny_encoder, data_dir, tmp_path / "long", "prompt-tuning", "--prompt-length", "999") != 0
+    assert "limit" in capsys.readouterr().err
+    assert not (tmp_path / "long").exists()
 
 
 def test_a_gradient_method_needs_the_weights(data_dir, tmp_path, capsys):

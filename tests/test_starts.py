@@ -15,7 +15,7 @@ from bbt.config import TuneConfig
 from bbt.projection import normal_spec
 from bbt.protocol import Example, IntrinsicPrompts, TaskSpec, Tensor
 from bbt.tasks import BUILTIN_TASKS, for_family
-from bbt.tuner import start_state, tune
+from bbt.tuner import tune
 
 
 def test_default_instruction_names_the_verbalizer_words():
