@@ -19,7 +19,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 
 from bbt.backends.base import Backend
 from bbt.budget import Budget
@@ -138,21 +137,20 @@ def evaluate(runs: str | Path | list, *, split: str = "test", data: str | Path |
 
 
 def _evaluate_gradient(run: Path, split: str, data, backend: Backend) -> dict:
-    from bbt import metrics
     from bbt.protocol import TaskSpec
     from bbt.runs import evaluate_split, gradient_logits, load_run_config
+    from bbt.tuner import Evaluation
 
     saved = load_run_config(run)
     task = TaskSpec.model_validate(saved["task"])
     chosen, name = _split_of(run, task, split, data)
     task, logits = gradient_logits(backend, run, chosen.examples)
     plain, _ = evaluate_split(backend, saved["config"]["model"], task, chosen, None)
-    labels = np.asarray(chosen.labels)
+    tuned = Evaluation.of(logits, chosen.labels, task.metric)
     result = {"split": name, "examples": len(chosen), "method": saved["config"]["method"],
-              "acc": float(metrics.accuracy(logits[None], labels)[0]),
-              "loss": float(metrics.loss("ce", logits[None], labels)[0]), "no_prompt_acc": plain.accuracy}
+              "acc": tuned.accuracy, "loss": tuned.loss, "no_prompt_acc": plain.accuracy}
     if task.metric == "f1":
-        result.update(f1=float(metrics.score("f1", logits[None], labels)[0]), no_prompt_f1=plain.metric)
+        result.update(f1=tuned.metric, no_prompt_f1=plain.metric)
     return result
 
 
@@ -173,8 +171,7 @@ def predict(runs: str | Path | list, texts: list[str], *, pairs: list[str] | Non
                 raise ConfigError(f"task {task.name!r} takes sentence pairs: give a text_pair for every text")
             examples = [Example(text=t, text_pair=pairs[i] if pairs else None) for i, t in enumerate(texts)]
             task, logits = gradient_logits(b, members[0], examples)
-            probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-            probs /= probs.sum(axis=1, keepdims=True)
+            probs = ens.probabilities(logits)
             labelled = [(task.labels[int(p.argmax())], [round(float(x), 4) for x in p]) for p in probs]
         else:
             artifacts = [load_artifact(r) for r in members]

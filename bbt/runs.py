@@ -114,13 +114,7 @@ def _score_split(backend, model, task, split, prompt, ledger, loss, return_promp
                                   "older bbt")
             received = resp.prompts.to_numpy()[0]
     logits = np.concatenate(chunks)  # (N, C)
-    labels = np.asarray(split.labels)
-    ev = Evaluation(
-        loss=float(metrics.loss(loss, logits[None], labels)[0]),
-        metric=float(metrics.score(task.metric, logits[None], labels)[0]),
-        accuracy=float(metrics.accuracy(logits[None], labels)[0]),
-    )
-    return ev, logits, received
+    return Evaluation.of(logits, split.labels, task.metric, loss), logits, received
 
 
 def run_tune(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out: str | Path, *,
@@ -317,10 +311,7 @@ def run_gradient(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backe
                                 patience=10 if cfg.patience is None else cfg.patience, on_epoch=on_epoch)
     result.peft_model.save_pretrained(str(out / "adapter"))
     test_logits = gradient.predict_logits(pm, result.peft_model, task, data.test.examples, cfg.method)
-    labels = np.asarray(data.test.labels)
-    test = Evaluation(loss=float(metrics.loss("ce", test_logits[None], labels)[0]),
-                      metric=float(metrics.score(task.metric, test_logits[None], labels)[0]),
-                      accuracy=float(metrics.accuracy(test_logits[None], labels)[0]))
+    test = Evaluation.of(test_logits, data.test.labels, task.metric)
     out_metrics = {
         "method": cfg.method,
         "train_acc": result.train.accuracy, "dev_acc": result.dev.accuracy, "test_acc": test.accuracy,
@@ -418,13 +409,12 @@ def run_ensemble(cfg: TuneConfig, n: int, task: TaskSpec, data: TaskData, backen
     finally:
         ledger.close()
     labels = np.asarray(data.test.labels)
+    votes = {vote: Evaluation.of(ensemble.combine(test_logits, vote), labels, task.metric) for vote in ("majority", "mean")}
     members = [float(x) for x in metrics.score(task.metric, test_logits, labels)]
     best = int(np.argmax(dev.members))  # the best single member, chosen on dev
     out_metrics = {
         "members": n,
-        **{f"test_{'acc' if task.metric == 'acc' else 'f1'}_{vote}_vote":
-           float(metrics.score(task.metric, ensemble.combine(test_logits, vote)[None], labels)[0])
-           for vote in ("majority", "mean")},
+        **{f"test_{'acc' if task.metric == 'acc' else 'f1'}_{vote}_vote": ev.metric for vote, ev in votes.items()},
         "member_test": members,
         "mean_member_test": float(np.mean(members)),
         "best_dev_member": best + 1,
@@ -435,7 +425,7 @@ def run_ensemble(cfg: TuneConfig, n: int, task: TaskSpec, data: TaskData, backen
         "queries_used": sum(r["queries_used"] for r in results),
         "tuning_seconds": round(sum(r["tuning_seconds"] for r in results), 3),
     }
-    out_metrics["test_acc"] = float(metrics.accuracy(ensemble.combine(test_logits, "majority")[None], labels)[0])
+    out_metrics["test_acc"] = votes["majority"].accuracy
     (out / "metrics.json").write_text(json.dumps(out_metrics, indent=2))
     key = "acc" if task.metric == "acc" else "f1"
     log(f"ensemble of {n}, {data.test_name} {key}: majority {out_metrics[f'test_{key}_majority_vote']:.4f}, "

@@ -101,14 +101,13 @@ def _save_spec(out: Path, spec: SweepSpec) -> None:
     """sweep.json; a folder holding another grid is refused (its cells would not mean what they say)."""
     path = out / SWEEP_FILE
     mine = {"version": SWEEP_VERSION, **asdict(spec)}
+    mine.pop("api_key")  # a secret: never on disk
     if path.exists():
         theirs = json.loads(path.read_text())
-        theirs.pop("api_key", None), mine.pop("api_key", None)
         if {k: v for k, v in theirs.items() if k != "endpoints"} != {k: v for k, v in mine.items() if k != "endpoints"}:
             raise ConfigError(f"{out} holds a different sweep ({path}); pick another --out, or rerun it as it was")
         return
     out.mkdir(parents=True, exist_ok=True)
-    mine.pop("api_key", None)
     path.write_text(json.dumps(mine, indent=2))
 
 
@@ -363,7 +362,8 @@ def failures(out: str | Path) -> dict[str, str]:
             for p in sorted((Path(out) / "cells").glob("*.error"))}
 
 
-def _mean_se(xs: list[float]) -> tuple[float, float]:
+def mean_se(xs: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (0 for a single value)."""
     a = np.asarray(xs, dtype=float)
     return float(a.mean()), float(a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else 0.0
 
@@ -377,9 +377,9 @@ def table(out: str | Path) -> list[dict]:
         groups.setdefault(key, []).append(r)
     lines = []
     for (task, method, settings, budget), rs in sorted(groups.items()):
-        test, se = _mean_se([100 * r["test"] for r in rs])
-        plain, plain_se = _mean_se([100 * r["no_prompt"] for r in rs])
-        gap, gap_se = _mean_se([100 * (r["test"] - r["no_prompt"]) for r in rs])
+        test, se = mean_se([100 * r["test"] for r in rs])
+        plain, plain_se = mean_se([100 * r["no_prompt"] for r in rs])
+        gap, gap_se = mean_se([100 * (r["test"] - r["no_prompt"]) for r in rs])
         lines.append({"task": task, "method": method, "settings": json.loads(settings), "budget": budget or None,
                       "seeds": sorted(r["seed"] for r in rs), "test": test, "test_se": se, "no_prompt": plain,
                       "no_prompt_se": plain_se, "gap": gap, "gap_se": gap_se, "metric": rs[0]["metric"]})

@@ -91,6 +91,13 @@ class Evaluation:
     metric: float  # accuracy or F1, by the task
     accuracy: float
 
+    @classmethod
+    def of(cls, logits: np.ndarray, labels, metric: str, loss: str = "ce") -> Evaluation:
+        """The scores of one candidate's logits [N, C] against labels [N]."""
+        lg, y = np.asarray(logits)[None], np.asarray(labels)
+        return cls(loss=float(metrics.loss(loss, lg, y)[0]), metric=float(metrics.score(metric, lg, y)[0]),
+                   accuracy=float(metrics.accuracy(lg, y)[0]))
+
 
 @dataclass
 class TuneResult:

@@ -20,7 +20,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 
 from bbt import ensemble
 from bbt.backends import LocalBackend
@@ -28,16 +27,16 @@ from bbt.budget import Budget, Ledger
 from bbt.config import TuneConfig
 from bbt.data import TaskData, load_task_folder
 from bbt.runs import evaluate_split, load_artifact, run_ensemble
+from bbt.sweeps import mean_se
 from bbt.tasks import BUILTIN_TASKS, for_family
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 
 
-def _mean_se(xs: list[float]) -> str:
-    xs = np.asarray(xs, dtype=float)
-    se = xs.std(ddof=1) / np.sqrt(len(xs)) if len(xs) > 1 else 0.0
-    return f"{xs.mean():5.1f} ± {se:3.1f}"
+def _mean_se(xs) -> str:
+    mean, se = mean_se(list(xs))
+    return f"{mean:5.1f} ± {se:3.1f}"
 
 
 def main() -> None:

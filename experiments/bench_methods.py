@@ -31,6 +31,7 @@ from bbt.config import GRADIENT_METHODS, TuneConfig
 from bbt.data import TaskData, load_task_folder
 from bbt.errors import ConfigError
 from bbt.runs import run_gradient, run_tune
+from bbt.sweeps import mean_se
 from bbt.tasks import BUILTIN_TASKS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,9 +77,8 @@ def run_cell(backend, model: str, task_name: str, seed: int, method: str, args, 
 
 
 def _mean_se(xs) -> str:
-    xs = np.asarray(xs, dtype=float)
-    se = xs.std(ddof=1) / np.sqrt(len(xs)) if len(xs) > 1 else 0.0
-    return f"{xs.mean():5.1f} ± {se:3.1f}"
+    mean, se = mean_se(list(xs))
+    return f"{mean:5.1f} ± {se:3.1f}"
 
 
 def report(rows: list[dict], models, tasks, seeds, methods, plot: Path | None) -> None:
