@@ -104,6 +104,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "--init-text")
     m.add_argument("--init-text", default=None, metavar="TEXT",
                    help="the instruction p0 is made from (implies --init instruction)")
+    m.add_argument("--verbalizer", choices=["manual", "auto"], default=None,
+                   help="manual: the task's label words (sentence encoders: label texts); auto: several per class, "
+                   f"chosen on the training split, their number on train + dev (1 query + 1 per number tried). Default: {d.verbalizer}")
+    m.add_argument("--label-words", type=int, default=None, metavar="K",
+                   help="with --verbalizer auto: words per class (default: chosen on train + dev from 1, 2, 3, 5, 8)")
+    m.add_argument("--select", choices=["dev-metric", "dev-loss"], default=None,
+                   help="the prompt a run returns: best on dev by the task's metric (ties: dev loss), or by dev loss. "
+                   f"Default: {d.select}")
+    m.add_argument("--local", choices=["none", "cobyla"], default=None,
+                   help="bbt: a second search stage, COBYLA from CMA-ES's best point in the --local-dim principal "
+                   f"directions of its covariance, for the last --local-share of the query budget. Default: {d.local}")
+    m.add_argument("--local-share", type=float, default=None, metavar="F",
+                   help=f"share of the query budget for the second stage (default: {d.local_share})")
+    m.add_argument("--local-dim", type=int, default=None, metavar="K",
+                   help=f"directions the second stage searches (default: {d.local_dim})")
     m.add_argument("--report-to", choices=["none", "tensorboard"], default="none",
                    help="also log each generation as TensorBoard scalars in RUN/tensorboard (pip install tensorboardX)")
     m.add_argument("--lr", type=float, default=None, help="gradient methods: learning rate (default: the paper's)")
@@ -335,7 +350,11 @@ def _tune_config(args) -> TuneConfig:
         budget = Budget(queries=args.budget, requests=args.max_requests, examples=args.max_examples, tokens=args.max_tokens,
                         cost=args.max_cost, price_per_1k_tokens=args.price_per_1k_tokens)
         given = {k: v for k, v in (("prompt_length", args.prompt_length), ("alpha", args.alpha),
-                                   ("init", args.init or ("instruction" if args.init_text else None))) if v is not None}
+                                   ("init", args.init or ("instruction" if args.init_text else None)),
+                                   ("verbalizer", args.verbalizer or ("auto" if args.label_words else None)),
+                                   ("label_words", args.label_words), ("select", args.select),
+                                   ("local", args.local or ("cobyla" if args.local_share or args.local_dim else None)),
+                                   ("local_share", args.local_share), ("local_dim", args.local_dim)) if v is not None}
         return TuneConfig(**given, model=args.model, method=args.method, seed=args.seed,
                           intrinsic_dim=args.intrinsic_dim, popsize=args.popsize, sigma=args.sigma, loss=args.loss,
                           projection=args.projection, bound=args.bound, init_text=args.init_text,

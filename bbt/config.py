@@ -44,6 +44,26 @@ class TuneConfig(BaseModel):
         "(init_text, or the task's default); or of training examples written out as demonstrations",
     )
     init_text: str | None = Field(default=None, min_length=1, description="the instruction of init 'instruction'")
+    verbalizer: Literal["manual", "auto"] = Field(
+        default="manual",
+        description="manual: the task's label words (or label texts); auto: several words per class chosen on "
+        "the training split, their number on train + dev (bbt.verbalizers; 1 query plus 1 per number tried)",
+    )
+    label_words: int | None = Field(
+        default=None, ge=1, le=32, description="verbalizer auto: words per class; none: chosen on train + dev from 1, 2, 3, 5, 8"
+    )
+    select: Literal["dev-metric", "dev-loss"] = Field(
+        default="dev-metric",
+        description="which candidate a run returns: the best on dev by the task's metric (ties: lower dev loss), "
+        "or by dev loss alone (smoother than the metric on 32 examples)",
+    )
+    local: Literal["none", "cobyla"] = Field(
+        default="none",
+        description="a second search stage for bbt: COBYLA (scipy) from CMA-ES's best point, in the local_dim "
+        "principal directions of its covariance, for the last local_share of the query budget",
+    )
+    local_share: float = Field(default=0.3, gt=0, lt=1, description="share of the query budget the second stage gets")
+    local_dim: int = Field(default=20, ge=1, description="directions the second stage searches")
     alpha: float = Field(default=1.0, gt=0, description="scale of the normal projection")
     bound: float | None = Field(default=None, gt=0, description="keep z in [-bound, bound]; none: unbounded")
     diagonal: bool = Field(default=False, description="separable CMA-ES (diagonal covariance), for large d")
@@ -75,6 +95,12 @@ class TuneConfig(BaseModel):
     def _text_needs_instruction(self) -> TuneConfig:
         if self.init_text is not None and self.init != "instruction":
             raise ValueError(f"init_text is the instruction of init 'instruction'; init is {self.init!r}")
+        if self.local != "none" and self.method != "bbt":
+            raise ValueError(f"local (a second search stage) is for method 'bbt'; method is {self.method!r}")
+        if self.local != "none" and self.budget.queries is None:
+            raise ValueError("local takes a share of the query budget: give a budget in queries")
+        if self.label_words is not None and self.verbalizer != "auto":
+            raise ValueError("label_words is the number of words of verbalizer 'auto'; verbalizer is 'manual'")
         return self
 
 

@@ -139,19 +139,35 @@ class IntrinsicPrompts(_Candidates):
 Candidates = Annotated[PromptTensor | IntrinsicPrompts, Field(discriminator="type")]
 
 
+MAX_LABELS = 1000
+MAX_WORDS_PER_LABEL = 32
+
+
+def words_of(entry: str | list[str]) -> list[str]:
+    """The words of one verbalizer or label-text entry (a single word or a list of them)."""
+    return [entry] if isinstance(entry, str) else list(entry)
+
+
 class TaskSpec(_Model):
     """How a model turns an input into class scores: template, verbalizer, label texts."""
 
     name: str = Field(min_length=1, max_length=100)
-    labels: list[str] = Field(min_length=2, max_length=100, description="label names, index order")
+    labels: list[str] = Field(
+        min_length=2, max_length=MAX_LABELS,
+        description="label names, index order (many labels: e.g. every candidate word of a verbalizer search)",
+    )
     template: str = Field(
         default="{text} . It was {mask} .",
         max_length=1000,
         description="input pattern with {text}, optionally {text_pair}, and {mask} where the "
         "verbalizer word goes (masked LMs: the mask token; causal LMs: the text before {mask})",
     )
-    verbalizer: list[str] = Field(description="one word per label, scored at {mask}")
-    label_texts: list[str] = Field(description="one description per label, for sentence encoders")
+    verbalizer: list[str | list[str]] = Field(
+        description="per label a word scored at {mask}, or several words (class score: the mean of theirs)"
+    )
+    label_texts: list[str | list[str]] = Field(
+        description="per label a description for sentence encoders, or several (class score: the mean cosine)"
+    )
     pair: bool = False
     metric: Literal["acc", "f1"] = "acc"
 
@@ -159,8 +175,14 @@ class TaskSpec(_Model):
     def _consistent(self) -> TaskSpec:
         n = len(self.labels)
         for field in ("verbalizer", "label_texts"):
-            if len(getattr(self, field)) != n:
-                raise ValueError(f"{field} has {len(getattr(self, field))} entries, labels has {n}")
+            entries = getattr(self, field)
+            if len(entries) != n:
+                raise ValueError(f"{field} has {len(entries)} entries, labels has {n}")
+            for i, entry in enumerate(entries):
+                if isinstance(entry, list) and not 1 <= len(entry) <= MAX_WORDS_PER_LABEL:
+                    raise ValueError(f"{field}[{i}] has {len(entry)} words; give 1 to {MAX_WORDS_PER_LABEL}")
+                if any(not w.strip() for w in words_of(entry)):
+                    raise ValueError(f"{field}[{i}] holds an empty word")
         if "{text}" not in self.template or "{mask}" not in self.template:
             raise ValueError(f"template must contain {{text}} and {{mask}}: {self.template!r}")
         # templates are filled with str.format: any other field ('{x}', '{text.__class__}',
@@ -205,6 +227,11 @@ class EvaluateRequest(_Model):
     candidates: Candidates | None = Field(
         default=None, description="absent: the frozen model with the template and no soft prompt (K=1)"
     )
+    top_words: int = Field(
+        default=0, ge=0, le=1000,
+        description="masked and causal LMs, one candidate (K=1): also return, per input, this many vocabulary "
+        "words most likely at {mask} with their log-probabilities (what an automatic verbalizer is chosen from)",
+    )
 
     @model_validator(mode="after")
     def _labels_fit(self) -> EvaluateRequest:
@@ -224,6 +251,10 @@ class EvaluateResponse(_Model):
     losses: list[float] | None = Field(default=None, description="one per candidate")
     logits: Tensor | None = Field(default=None, description="class scores, shape [K, N, C]")
     prompts: Tensor | None = Field(default=None, description="with return_prompts: shape [K, layers, L, H]")
+    words: list[list[tuple[str, float]]] | None = Field(
+        default=None, description="with top_words: per input, (word, log-probability) pairs, most likely first; "
+        "each word spelt as a verbalizer entry (it maps back to that one token)",
+    )
     usage: Usage
 
 

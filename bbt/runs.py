@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from bbt import __version__, cache, checkpoint, export, metrics
+from bbt import __version__, cache, checkpoint, export, metrics, verbalizers
 from bbt.backends.base import Backend
 from bbt.budget import Budget, Ledger
 from bbt.config import TuneConfig, with_family_defaults
@@ -76,6 +76,8 @@ class RunState:
     plain: Evaluation
     ledger_step: int  # where the ledger stands when `tuning` is None
     tuning: TuneState | None = None
+    choice: verbalizers.Choice | None = None  # verbalizer auto: what was chosen, before the search
+    chosen_plain: Evaluation | None = None  # the model without a soft prompt, read through the chosen words
 
 
 def evaluate_split(backend: Backend, model: str, task: TaskSpec, split: Split, prompt: Prompt | None,
@@ -174,6 +176,20 @@ def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out:
             f"({ledger.tuning.queries} queries used, {ledger.paid.queries} paid so far)")
     plain = saved.plain
     log(f"no-prompt {data.test_name} accuracy: {plain.accuracy:.4f}")
+    family = backend.model_info(cfg.model).family
+    if cfg.verbalizer == "auto" and saved.choice is None and saved.tuning is None:
+        saved.choice = verbalizers.choose(backend, cfg.model, family, task, data.train, data.dev, ledger, cfg.label_words)
+        if saved.choice.task != task:
+            saved.chosen_plain, _ = evaluate_split(backend, cfg.model, saved.choice.task, data.test, None, ledger)
+        saved.ledger_step = ledger.step
+        checkpoint.save(out / STATE_FILE, saved)
+    if saved.choice is not None:
+        task = saved.choice.task
+        c = saved.choice
+        log(f"verbalizer: {c.label_words} word(s) per class ({c.queries} queries; train + dev accuracy by words: "
+            + ", ".join(f"{k}: {v:.3f}" for k, v in c.dev.items()) + ")"
+            + (f"; no-prompt {data.test_name} accuracy with them: {saved.chosen_plain.accuracy:.4f}"
+               if saved.chosen_plain else ""))
 
     bar = _progress_bar(cfg.budget.queries, progress)
     if bar is not None:
@@ -230,7 +246,7 @@ def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out:
         "dev_acc": dev.accuracy if dev else None,
         "test_acc": tuned.accuracy,
         "zero_prompt_test_acc": zero.accuracy,  # the untuned prompt, z = 0: where the search started
-        "no_prompt_test_acc": plain.accuracy,  # the model without a soft prompt
+        "no_prompt_test_acc": plain.accuracy,  # the model without a soft prompt, the task's own words
         "test_split": data.test_name,
         "train_loss": result.train.loss,
         "dev_loss": dev.loss if dev else None,
@@ -246,6 +262,14 @@ def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out:
     if task.metric == "f1":
         out_metrics.update(train_f1=result.train.metric, dev_f1=dev.metric if dev else None,
                            test_f1=tuned.metric, zero_prompt_test_f1=zero.metric, no_prompt_test_f1=plain.metric)
+    if saved.choice is not None:
+        c = saved.choice
+        out_metrics["verbalizer"] = {
+            "label_words": c.label_words, "train_dev_by_label_words": {str(k): v for k, v in c.dev.items()},
+            "queries": c.queries, "entries": task.label_texts if family == "encoder" else task.verbalizer,
+        }
+        # what the chosen words alone buy, before any soft prompt
+        out_metrics["no_prompt_verbalizer_test_acc"] = (saved.chosen_plain or plain).accuracy
     out_metrics["wall_seconds"] = round(time.perf_counter() - wall_start, 3)
     (out / "metrics.json").write_text(json.dumps(out_metrics, indent=2))
     log(f"tuned {data.test_name} accuracy: {tuned.accuracy:.4f} (zero prompt z = 0: {zero.accuracy:.4f}, "
@@ -284,6 +308,9 @@ def run_gradient(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backe
     out = Path(out)
     family = backend.model_info(cfg.model).family
     task, cfg = for_family(task, family), with_family_defaults(cfg, family)
+    if cfg.verbalizer != "manual":
+        raise ConfigError(f"--verbalizer {cfg.verbalizer} is for bbt and bbtv2; the gradient methods read the task's "
+                          "own words (give a task file with the words you want)")
     pm = service.get(cfg.model)
     gradient.check(pm, cfg.method, cfg.prompt_length)
     if (out / "config.json").exists():

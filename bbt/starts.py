@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bbt.protocol import TaskSpec
+from bbt.protocol import TaskSpec, words_of
 
 # {labels}: the task's verbalizer words, "a, b or c", so an instruction names the words the head reads
 INSTRUCTIONS: dict[str, str] = {
@@ -37,13 +37,15 @@ def _separator(task: TaskSpec) -> str:
 
 def instruction(task: TaskSpec) -> str:
     """The default instruction for a task (built-in tasks by name; any other task from its labels)."""
-    return INSTRUCTIONS.get(task.name, GENERIC_INSTRUCTION).format(labels=_word_list([w.strip() for w in task.verbalizer]))
+    # a class with several words (an automatic verbalizer) is named by its first, the task's own
+    words = [words_of(w)[0].strip() for w in task.verbalizer]
+    return INSTRUCTIONS.get(task.name, GENERIC_INSTRUCTION).format(labels=_word_list(words))
 
 
 def render(task: TaskSpec, text: str, text_pair: str | None, label: int) -> str:
     """One example written out with the task's template, its label word at {mask}."""
     return (task.template.replace("{text}", text).replace("{text_pair}", text_pair or "")
-            .replace("{mask}", task.verbalizer[label].strip()))
+            .replace("{mask}", words_of(task.verbalizer[label])[0].strip()))
 
 
 def demonstrations(task: TaskSpec, examples, labels: list[int], tokens: list[int], length: int, seed: int) -> str:

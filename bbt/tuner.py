@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from bbt import cache, metrics, starts
+from bbt import cache, local_search, metrics, starts
 from bbt.backends.base import Backend
 from bbt.budget import Ledger
 from bbt.config import TuneConfig
@@ -146,6 +146,56 @@ class Scorer:
         return np.asarray(resp.losses), metrics.score(self.task.metric, logits, labels), metrics.accuracy(logits, labels)
 
 
+def _second_stage(s: TuneState, cfg: TuneConfig, prompt: Prompt, scorer: Scorer, check_dev, finish) -> str:
+    """COBYLA from the best z on train, in the principal subspace of CMA-ES (bbt.local_search),
+    one candidate per query; every `popsize` queries are booked as one generation, with the dev
+    check of a new best on train. Returns the stop reason ("budget" or "converged")."""
+    if s.local_base is None:
+        s.local_base = s.best_z.copy()
+    basis = local_search.subspace(s.optimizers[0], cfg.local_dim)  # CMA-ES is not told in this stage: same basis on resume
+    window: list[tuple[float, float, float]] = []  # (loss, metric, accuracy) since the last booked generation
+    improved: list[np.ndarray] = []
+
+    def objective(x: np.ndarray) -> float:
+        if scorer.affordable(1) == 0:
+            raise local_search.Stop
+        z = s.local_base.copy()
+        z[0] += basis @ x
+        losses, scores, accs = scorer.score(prompt, z[None])
+        window.append((float(losses[0]), float(scores[0]), float(accs[0])))
+        if losses[0] < s.best_train.loss:
+            s.best_train, s.best_z = Evaluation(*window[-1]), z
+            improved[:] = [z]
+        return float(losses[0])
+
+    def book() -> None:
+        if not window:
+            return
+        losses = [w[0] for w in window]
+        i = int(np.argmin(losses))
+        record = {"generation": s.generation, "layer": 0, "stage": "local", "candidates": len(window),
+                  "loss_mean": float(np.mean(losses)), "loss_min": losses[i], "train_acc": window[i][2]}
+        if improved:
+            check_dev(improved.pop(), record)
+        window.clear()
+        finish(record)
+
+    def after() -> None:
+        if len(window) == cfg.popsize:
+            book()
+
+    reason = local_search.cobyla(objective, basis.shape[1], s.local_losses, max_evals=cfg.budget.queries, after=after)
+    book()
+    return reason
+
+
+def _better(a: Evaluation, b: Evaluation, select: str) -> bool:
+    """Whether dev scores `a` beat `b` under the run's selection rule (`TuneConfig.select`)."""
+    if select == "dev-loss":
+        return a.loss < b.loss
+    return (a.metric, -a.loss) > (b.metric, -b.loss)
+
+
 def _last_dev_gain(history: list[dict]) -> int:
     """Generations completed when the dev score last improved (0: never)."""
     return max((h["generation"] + 1 for h in history if h.get("new_best_dev")), default=0)
@@ -181,6 +231,9 @@ class TuneState:
     history: list[dict] = field(default_factory=list)
     # (queries used, z) each time the prompt to return changed: the prompt a smaller budget would have returned
     path: list[tuple[int, np.ndarray]] = field(default_factory=list)
+    stage: str = "cma"  # "local": the second stage (TuneConfig.local) has begun
+    local_base: np.ndarray | None = None  # z where the second stage started (best on train then)
+    local_losses: list[float] = field(default_factory=list)  # every train loss it paid for, in order
 
 
 def start_state(cfg: TuneConfig, info: ModelInfo, hidden_std: list[float], init_text: str | None = None) -> TuneState:
@@ -230,7 +283,40 @@ def tune(backend: Backend, cfg: TuneConfig, task: TaskSpec, train: Split, dev: S
     start = time.perf_counter() - s.seconds
     stop_reason = "budget"
     max_generations = None if cfg.rounds is None else cfg.rounds * layers
-    while True:
+    # the second stage takes the last local_share of the query budget (TuneConfig.local)
+    first_stage = None if cfg.local == "none" else cfg.budget.queries - round(cfg.local_share * cfg.budget.queries)
+
+    def finish(record: dict) -> None:
+        """Book a completed generation (or second-stage window): state, path, log and checkpoint."""
+        if s.best_dev is None:  # nothing scored on dev yet: fall back to the best on train
+            s.chosen_train, prompt.z = s.best_train, s.best_z.copy()
+        s.generation += 1
+        s.seconds = time.perf_counter() - start
+        s.ledger_step = ledger.step
+        if not s.path or not np.array_equal(s.path[-1][1], prompt.z):
+            s.path.append((ledger.tuning.queries, prompt.z.copy()))
+        record.update(
+            best_train_loss=s.best_train.loss, best_train_acc=s.best_train.accuracy,
+            best_dev_metric=None if s.best_dev is None else s.best_dev.metric,
+            queries_used=ledger.tuning.queries, seconds=round(s.seconds, 3),
+        )
+        s.history.append(record)
+        if on_generation is not None:
+            on_generation(record)
+        if on_state is not None:
+            on_state(s)
+
+    def check_dev(z: np.ndarray, record: dict) -> None:
+        """Score a new best-on-train z [layers, d] on dev (one query) and keep it if it is better there."""
+        if dev_scorer.affordable(1):
+            d_loss, d_score, d_acc = dev_scorer.score(prompt, z[None])
+            candidate = Evaluation(float(d_loss[0]), float(d_score[0]), float(d_acc[0]))
+            record.update(dev_loss=candidate.loss, dev_metric=candidate.metric)
+            if s.best_dev is None or _better(candidate, s.best_dev, cfg.select):
+                s.best_dev, s.chosen_train, prompt.z = candidate, s.best_train, z.copy()
+                record["new_best_dev"] = True
+
+    while s.stage == "cma":
         if s.history and s.history[-1]["candidates"] < cfg.popsize:
             break  # the last generation was cut to what the budget had left
         if s.generation == max_generations:
@@ -238,6 +324,9 @@ def tune(backend: Backend, cfg: TuneConfig, task: TaskSpec, train: Split, dev: S
             break
         if cfg.patience is not None and s.generation - _last_dev_gain(s.history) >= cfg.patience:
             stop_reason = "patience"
+            break
+        if first_stage is not None and ledger.tuning.queries + cfg.popsize > first_stage:
+            s.stage = "local"
             break
         k = train_scorer.affordable(cfg.popsize)
         if k == 0:
@@ -258,30 +347,10 @@ def tune(backend: Backend, cfg: TuneConfig, task: TaskSpec, train: Split, dev: S
         if losses[i] < s.best_train.loss:
             s.best_train = Evaluation(float(losses[i]), float(scores[i]), float(accs[i]))
             s.best_z = z[i].copy()
-            if dev_scorer.affordable(1):
-                d_loss, d_score, d_acc = dev_scorer.score(prompt, z[i : i + 1])
-                candidate = Evaluation(float(d_loss[0]), float(d_score[0]), float(d_acc[0]))
-                record.update(dev_loss=candidate.loss, dev_metric=candidate.metric)
-                if s.best_dev is None or (candidate.metric, -candidate.loss) > (s.best_dev.metric, -s.best_dev.loss):
-                    s.best_dev, s.chosen_train, prompt.z = candidate, s.best_train, z[i].copy()
-                    record["new_best_dev"] = True
-        if s.best_dev is None:  # nothing scored on dev yet: fall back to the best on train
-            s.chosen_train, prompt.z = s.best_train, s.best_z.copy()
-        s.generation += 1
-        s.seconds = time.perf_counter() - start
-        s.ledger_step = ledger.step
-        if not s.path or not np.array_equal(s.path[-1][1], prompt.z):
-            s.path.append((ledger.tuning.queries, prompt.z.copy()))
-        record.update(
-            best_train_loss=s.best_train.loss, best_train_acc=s.best_train.accuracy,
-            best_dev_metric=None if s.best_dev is None else s.best_dev.metric,
-            queries_used=ledger.tuning.queries, seconds=round(s.seconds, 3),
-        )
-        s.history.append(record)
-        if on_generation is not None:
-            on_generation(record)
-        if on_state is not None:
-            on_state(s)
+            check_dev(z[i], record)
+        finish(record)
+    if s.stage == "local":
+        stop_reason = _second_stage(s, cfg, prompt, train_scorer, check_dev, finish)
     return TuneResult(
         prompt=prompt, train=s.chosen_train or s.best_train, dev=s.best_dev, generations=s.generation,
         seconds=time.perf_counter() - start, stop_reason=stop_reason, history=s.history, path=s.path,

@@ -100,14 +100,17 @@ class PromptModel:
         return ids.to(self.device), mask.to(self.device)  # built on the CPU: one copy each, not one per row
 
     # ---- scoring ------------------------------------------------------------------------
-    def logits(self, task: TaskSpec, enc: Encoded, prompts: torch.Tensor | None, layer: int | None = None) -> torch.Tensor:
+    def logits(self, task: TaskSpec, enc: Encoded, prompts: torch.Tensor | None, layer: int | None = None,
+               *, vocabulary: bool = False) -> torch.Tensor:
         """Class logits [K, N, C] on the CPU for prompts [K, layers, L, H] (None: no soft prompt,
         K=1), under inference mode. `layer`: the lowest layer whose prompt differs between the
-        candidates, where the request says (`reuse.shared_below`)."""
+        candidates, where the request says (`reuse.shared_below`). `vocabulary` (masked and causal
+        LMs): the logits of every token at the read position instead, [K, N, vocabulary]."""
         with torch.inference_mode():
-            return self.scores(task, enc, prompts, layer).cpu()
+            return self.scores(task, enc, prompts, layer, vocabulary=vocabulary).cpu()
 
-    def scores(self, task: TaskSpec, enc: Encoded, prompts: torch.Tensor | None, layer: int | None = None) -> torch.Tensor:
+    def scores(self, task: TaskSpec, enc: Encoded, prompts: torch.Tensor | None, layer: int | None = None,
+               *, vocabulary: bool = False) -> torch.Tensor:
         """Class logits [K, N, C] on the model's device; differentiable in `prompts` when called
         outside inference mode (a gradient method can use the same template and read-out).
 
@@ -117,7 +120,7 @@ class PromptModel:
         """
         prompts = None if prompts is None else prompts.to(self.device)
         k = 1 if prompts is None else prompts.shape[0]
-        head = self.family.head(task)
+        head = self.family.vocab_head(task) if vocabulary else self.family.head(task)
         start = 0
         if prompts is not None and k > 1 and self.reuse_lower_layers and not torch.is_grad_enabled():
             start = reuse.shared_below(prompts, layer)

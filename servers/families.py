@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from bbt.errors import ConfigError
-from bbt.protocol import Example, TaskSpec
+from bbt.protocol import Example, TaskSpec, words_of
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class Family:
         self.prompt_at = leading_specials(tokenizer)
         self.space_prefix = space_sensitive(tokenizer)
         self.device = next(model.parameters()).device
+        self._words: dict[bool, tuple[torch.Tensor, list[str]]] = {}
 
     def encode(self, task: TaskSpec, examples: list[Example]) -> Encoded:
         ids, readout, tokens = [], [], []
@@ -74,6 +75,11 @@ class Family:
 
     def head(self, task: TaskSpec) -> Head:
         raise NotImplementedError
+
+    def vocab_head(self, task: TaskSpec) -> Head:
+        """A head giving every vocabulary token's logit at the read position (B, vocabulary)."""
+        raise ConfigError(f"a {self.name} model reads no vocabulary at {{mask}}: top_words is for masked and causal "
+                          "LMs (a sentence encoder's label texts are chosen by scoring candidate texts as labels)")
 
     def read_rows(self, readout: torch.Tensor, t: int, length: int) -> torch.Tensor | None:
         """Positions (B, R) of the top layer's output that the head reads; None: all of them."""
@@ -106,20 +112,43 @@ class Family:
         """Whether verbalizer words take a leading space (BPE vocabularies spell " great" apart)."""
         return self.space_prefix
 
-    def verbalizer_ids(self, task: TaskSpec) -> list[int]:
-        """First token of each verbalizer word."""
+    def verbalizer_ids(self, task: TaskSpec) -> tuple[list[int], list[int]]:
+        """The first token of every verbalizer word, and the class of each (W words in all; a class
+        with several words scores the mean of their logits)."""
         space = self.word_space(task)
-        out = []
-        for word in task.verbalizer:
-            ids = self.tokenizer.encode((" " + word) if space else word, add_special_tokens=False)
-            if not ids:
-                raise ConfigError(f"verbalizer word {word!r} has no tokens in this model")
-            if len(ids) > 1:
-                log.debug("verbalizer word %r is %d tokens; scoring its first", word, len(ids))
-            out.append(ids[0])
-        if len(set(out)) < len(out):
-            raise ConfigError(f"verbalizer {task.verbalizer} maps two labels to one token in this model")
-        return out
+        ids, classes, groups = [], [], []
+        for c, entry in enumerate(task.verbalizer):
+            group = []
+            for word in words_of(entry):
+                tokens = self.tokenizer.encode((" " + word) if space else word, add_special_tokens=False)
+                if not tokens:
+                    raise ConfigError(f"verbalizer word {word!r} has no tokens in this model")
+                if len(tokens) > 1:
+                    log.debug("verbalizer word %r is %d tokens; scoring its first", word, len(tokens))
+                if tokens[0] not in group:  # two spellings of one token count once
+                    group.append(tokens[0])
+            ids.extend(group)
+            classes.extend([c] * len(group))
+            groups.append(frozenset(group))
+        if len(set(groups)) < len(groups):
+            raise ConfigError(f"verbalizer {task.verbalizer} maps two labels to the same tokens in this model")
+        return ids, classes
+
+    def word_tokens(self, task: TaskSpec) -> tuple[torch.Tensor, list[str]]:
+        """Vocabulary ids that are whole words as a verbalizer entry spells them (letters only, two or
+        more, mapping back to that one token), and those words: what `top_words` may return."""
+        space = self.word_space(task)
+        if space not in self._words:
+            vocab = len(self.tokenizer)
+            texts = [self.tokenizer.decode([i]) for i in range(vocab)]
+            keep = [i for i, t in enumerate(texts)
+                    if (t.startswith(" ") if space else not t.startswith(" ")) and t.strip().isalpha()
+                    and len(t.strip()) >= 2 and t.strip().isascii()]
+            words = [texts[i].strip() for i in keep]
+            again = self.tokenizer([(" " + w) if space else w for w in words], add_special_tokens=False).input_ids
+            pairs = [(i, w) for i, w, a in zip(keep, words, again) if a == [i]]
+            self._words[space] = (self._tensor([i for i, _ in pairs]), [w for _, w in pairs])
+        return self._words[space]
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
@@ -157,14 +186,27 @@ class EncoderFamily(Family):
         return cols.expand(len(readout), -1)
 
     def label_embeddings(self, task: TaskSpec) -> torch.Tensor:
-        """(C, H) unit embeddings of the label texts, computed once per label set."""
-        key = tuple(task.label_texts)
+        """(C, H) label embeddings, computed once per label set: the unit embedding of each label
+        text, or for a label with several texts the mean of theirs (a dot product with it is the
+        mean cosine)."""
+        key = tuple(tuple(words_of(e)) for e in task.label_texts)
         if key not in self._label_cache:
+            texts = [t for group in key for t in group]
             # not an inference tensor, even when first asked for under inference mode: it may meet autograd later
             with torch.inference_mode(False), torch.no_grad():
-                batch = self.tokenizer(list(key), padding=True, return_tensors="pt").to(self.device)
-                hidden = self.model.base_model(**batch).last_hidden_state
-                self._label_cache[key] = self.pool(hidden, batch["attention_mask"])
+                units = []
+                for i in range(0, len(texts), 256):  # a verbalizer search may bring a thousand texts
+                    batch = self.tokenizer(texts[i : i + 256], padding=True, return_tensors="pt").to(self.device)
+                    hidden = self.model.base_model(**batch).last_hidden_state
+                    units.append(self.pool(hidden, batch["attention_mask"]))
+                unit = torch.cat(units)
+                if len(texts) == len(key):
+                    self._label_cache[key] = unit
+                else:
+                    sizes = [len(g) for g in key]
+                    self._label_cache[key] = torch.stack([u.mean(0) for u in torch.split(unit, sizes)])
+            if len(self._label_cache) > 64:
+                self._label_cache.pop(next(iter(self._label_cache)))
         return self._label_cache[key]
 
     def head(self, task: TaskSpec) -> Head:
@@ -202,21 +244,39 @@ class MaskedFamily(Family):
         raise ConfigError("no masked-LM head (cls or lm_head) found in this model")
 
     def head(self, task: TaskSpec) -> Head:
-        return _RowHead(self.lm_head(), self._tensor(self.verbalizer_ids(task)))
+        ids, classes = self.verbalizer_ids(task)
+        return _RowHead(self.lm_head(), self._tensor(ids), class_means(classes, len(task.labels), self.device))
+
+    def vocab_head(self, task: TaskSpec) -> Head:
+        return _RowHead(self.lm_head(), None)
+
+
+def class_means(classes: list[int], n: int, device) -> torch.Tensor | None:
+    """(W, C) matrix that averages word logits into class logits; None when each class has one word."""
+    if len(classes) == n:
+        return None
+    avg = torch.zeros(len(classes), n, device=device)
+    avg[torch.arange(len(classes)), torch.tensor(classes)] = 1.0
+    return avg / avg.sum(0, keepdim=True)
 
 
 class _RowHead(Head):
-    """Verbalizer logits of an LM head applied at one position per row."""
+    """Verbalizer logits of an LM head applied at one position per row (`words` None: every token's)."""
 
-    def __init__(self, lm_head, verbalizer: torch.Tensor):
-        self.lm_head, self.verbalizer, self.n_classes = lm_head, verbalizer, len(verbalizer)
+    def __init__(self, lm_head, words: torch.Tensor | None, means: torch.Tensor | None = None):
+        self.lm_head, self.words, self.means = lm_head, words, means
+        self.n_classes = None if words is None else (len(words) if means is None else means.shape[1])
 
     def __call__(self, hidden, mask, readout, at, length):
         return self.at_rows(hidden[torch.arange(hidden.shape[0], device=hidden.device), readout])
 
     def at_rows(self, states: torch.Tensor) -> torch.Tensor:
-        """(B, H) final states at the read position -> (B, C)."""
-        return self.lm_head(states)[:, self.verbalizer]
+        """(B, H) final states at the read position -> (B, C), or (B, vocabulary) without words."""
+        out = self.lm_head(states)
+        if self.words is None:
+            return out
+        out = out[:, self.words]
+        return out if self.means is None else out @ self.means
 
 
 # ---- causal LM ------------------------------------------------------------------------------
@@ -253,19 +313,26 @@ class CausalFamily(Family):
         return self.space_prefix and not task.template.split("{mask}")[0].endswith("\n")
 
     def head(self, task: TaskSpec) -> Head:
-        ids = tuple(self.verbalizer_ids(task))
-        if ids not in self._heads:  # made once per verbalizer, not on every request
+        ids, classes = self.verbalizer_ids(task)
+        key = (tuple(ids), tuple(classes))
+        if key not in self._heads:  # made once per verbalizer, not on every request
             out = self.model.get_output_embeddings()
+            means = class_means(classes, len(task.labels), self.device)
             # not inference tensors, even when first asked for under inference mode: autograd may meet them later
             with torch.inference_mode(False), torch.no_grad():
-                verb = self._tensor(list(ids))
-                if isinstance(out, torch.nn.Linear):  # only C rows of the vocabulary matrix, not all of them
+                verb = self._tensor(ids)
+                if isinstance(out, torch.nn.Linear):  # only W rows of the vocabulary matrix, not all of them
                     weight, bias = out.weight[verb], None if out.bias is None else out.bias[verb]
-                    head = _RowHead(lambda h: F.linear(h, weight, bias), torch.arange(len(ids), device=self.device))
+                    head = _RowHead(lambda h: F.linear(h, weight, bias), torch.arange(len(ids), device=self.device), means)
                 else:
-                    head = _RowHead(out, verb)
-            self._heads[ids] = head
-        return self._heads[ids]
+                    head = _RowHead(out, verb, means)
+            if len(self._heads) > 64:
+                self._heads.pop(next(iter(self._heads)))
+            self._heads[key] = head
+        return self._heads[key]
+
+    def vocab_head(self, task: TaskSpec) -> Head:
+        return _RowHead(self.model.get_output_embeddings(), None)
 
 
 FAMILY_CLASSES: dict[str, type[Family]] = {"encoder": EncoderFamily, "masked": MaskedFamily, "causal": CausalFamily}

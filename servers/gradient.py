@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from bbt.errors import ConfigError
 from bbt.protocol import Example, TaskSpec
 from servers.engine import PromptModel
+from servers.families import class_means
 
 # method -> (optimizer, learning rate, where the default comes from)
 DEFAULTS: dict[str, tuple[str, float, str]] = {
@@ -109,8 +110,10 @@ def class_logits(pm: PromptModel, peft_model, task: TaskSpec, examples: list[Exa
         hidden = out.last_hidden_state  # (B, V + T, H): PEFT's virtual tokens first
         full = torch.cat([torch.ones(len(examples), shift, dtype=mask.dtype, device=mask.device), mask], dim=1)
         return pm.family.head(task)(hidden, full, readout + shift, 0, shift)
-    verb = torch.tensor(pm.family.verbalizer_ids(task), device=pm.device)
-    return out.logits[rows, readout + shift][:, verb]  # (B, C) of the LM head at the read position
+    ids, classes = pm.family.verbalizer_ids(task)
+    words = out.logits[rows, readout + shift][:, torch.tensor(ids, device=pm.device)]  # (B, W) at the read position
+    means = class_means(classes, len(task.labels), pm.device)
+    return words if means is None else words @ means  # (B, C)
 
 
 def _scores(logits: torch.Tensor, labels: torch.Tensor, metric: str) -> Scores:

@@ -15,6 +15,7 @@ import threading
 from collections import OrderedDict
 
 import numpy as np
+import torch
 from pydantic import BaseModel, Field
 
 from bbt import metrics
@@ -31,7 +32,7 @@ from bbt.protocol import (
     Usage,
 )
 from servers.engine import PromptModel, as_tensor, load_model
-from servers.families import Encoded
+from servers.families import Encoded, class_means
 from servers.loading import DEFAULT_MODEL, resolve_device
 
 log = logging.getLogger(__name__)
@@ -110,8 +111,18 @@ class ModelService:
         length = 0 if prompts is None else prompts.shape[2]
         enc = self._encode(model, req)
         layer = None if req.candidates is None else req.candidates.layer
-        with model.lock:  # one pass at a time per model, whichever service or thread asks
-            logits = model.logits(req.task, enc, None if prompts is None else as_tensor(prompts), layer).numpy()
+        words = None
+        if req.top_words:
+            if k != 1:
+                raise ConfigError(f"top_words reads the vocabulary for one candidate; this request has K = {k}")
+            ids, _ = model.family.verbalizer_ids(req.task)  # a bad verbalizer fails before the pass
+            with model.lock:
+                vocab = model.logits(req.task, enc, None if prompts is None else as_tensor(prompts), layer,
+                                     vocabulary=True)[0]  # (N, vocabulary)
+            logits, words = _from_vocabulary(model, req.task, vocab, req.top_words)
+        else:
+            with model.lock:  # one pass at a time per model, whichever service or thread asks
+                logits = model.logits(req.task, enc, None if prompts is None else as_tensor(prompts), layer).numpy()
         if not np.isfinite(logits).all():
             raise ConfigError("the model produced non-finite scores for these prompts; their values are too large")
         losses = None
@@ -123,6 +134,7 @@ class ModelService:
             losses=losses,
             logits=Tensor.from_numpy(logits) if req.return_logits else None,
             prompts=Tensor.from_numpy(prompts) if req.return_prompts and prompts is not None else None,
+            words=words,
             usage=Usage(queries=k, requests=1, examples=k * n, tokens=k * (sum(enc.tokens) + n * length)),
         )
 
@@ -212,6 +224,19 @@ def _shared_model(path: str, name: str, device: str, compile: bool = False) -> P
                 model.compile()
             _LOADED[key] = model
         return _LOADED[key]
+
+
+def _from_vocabulary(model: PromptModel, task, vocab: torch.Tensor, n: int) -> tuple[np.ndarray, list]:
+    """Class logits [1, N, C] and each input's `n` likeliest words, from vocabulary logits [N, V]."""
+    ids, classes = model.family.verbalizer_ids(task)
+    words = vocab[:, ids]
+    means = class_means(classes, len(task.labels), words.device)
+    logits = (words if means is None else words @ means)[None].numpy()
+    word_ids, names = model.family.word_tokens(task)
+    logprobs = torch.log_softmax(vocab.double(), dim=-1)[:, word_ids]  # (N, words)
+    top = torch.topk(logprobs, min(n, logprobs.shape[1]), dim=-1)
+    return logits, [[(names[j], round(float(v), 6)) for v, j in zip(vals.tolist(), idx.tolist())]
+                    for vals, idx in zip(top.values, top.indices)]
 
 
 def _check_k_l(k: int, length: int, max_k: int, max_l: int) -> None:

@@ -77,7 +77,7 @@ def test_a_bare_base_model_is_an_encoder_and_unknown_architectures_are_refused(t
 def test_verbalizer_words_are_distinct_single_tokens(loaded, task_name):
     kind, model = loaded
     task = BUILTIN_TASKS[task_name]
-    ids = model.family.verbalizer_ids(task)
+    ids = model.family.verbalizer_ids(task)[0]
     assert len(set(ids)) == len(task.verbalizer)
     words = [model.tokenizer.decode([i]).strip().lower() for i in ids]
     assert words == [w.lower() for w in task.verbalizer]
@@ -117,7 +117,7 @@ def test_verbalizer_mapping_two_labels_to_one_token_is_refused(loaded):
     if model.family.name == "encoder":
         pytest.skip("sentence encoders compare with label texts, not verbalizer tokens")
     same = TaskSpec(name="same", labels=["a", "b"], verbalizer=["great", "great"], label_texts=["a", "b"])
-    with pytest.raises(ConfigError, match="maps two labels to one token"):
+    with pytest.raises(ConfigError, match="maps two labels to the same tokens"):
         model.family.verbalizer_ids(same)
 
 
@@ -194,7 +194,7 @@ def test_logits_match_a_reference_forward(loaded, sst2_task):
             hidden = model.model(**tok(text, return_tensors="pt")).last_hidden_state[0]
             labels.append(F.normalize(hidden.mean(0), dim=-1))
         labels = torch.stack(labels)  # (C, H)
-    verb = None if model.family.name == "encoder" else model.family.verbalizer_ids(sst2_task)
+    verb = None if model.family.name == "encoder" else model.family.verbalizer_ids(sst2_task)[0]
     with torch.no_grad():
         for i, ids in enumerate(enc.ids):
             for k in range(2):

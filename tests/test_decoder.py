@@ -46,7 +46,7 @@ def _plain_logits(model, enc, prompt=None):
     """The transformers forward pass on whole sequences, prompt (L, H) inserted after the BOS."""
     import torch
 
-    verb = model.family.verbalizer_ids(TASK)
+    verb = model.family.verbalizer_ids(TASK)[0]
     out = []
     with torch.inference_mode():
         for ids, read in zip(enc.ids, enc.readout):
@@ -255,7 +255,7 @@ def test_real_smollm2_loads_from_its_cached_copy_and_matches_transformers(tmp_pa
     enc = model.encode(task, [Example(text=t) for t in ["a gorgeous, witty film", "dull and far too long"]])
     import torch
 
-    verb = model.family.verbalizer_ids(task)
+    verb = model.family.verbalizer_ids(task)[0]
     with torch.inference_mode():
         plain = torch.stack([model.model(torch.tensor([ids])).logits[0, r][verb] for ids, r in zip(enc.ids, enc.readout)])
     np.testing.assert_allclose(model.logits(task, enc, None).numpy()[0], plain.numpy(), rtol=1e-4, atol=1e-4)

@@ -32,7 +32,7 @@ def _peft_class_logits(model_dir, adapter, family, task, examples):
 
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     model = peft.PeftModel.from_pretrained(base, adapter).eval()
-    verb = family.verbalizer_ids(task)
+    verb = family.verbalizer_ids(task)[0]
     length = json.loads((adapter / "adapter_config.json").read_text())["num_virtual_tokens"]
     rows = []
     with torch.no_grad():
@@ -125,7 +125,7 @@ def test_smollm2_peft_export_predicts_what_bbt_predicts(smollm2, tmp_path, local
 
     base = load_pretrained("smollm2", device="cpu")[3]  # a copy of its own: PEFT wraps the model it is given
     peft_model = peft.PeftModel.from_pretrained(base, adapter).eval()
-    verb = model.family.verbalizer_ids(artifact.task)
+    verb = model.family.verbalizer_ids(artifact.task)[0]
     rows = []
     with torch.no_grad():
         for t in texts:

@@ -154,6 +154,19 @@ def test_tuning_over_http_equals_in_process(encoding, method, init, local, http,
     assert [r["layer"] for r in log_http] == ([0] * 4 if method == "bbt" else [0, 1, 2, 3])
 
 
+def test_verbalizer_search_and_second_stage_over_http_equal_in_process(local, http, tmp_path):
+    """--verbalizer auto (label texts scored as labels) and --local cobyla: the same run either way."""
+    cfg = small_config(queries=50).model_copy(update={"verbalizer": "auto", "label_words": 2, "local": "cobyla",
+                                                      "local_share": 0.4, "local_dim": 4})
+    want = run_tune(cfg, TASK, DATA, local, tmp_path / "local", progress=False, log=quiet)
+    got = run_tune(cfg, TASK, DATA, http, tmp_path / "http", progress=False, log=quiet)
+    assert without_timing(got) == without_timing(want) and got["verbalizer"]["label_words"] == 2
+    log_http = [without_timing(json.loads(x)) for x in (tmp_path / "http" / "log.jsonl").read_text().splitlines()]
+    log_local = [without_timing(json.loads(x)) for x in (tmp_path / "local" / "log.jsonl").read_text().splitlines()]
+    assert log_http == log_local and any(r.get("stage") == "local" for r in log_http)
+    assert got["queries_used"] <= 50
+
+
 # ---- retries ------------------------------------------------------------------------------------
 
 def test_tuning_through_faults_equals_in_process_and_counts_once(local, server, faults):

@@ -1,0 +1,130 @@
+"""The two-stage search (--local cobyla): CMA-ES, then COBYLA in CMA-ES's principal subspace, in one
+budget and ledger, resumable; and the selection rule (--select)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from bbt import local_search
+from bbt.budget import Budget, Ledger
+from bbt.config import TuneConfig
+from bbt.optimizer import CMAES
+from bbt.tuner import Evaluation, _better, tune
+
+
+def test_subspace_follows_the_covariance_and_its_scale():
+    for diagonal in (False, True):
+        es = CMAES(6, popsize=8, sigma=0.5, seed=3, diagonal=diagonal)
+        for _ in range(6):  # a loss that cares only for coordinate 2: the distribution stretches along it
+            x = es.ask()
+            es.tell(x, (x[:, 2] - 3.0) ** 2)
+        basis = local_search.subspace(es, 2)
+        assert basis.shape == (6, 2)
+        lengths = np.linalg.norm(basis, axis=0)
+        assert lengths[0] >= lengths[1] > 0  # the widest axis first, one std long
+        if not diagonal:
+            values = np.linalg.eigvalsh(np.asarray(es.es.C))
+            assert lengths[0] == pytest.approx(es.es.sigma * np.sqrt(values.max()))
+    assert local_search.subspace(CMAES(3, popsize=4, seed=0), 10).shape == (3, 3)  # k is capped at d
+
+
+def test_cobyla_resumed_from_its_losses_continues_as_if_never_stopped():
+    target = np.array([0.5, -1.0, 2.0])
+    seen = []
+
+    def objective(x):
+        seen.append(x.copy())
+        return float(((x - target) ** 2).sum())
+
+    full: list[float] = []
+    assert local_search.cobyla(objective, 3, full, max_evals=40) == "budget"
+    assert len(full) == 40 and min(full) < 0.5
+    first = seen[:]
+
+    cut: list[float] = []
+    seen.clear()
+
+    def stopping(x):
+        if len(cut) == 15:
+            raise local_search.Stop
+        return objective(x)
+
+    assert local_search.cobyla(stopping, 3, cut, max_evals=40) == "budget"
+    assert cut == full[:15]
+    seen.clear()
+    local_search.cobyla(objective, 3, cut, max_evals=40)  # the first 15 come from `cut`: not evaluated again
+    assert cut == full and len(seen) == 25
+    np.testing.assert_array_equal(seen[0], first[15])
+
+    near: list[float] = []
+    reason = local_search.cobyla(lambda x: float(((x - target) ** 2).sum()), 3, near, max_evals=5000)
+    assert reason == "converged" and min(near) < 1e-6
+
+
+def small(**extra) -> TuneConfig:
+    return TuneConfig(seed=5, prompt_length=4, intrinsic_dim=8, popsize=6, budget=Budget(queries=60), **extra)
+
+
+def test_second_stage_spends_its_share_one_candidate_per_query(tiny_encoder, local_backend, tiny_data, sst2_task):
+    cfg = small(model=str(tiny_encoder), local="cobyla", local_share=0.5, local_dim=3)
+    ledger = Ledger(cfg.budget)
+    result = tune(local_backend, cfg, sst2_task, tiny_data.train, tiny_data.dev, ledger)
+    stages = [r.get("stage", "cma") for r in result.history]
+    first = [r for r in result.history if "stage" not in r]
+    second = [r for r in result.history if r.get("stage") == "local"]
+    assert stages == sorted(stages) and first and second  # CMA-ES first, then COBYLA
+    assert first[-1]["queries_used"] <= 30 and ledger.tuning.queries <= 60  # within the share, within the budget
+    assert sum(r["candidates"] for r in second) + sum(r["candidates"] for r in first) + sum(
+        "dev_loss" in r for r in result.history) == ledger.tuning.queries
+    assert ledger.tuning.requests == ledger.tuning.queries - 6 * len(first) + len(first)  # stage 2: K = 1
+    assert result.train.loss <= min(r["loss_min"] for r in first)
+    assert ledger.tuning.queries >= 55  # it used the budget, unless COBYLA converged (it cannot in 30 queries)
+
+
+def test_second_stage_resumes_exactly(tiny_encoder, local_backend, tiny_data, sst2_task, tmp_path):
+    cfg = small(model=str(tiny_encoder), local="cobyla", local_share=0.5, local_dim=3)
+    want = tune(local_backend, cfg, sst2_task, tiny_data.train, tiny_data.dev, Ledger(cfg.budget))
+
+    saved = []
+
+    class Killed(Exception):
+        pass
+
+    def on_state(state):
+        saved.append(copy.deepcopy(state))
+        if state.stage == "local" and len(state.local_losses) >= 8:
+            raise Killed  # as a kill right after a checkpoint inside the second stage
+
+    path = tmp_path / "ledger.jsonl"
+    ledger = Ledger(cfg.budget, path)
+    with pytest.raises(Killed):
+        tune(local_backend, cfg, sst2_task, tiny_data.train, tiny_data.dev, ledger, on_state=on_state)
+    ledger.close()
+    state = saved[-1]
+    again = Ledger(cfg.budget, path)
+    again.rewind(state.ledger_step)
+    got = tune(local_backend, cfg, sst2_task, tiny_data.train, tiny_data.dev, again, state=state)
+    np.testing.assert_array_equal(got.prompt.z, want.prompt.z)
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert strip(got.history) == strip(want.history) and again.tuning.queries == 60
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValidationError, match="for method 'bbt'"):
+        TuneConfig(method="bbtv2", local="cobyla")
+    with pytest.raises(ValidationError, match="budget in queries"):
+        TuneConfig(local="cobyla", budget=Budget(queries=None, requests=10))
+    with pytest.raises(ValidationError):
+        TuneConfig(local="cobyla", local_share=1.0)
+
+
+def test_selection_by_dev_loss_or_metric():
+    a, b = Evaluation(loss=0.5, metric=0.7, accuracy=0.7), Evaluation(loss=0.6, metric=0.8, accuracy=0.8)
+    assert _better(b, a, "dev-metric") and not _better(a, b, "dev-metric")
+    assert _better(a, b, "dev-loss") and not _better(b, a, "dev-loss")
+    tie = Evaluation(loss=0.4, metric=0.7, accuracy=0.7)
+    assert _better(tie, a, "dev-metric")  # equal metric: the lower loss wins

@@ -1,0 +1,199 @@
+"""Automatic verbalizers (--verbalizer auto): several words per class, the vocabulary read through
+`top_words`, the choice made on train (its size on train + dev), within the budget, and a run
+that records and reuses what it chose."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from bbt import verbalizers
+from bbt.backends.http import HTTPBackend
+from bbt.budget import Budget, Ledger
+from bbt.config import TuneConfig
+from bbt.errors import ConfigError
+from bbt.protocol import EvaluateRequest, TaskSpec
+from bbt.tasks import BUILTIN_TASKS
+
+SST2 = BUILTIN_TASKS["sst2"]
+
+
+def logits(backend, model, task, split, **extra) -> np.ndarray:
+    req = EvaluateRequest(model=model, task=task, inputs=split.examples, return_logits=True, **extra)
+    return backend.evaluate(req).logits.to_numpy()[0]
+
+
+def test_task_entries_may_hold_several_words():
+    task = SST2.model_copy(update={"verbalizer": [["bad", "awful"], "great"]})
+    assert TaskSpec(**task.model_dump()).verbalizer == [["bad", "awful"], "great"]
+    for bad, match in [([[], "great"], "has 0 words"), ([["bad", " "], "great"], "empty word"),
+                       ([["w"] * 33, "great"], "has 33 words")]:
+        with pytest.raises(ValidationError, match=match):
+            TaskSpec(**{**SST2.model_dump(), "verbalizer": bad})
+
+
+@pytest.mark.parametrize("kind", ["tiny_gpt2", "tiny_bert_mlm", "tiny_encoder"])
+def test_a_class_with_several_words_scores_their_mean(kind, request, local_backend, tiny_data):
+    """LMs: the mean of the words' logits; a sentence encoder: the mean cosine over its texts."""
+    model = str(request.getfixturevalue(kind))
+    field = "label_texts" if kind == "tiny_encoder" else "verbalizer"
+    words = [["bad", "awful", "dull"], ["great", "good"]] if field == "verbalizer" else \
+        [["It was bad.", "Awful."], ["It was great.", "Good.", "Lovely film."]]
+    singles = [w for group in words for w in group]
+    flat = SST2.model_copy(update={"labels": [f"w{i}" for i in range(len(singles))], field: singles,
+                                   "verbalizer" if field == "label_texts" else "label_texts": singles})
+    each = logits(local_backend, model, flat, tiny_data.dev)  # (N, 5): one column per word
+    grouped = logits(local_backend, model, SST2.model_copy(update={field: words}), tiny_data.dev)
+    want = np.stack([each[:, :3].mean(1), each[:, 3:].mean(1)] if field == "verbalizer"
+                    else [each[:, :2].mean(1), each[:, 2:].mean(1)], axis=1)
+    np.testing.assert_allclose(grouped, want, rtol=1e-5, atol=1e-5)
+
+
+def test_top_words_reads_the_vocabulary_and_leaves_the_class_scores(tiny_gpt2, local_backend, tiny_data):
+    model = str(tiny_gpt2)
+    task = SST2.model_copy(update={"verbalizer": [["bad", "dull"], "great"]})
+    req = EvaluateRequest(model=model, task=task, inputs=tiny_data.dev.examples, labels=tiny_data.dev.labels,
+                          return_logits=True, top_words=7)
+    resp = local_backend.evaluate(req)
+    np.testing.assert_allclose(resp.logits.to_numpy()[0], logits(local_backend, model, task, tiny_data.dev),
+                               rtol=1e-5, atol=1e-5)
+    assert len(resp.words) == len(tiny_data.dev) and all(len(row) == 7 for row in resp.words)
+    tokenizer = local_backend.service.get(model).tokenizer
+    for row in resp.words:
+        values = [lp for _, lp in row]
+        assert values == sorted(values, reverse=True) and values[0] <= 0
+        for word, _ in row:  # each is spelt as a verbalizer entry: one token, letters only
+            assert word.isalpha() and len(tokenizer.encode(" " + word, add_special_tokens=False)) == 1
+    assert resp.usage.queries == 1
+
+
+def test_top_words_refusals_name_the_fix(tiny_gpt2, tiny_encoder, local_backend, tiny_data):
+    from bbt.projection import normal_spec
+    from bbt.protocol import IntrinsicPrompts, Tensor
+
+    two = IntrinsicPrompts(z=Tensor.from_numpy(np.ones((2, 1, 4))), prompt_length=2,
+                           projections=[normal_spec(seed=0, d=4, D=2 * 32, target_std=0.1)])
+    with pytest.raises(ConfigError, match="one candidate; this request has K = 2"):
+        local_backend.evaluate(EvaluateRequest(model=str(tiny_gpt2), task=SST2, inputs=tiny_data.dev.examples,
+                                               return_logits=True, top_words=3, candidates=two))
+    with pytest.raises(ConfigError, match="reads no vocabulary"):
+        local_backend.evaluate(EvaluateRequest(model=str(tiny_encoder), task=SST2, inputs=tiny_data.dev.examples,
+                                               return_logits=True, top_words=3))
+    with pytest.raises(ValidationError):
+        EvaluateRequest(model="m", task=SST2, inputs=tiny_data.dev.examples, return_logits=True, top_words=1001)
+
+
+def test_rank_keeps_words_that_tell_one_class_from_the_others():
+    names = ["good", "bad", "film", "great", "awful"]
+    scores = np.array([[-1, -5, -2, -1.5, -6],  # class 1 inputs like "good" and "great"
+                       [-1, -6, -2, -2.0, -5],
+                       [-5, -1, -2, -6.0, -1.5],  # class 0 inputs like "bad" and "awful"
+                       [-6, -1, -2, -5.0, -2.0]])
+    labels = np.array([1, 1, 0, 0])
+    ranked = verbalizers.rank(scores, labels, names, own=[["bad"], ["great"]])
+    assert ranked == [["awful"], ["good"]]  # own words are not repeated; "film" tells no class apart
+
+
+class Recorder:
+    """A backend that keeps every evaluate request it passes on."""
+
+    def __init__(self, inner):
+        self.inner, self.requests = inner, []
+
+    def model_info(self, model):
+        return self.inner.model_info(model)
+
+    def stats(self, request):
+        return self.inner.stats(request)
+
+    def evaluate(self, request):
+        self.requests.append(request)
+        return self.inner.evaluate(request)
+
+
+def test_choice_looks_at_train_and_dev_only_and_is_paid_for(tiny_gpt2, local_backend, tiny_data):
+    model = str(tiny_gpt2)
+    backend = Recorder(local_backend)
+    ledger = Ledger(Budget(queries=100))
+    choice = verbalizers.choose(backend, model, "causal", SST2, tiny_data.train, tiny_data.dev, ledger)
+    train = [e.text for e in tiny_data.train.examples]
+    both = train + [e.text for e in tiny_data.dev.examples]
+    sent = [[e.text for e in r.inputs] for r in backend.requests]
+    assert backend.requests[0].top_words > 0 and sent[0] == train  # the words come from train alone
+    assert all(s == both for s in sent[1:]) and len(sent) >= 2  # their number from train + dev
+    assert ledger.tuning.queries == choice.queries == len(sent)
+    assert set(choice.dev) <= set(verbalizers.CHOICES) and choice.label_words in choice.dev
+    for own, entry in zip(SST2.verbalizer, choice.task.verbalizer):  # the task's own word comes first
+        assert (entry if isinstance(entry, str) else entry[0]) == own
+    assert choice.task.labels == SST2.labels and choice.task.template == SST2.template
+
+    fixed = verbalizers.choose(local_backend, model, "causal", SST2, tiny_data.train, tiny_data.dev,
+                               Ledger(Budget(queries=100)), label_words=3)
+    assert fixed.queries == 1 and fixed.label_words == 3 and fixed.dev == {}
+    assert all(isinstance(e, list) and len(e) <= 3 for e in fixed.task.verbalizer)
+
+    broke = Ledger(Budget(examples=len(tiny_data.train) - 1))  # cannot pay for one query on train
+    assert verbalizers.choose(local_backend, model, "causal", SST2, tiny_data.train, tiny_data.dev, broke).task == SST2
+    assert broke.tuning.queries == 0
+
+
+def test_a_sentence_encoder_chooses_label_texts_from_the_training_words(tiny_encoder, local_backend, tiny_data):
+    assert verbalizers._pattern(SST2) == "It was {}."
+    agnews = BUILTIN_TASKS["agnews"]
+    assert verbalizers._pattern(agnews) == "{}"  # "Technology news." does not hold "Tech"
+    choice = verbalizers.choose(local_backend, str(tiny_encoder), "encoder", SST2, tiny_data.train, tiny_data.dev,
+                                Ledger(Budget(queries=100)), label_words=2)
+    words = {w.lower() for e in tiny_data.train.examples for w in e.text.split()}
+    for own, entry in zip(SST2.label_texts, choice.task.label_texts):
+        texts = [entry] if isinstance(entry, str) else entry
+        assert texts[0] == own
+        for t in texts[1:]:
+            assert t.startswith("It was ") and t[len("It was "):-1] in words
+
+
+def test_a_run_chooses_once_records_the_words_and_evaluates_with_them(tiny_gpt2, data_dir, tmp_path, capsys):
+    from bbt.cli import main
+
+    out = tmp_path / "run"
+    args = ["tune", "--model", str(tiny_gpt2), "--task", "sst2", "--data", str(data_dir), "--seed", "13",
+            "--prompt-length", "4", "--intrinsic-dim", "8", "--popsize", "4", "--budget", "20",
+            "--verbalizer", "auto", "--out", str(out), "--no-cache", "--quiet"]
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    v = metrics["verbalizer"]
+    assert metrics["queries_used"] <= 20 and v["queries"] >= 2
+    assert 0 <= metrics["no_prompt_verbalizer_test_acc"] <= 1 and "no_prompt_test_acc" in metrics
+    artifact = json.loads((out / "prompt.json").read_text())
+    assert artifact["task"]["verbalizer"] == v["entries"]
+    assert json.loads((out / "config.json").read_text())["config"]["verbalizer"] == "auto"
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(out), "--split", "test"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["acc"] == pytest.approx(metrics["test_acc"])  # read through the chosen words again
+    with pytest.raises(ValidationError, match="label_words is the number of words"):
+        TuneConfig(label_words=3)
+
+
+def test_top_words_over_http_equal_in_process(tiny_gpt2, local_backend, tiny_data):
+    from appserver import serving
+    from servers.app import create_app
+    from servers.service import ModelService
+
+    model = str(tiny_gpt2)
+    req = EvaluateRequest(model=model, task=SST2, inputs=tiny_data.train.examples, labels=tiny_data.train.labels,
+                          return_logits=True, top_words=5)
+    want = local_backend.evaluate(req)
+    with serving(create_app(ModelService([model], lazy=False))) as url, HTTPBackend([url]) as http:
+        got = http.evaluate(req)
+        assert [[w for w, _ in row] for row in got.words] == [[w for w, _ in row] for row in want.words]
+        np.testing.assert_allclose([[lp for _, lp in r] for r in got.words], [[lp for _, lp in r] for r in want.words],
+                                   rtol=0, atol=1e-6)
+        ledger = Ledger(Budget(queries=50))
+        over_http = verbalizers.choose(http, model, "causal", SST2, tiny_data.train, tiny_data.dev, ledger)
+    in_process = verbalizers.choose(local_backend, model, "causal", SST2, tiny_data.train, tiny_data.dev,
+                                    Ledger(Budget(queries=50)))
+    assert over_http.task == in_process.task and over_http.dev == in_process.dev
+
