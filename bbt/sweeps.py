@@ -166,7 +166,7 @@ def _backend(spec: SweepSpec, cell_index: int):
 def run_cell(spec: SweepSpec, cell: Cell, out: Path, backend, log=lambda *a: None) -> list[dict] | None:
     """Run one cell (unless another worker holds it) and write its scores; its rows, or None if left to another."""
     from bbt.data import TaskData, load_task_folder
-    from bbt.runs import evaluate_split, prompt_at, run_gradient, run_tune
+    from bbt.runs import evaluate_split, load_artifact, prompt_at, run_gradient, run_tune
     from bbt.tasks import BUILTIN_TASKS, for_family, resolve_task
 
     folder = out / "cells" / cell.name
@@ -204,6 +204,7 @@ def run_cell(spec: SweepSpec, cell: Cell, out: Path, backend, log=lambda *a: Non
             m = run_tune(cfg, task, data, backend, folder, context=context, progress=False, log=log,
                          resume=(folder / "config.json").exists())
             rows, scored = [], {}
+            task = load_artifact(folder).task  # as the run read it (--verbalizer auto chooses its words)
             for b in sorted(spec.budgets):
                 prompt = prompt_at(folder, b)
                 z = prompt.z.tobytes()

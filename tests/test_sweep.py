@@ -115,3 +115,29 @@ def test_a_sweep_on_a_local_ray_gives_the_same_table(tiny_encoder, data_dir, tmp
 
         ray.shutdown()
     assert sweeps.table(one) == sweeps.table(on_ray)
+
+
+def test_a_cell_with_an_automatic_verbalizer_is_scored_through_its_words(tiny_gpt2, data_dir, tmp_path, monkeypatch):
+    from bbt import runs
+
+    scored_with = []
+    inner = runs.evaluate_split
+
+    def spy(backend, model, task, split, prompt, *args, **kwargs):
+        scored_with.append(task)
+        return inner(backend, model, task, split, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(runs, "evaluate_split", spy)
+    out = tmp_path / "S"
+    spec = sweeps.SweepSpec(tasks=[data_dir.name], seeds=[13], budgets=[12, 20], data_root=str(data_dir.parent),
+                           model=str(tiny_gpt2), test_limit=0,
+                           settings={"prompt_length": 4, "intrinsic_dim": 8, "popsize": 4, "verbalizer": "auto",
+                                     "label_words": 3})
+    sweeps.run_sweep(spec, out, log=lambda *a: None)
+    cell = next((out / "cells").iterdir())
+    metrics = json.loads((cell / "metrics.json").read_text())
+    assert any(isinstance(e, list) for e in metrics["verbalizer"]["entries"])
+    at20 = next(r for r in sweeps.rows(out) if r["budget"] == 20)
+    assert at20["test"] == pytest.approx(metrics["test_acc"])  # the run's own prompt, read as the run read it
+    budget_scores = scored_with[-2:]  # after the run: one evaluation per budget, through the chosen words
+    assert all(t.verbalizer == metrics["verbalizer"]["entries"] for t in budget_scores)
