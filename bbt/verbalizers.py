@@ -77,9 +77,10 @@ def choose(backend, model: str, family: str, task: TaskSpec, train: Split, dev: 
         (k, chosen), = tasks.items()
         return Choice(task=chosen, label_words=k, queries=ledger.tuning.queries - start)
     both = Split(train.examples + dev.examples, train.labels + dev.labels)
+    tokens = _tokens(backend, model, task, both)  # once: every candidate bills the same
     dev_scores = {}
     for k, candidate in tasks.items():
-        ev = _score(backend, model, candidate, both, ledger)
+        ev = _score(backend, model, candidate, both, ledger, tokens)
         if ev is None:
             break
         dev_scores[k] = ev.metric
@@ -117,9 +118,9 @@ def _candidate_scores(backend, model, family, task, train, ledger) -> tuple[np.n
         probe = TaskSpec(name=f"{task.name}-words", labels=[f"w{i}" for i in range(len(names))],
                          template=task.template, verbalizer=names, label_texts=[pattern.format(w) for w in names],
                          pair=task.pair)
-        resp = _query(backend, model, probe, train, ledger, labels=False)
+        resp = _query(backend, model, probe, train, ledger, _tokens(backend, model, task, train), labels=False)
         return (None, []) if resp is None else (resp.logits.to_numpy()[0], names)
-    resp = _query(backend, model, task, train, ledger, top_words=TOP_WORDS)
+    resp = _query(backend, model, task, train, ledger, _tokens(backend, model, task, train), top_words=TOP_WORDS)
     if resp is None:
         return None, []
     names = sorted({w for row in resp.words for w, _ in row})
@@ -132,9 +133,14 @@ def _candidate_scores(backend, model, family, task, train, ledger) -> tuple[np.n
     return scores, names
 
 
-def _query(backend, model, task, split, ledger, *, labels: bool = True, top_words: int = 0):
+def _tokens(backend, model, task, split) -> int:
+    """Tokens one query of `split` bills. The words change none: a verbalizer is read at {mask}, and
+    a sentence encoder's label texts are not part of its input."""
+    return sum(backend.stats(StatsRequest(model=model, task=task, inputs=split.examples)).tokens)
+
+
+def _query(backend, model, task, split, ledger, tokens: int, *, labels: bool = True, top_words: int = 0):
     """One tuning query of the plain model on `split`, or None when the budget cannot pay for it."""
-    tokens = sum(backend.stats(StatsRequest(model=model, task=task, inputs=split.examples)).tokens)
     if ledger.affordable(1, examples_per_query=len(split), tokens_per_query=tokens) < 1:
         return None
     req = EvaluateRequest(model=model, task=task, inputs=split.examples, labels=split.labels if labels else None,
@@ -145,8 +151,8 @@ def _query(backend, model, task, split, ledger, *, labels: bool = True, top_word
     return resp
 
 
-def _score(backend, model, task, split, ledger) -> Evaluation | None:
-    resp = _query(backend, model, task, split, ledger)
+def _score(backend, model, task, split, ledger, tokens: int) -> Evaluation | None:
+    resp = _query(backend, model, task, split, ledger, tokens)
     if resp is None:
         return None
     return Evaluation.of(resp.logits.to_numpy()[0], split.labels, task.metric)

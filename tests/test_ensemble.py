@@ -15,26 +15,7 @@ from bbt.config import TuneConfig
 from bbt.errors import ConfigError
 from bbt.runs import evaluate_split, run_ensemble, share_budget
 from bbt.tuner import tune
-
-
-class CountingBackend:
-    """The real in-process backend, counting the evaluate requests that reach it."""
-
-    def __init__(self, backend):
-        self.backend, self.requests = backend, []
-
-    def model_info(self, model):
-        return self.backend.model_info(model)
-
-    def stats(self, request):
-        return self.backend.stats(request)
-
-    def evaluate(self, request):
-        self.requests.append(request)
-        return self.backend.evaluate(request)
-
-    def close(self):
-        pass
+from recording import RecordingBackend
 
 
 def _cfg(path, **kw) -> TuneConfig:
@@ -54,7 +35,7 @@ def test_search_seed_changes_the_search_not_the_split_or_p0(tiny_gpt2, local_bac
 def test_members_in_one_request_score_as_each_alone(tiny_gpt2, local_backend, tiny_data, sst2_task):
     prompts = [tune(local_backend, _cfg(tiny_gpt2, search_seed=s), sst2_task, tiny_data.train, tiny_data.dev,
                     Ledger(Budget(queries=12))).prompt for s in (1, 2, 3)]
-    counting = CountingBackend(local_backend)
+    counting = RecordingBackend(local_backend)
     ledger = Ledger(Budget())
     logits = ensemble.score_prompts(counting, str(tiny_gpt2), sst2_task, tiny_data.test, prompts, ledger)
     assert len(counting.requests) == 1 and ledger.evaluation.queries == 3

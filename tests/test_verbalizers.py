@@ -17,6 +17,7 @@ from bbt.config import TuneConfig
 from bbt.errors import ConfigError
 from bbt.protocol import EvaluateRequest, TaskSpec
 from bbt.tasks import BUILTIN_TASKS
+from recording import RecordingBackend
 
 SST2 = BUILTIN_TASKS["sst2"]
 
@@ -97,26 +98,9 @@ def test_rank_keeps_words_that_tell_one_class_from_the_others():
     assert ranked == [["awful"], ["good"]]  # own words are not repeated; "film" tells no class apart
 
 
-class Recorder:
-    """A backend that keeps every evaluate request it passes on."""
-
-    def __init__(self, inner):
-        self.inner, self.requests = inner, []
-
-    def model_info(self, model):
-        return self.inner.model_info(model)
-
-    def stats(self, request):
-        return self.inner.stats(request)
-
-    def evaluate(self, request):
-        self.requests.append(request)
-        return self.inner.evaluate(request)
-
-
 def test_choice_looks_at_train_and_dev_only_and_is_paid_for(tiny_gpt2, local_backend, tiny_data):
     model = str(tiny_gpt2)
-    backend = Recorder(local_backend)
+    backend = RecordingBackend(local_backend)
     ledger = Ledger(Budget(queries=100))
     choice = verbalizers.choose(backend, model, "causal", SST2, tiny_data.train, tiny_data.dev, ledger)
     train = [e.text for e in tiny_data.train.examples]
