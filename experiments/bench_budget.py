@@ -7,10 +7,11 @@
     python experiments/bench_budget.py --set model=smollm2 --name smollm2 --budget 500 \
         --results experiments/results/budget-smollm2.jsonl      # another model: its own results file
 
-One in-process run (MiniLM, `LocalBackend`) per preset, task and seed, up to the preset's budget.
-After every generation the prompt the run would return at that point (the best on dev so far) is
-noted with the queries used; afterwards the test accuracy of that prompt is measured at each of
-`--at` query counts, so one run gives the whole curve. The point at q queries is the prompt after
+One in-process run (MiniLM, `LocalBackend`) per preset, task and seed, up to the preset's budget:
+a cell of `bbt sweep` (`bbt.sweeps.run_cell`), whose run folder is kept under
+`runs/bench-budget/PRESET-HASH/cells/`, so a run cut short resumes from its checkpoint. The sweep
+scores the prompt the run would have returned (the best on dev so far) at 0 queries and at each
+of `--at` query counts, so one run gives the whole curve. The point at q queries is the prompt after
 the last complete generation within q queries: a run with budget q would have spent its rest on
 one cut generation, so this is a slight under-estimate of it. At 0 queries: the untuned prompt.
 
@@ -22,8 +23,8 @@ Presets:
 - bbtv2: bbt's defaults with `method="bbtv2"` (`experiments/bench_bbtv2.py compare` runs bbt and
   bbtv2 through this sweep, so both benchmarks share their runs).
 
-Each finished run is appended to `--results` (JSONL) with every setting it ran with, and runs
-already there (same preset name, settings, budget, task and seed) are skipped, so an interrupted
+Each finished run is appended to `--results` (JSONL, the format this script has always written,
+so rows from before the port stay readable) with every setting it ran with, and runs already there (same preset name, settings, budget, task and seed) are skipped, so an interrupted
 sweep continues where it stopped. The test sample size is not part of that match. Prints one
 table per task (mean over seeds, and the spread), the queries at which the last preset first
 reaches the first one's accuracy at its full budget, the gap between the two per seed with its
@@ -33,25 +34,19 @@ standard error, and writes a plot with `--plot`.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
-from tqdm import tqdm
-
+from bbt import sweeps
 from bbt.backends import LocalBackend
-from bbt.budget import Budget, Ledger
 from bbt.config import TuneConfig
-from bbt.data import TaskData, load_task_folder
-from bbt.runs import evaluate_split
-from bbt.tasks import for_family, resolve_task
-from bbt.tuner import tune
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
+WORK = REPO / "runs" / "bench-budget"  # the sweep folders of the runs (checkpoints: a cut run resumes)
 
 PRESETS: dict[str, tuple[dict, int]] = {  # name -> (settings, budget in queries)
     "paper": (dict(prompt_length=50, intrinsic_dim=500, popsize=20, sigma=1.0, loss="ce", projection="uniform",
@@ -61,50 +56,28 @@ PRESETS: dict[str, tuple[dict, int]] = {  # name -> (settings, budget in queries
 }
 
 
-def _sample_test(data: TaskData, limit: int | None) -> TaskData:
-    """The same seeded sample of at most `limit` test examples for every run."""
-    test = None if data.test is None else data.test.sample(limit)
-    return TaskData(data.train, data.dev, test, data.test_name, data.notes)
-
-
 def sweep_one(backend, preset: str, settings: dict, budget: int, task_name: str, seed: int, data_dir: Path,
-              at: list[int], test_limit: int | None) -> dict:
-    """One run up to `budget` queries; test accuracy (points) of the returned prompt at each of `at`."""
-    cfg = TuneConfig(seed=seed, budget=Budget(queries=budget), **settings)
-    task = for_family(resolve_task(task_name, data_dir / task_name), backend.model_info(cfg.model).family)
-    data = _sample_test(load_task_folder(data_dir / task_name, task, seed=seed, k=cfg.k_shot), test_limit)
-    ledger = Ledger(cfg.budget)
-    path: list[tuple[int, np.ndarray]] = []  # (queries used, the prompt's z) after each generation
-
-    bar = tqdm(total=budget, unit="query", desc=f"{preset} {task_name} seed {seed}", leave=False, dynamic_ncols=True)
-
-    def on_state(s) -> None:
-        path.append((ledger.tuning.queries, s.prompt.z.copy()))
-        bar.update(ledger.tuning.queries - bar.n)
-
-    start = time.perf_counter()
-    try:
-        result = tune(backend, cfg, task, data.train, data.dev, ledger, on_state=on_state)
-    finally:
-        bar.close()
-    seconds = time.perf_counter() - start
-    prompt = result.prompt
-    scored: dict[bytes, float] = {}
-    curve = {}
-    for q in [0, *at]:
-        if q > budget:
-            continue
-        z = next((z for used, z in reversed(path) if used <= q), np.zeros_like(prompt.z))
-        if z.tobytes() not in scored:
-            prompt.z = z
-            scored[z.tobytes()] = 100 * evaluate_split(backend, cfg.model, task, data.test, prompt)[0].metric
-        curve[q] = scored[z.tobytes()]
-    plain = 100 * evaluate_split(backend, cfg.model, task, data.test, None)[0].metric
-    return {"preset": preset, "settings": settings, "config": _resolved(settings), "budget": budget,
-            "task": task_name, "seed": seed,
-            "test_examples": len(data.test), "metric": task.metric, "no_prompt": plain,
-            "curve": {str(q): v for q, v in curve.items()}, "queries_used": ledger.tuning.queries,
-            "generations": result.generations, "tuning_seconds": round(seconds, 1)}
+              at: list[int], test_limit: int | None, work: Path) -> dict:
+    """One `bbt sweep` cell up to `budget` queries (a run folder under `work`, resumed if cut);
+    test accuracy (points) of the prompt it returned at 0 queries and at each of `at`."""
+    given, settings = settings, dict(settings)
+    spec = sweeps.SweepSpec(tasks=[task_name], seeds=[seed], methods=[settings.pop("method", "bbt")],
+                            budgets=sorted({0, budget, *(q for q in at if q <= budget)}), data_root=str(data_dir),
+                            model=settings.pop("model", "minilm"), settings=settings, test_limit=test_limit)
+    # one sweep folder per preset, budget and curve points: a cell there means exactly this run
+    key = json.dumps([_resolved(given), spec.budgets,
+                      test_limit, str(data_dir)], sort_keys=True)
+    out = work / f"{preset}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+    cell = spec.cells()[0]
+    rows = sweeps.run_cell(spec, cell, out, backend, log=lambda *a: None)
+    if rows is None:
+        raise SystemExit(f"{out / 'cells' / cell.name} is held by another process ({cell.name}.claim)")
+    metrics = json.loads((out / "cells" / cell.name / "metrics.json").read_text())
+    return {"preset": preset, "settings": given, "config": _resolved(given), "budget": budget,
+            "task": task_name, "seed": seed, "test_examples": rows[0]["test_examples"], "metric": rows[0]["metric"],
+            "no_prompt": 100 * rows[0]["no_prompt"], "curve": {str(r["budget"]): 100 * r["test"] for r in rows},
+            "queries_used": metrics["queries_used"], "generations": metrics["generations"],
+            "tuning_seconds": metrics["tuning_seconds"], "run": str(out / "cells" / cell.name)}
 
 
 def _resolved(settings: dict) -> dict:
@@ -132,7 +105,8 @@ def load_rows(path: Path) -> list[dict]:
 
 
 def run_missing(rows: list[dict], presets: dict[str, tuple[dict, int]], order: list[str], tasks: list[str],
-                seeds: list[int], data: Path, at: list[int], test_limit: int | None, results: Path) -> None:
+                seeds: list[int], data: Path, at: list[int], test_limit: int | None, results: Path,
+                work: Path = WORK) -> None:
     """Run every (task, seed, preset) not yet in `rows`, appending each finished run to `rows` and `results`."""
     backend = None
     for task in tasks:
@@ -143,7 +117,8 @@ def run_missing(rows: list[dict], presets: dict[str, tuple[dict, int]], order: l
                     print(f"{name} {task} seed {seed}: in {results}, skipped", flush=True)
                     continue
                 backend = backend or LocalBackend()
-                r = sweep_one(backend, name, settings, budget, task, seed, data, at, test_limit)
+                print(f"{name} {task} seed {seed}: running ({budget} queries)", flush=True)
+                r = sweep_one(backend, name, settings, budget, task, seed, data, at, test_limit, work)
                 rows.append(r)
                 results.parent.mkdir(parents=True, exist_ok=True)
                 with results.open("a") as f:
