@@ -24,8 +24,9 @@ Presets:
   bbtv2 through this sweep, so both benchmarks share their runs).
 
 Each finished run is appended to `--results` (JSONL, the format this script has always written,
-so rows from before the port stay readable) with every setting it ran with, and runs already there (same preset name, settings, budget, task and seed) are skipped, so an interrupted
-sweep continues where it stopped. The test sample size is not part of that match. Prints one
+so rows from before the port stay readable) with every setting it ran with, and runs already
+there (same preset name, settings, budget, task and seed) are skipped, so an interrupted sweep
+continues where it stopped. The test sample size is not part of that match. Prints one
 table per task (mean over seeds, and the spread), the queries at which the last preset first
 reaches the first one's accuracy at its full budget, the gap between the two per seed with its
 standard error, and writes a plot with `--plot`.
@@ -60,20 +61,19 @@ def sweep_one(backend, preset: str, settings: dict, budget: int, task_name: str,
               at: list[int], test_limit: int | None, work: Path) -> dict:
     """One `bbt sweep` cell up to `budget` queries (a run folder under `work`, resumed if cut);
     test accuracy (points) of the prompt it returned at 0 queries and at each of `at`."""
-    given, settings = settings, dict(settings)
+    given, settings, config = settings, dict(settings), _resolved(settings)
     spec = sweeps.SweepSpec(tasks=[task_name], seeds=[seed], methods=[settings.pop("method", "bbt")],
                             budgets=sorted({0, budget, *(q for q in at if q <= budget)}), data_root=str(data_dir),
                             model=settings.pop("model", "minilm"), settings=settings, test_limit=test_limit)
     # one sweep folder per preset, budget and curve points: a cell there means exactly this run
-    key = json.dumps([_resolved(given), spec.budgets,
-                      test_limit, str(data_dir)], sort_keys=True)
+    key = json.dumps([config, spec.budgets, test_limit, str(data_dir)], sort_keys=True)
     out = work / f"{preset}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
     cell = spec.cells()[0]
     rows = sweeps.run_cell(spec, cell, out, backend, log=lambda *a: None)
     if rows is None:
         raise SystemExit(f"{out / 'cells' / cell.name} is held by another process ({cell.name}.claim)")
     metrics = json.loads((out / "cells" / cell.name / "metrics.json").read_text())
-    return {"preset": preset, "settings": given, "config": _resolved(given), "budget": budget,
+    return {"preset": preset, "settings": given, "config": config, "budget": budget,
             "task": task_name, "seed": seed, "test_examples": rows[0]["test_examples"], "metric": rows[0]["metric"],
             "no_prompt": 100 * rows[0]["no_prompt"], "curve": {str(r["budget"]): 100 * r["test"] for r in rows},
             "queries_used": metrics["queries_used"], "generations": metrics["generations"],

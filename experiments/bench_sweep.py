@@ -10,8 +10,9 @@ executor reuses another's answers) into its own folder under `--work`; the wall 
 whole command, model loads and process starts included. Then: the ratio of each executor's time
 to `--workers 1`'s, whether every executor's results table equals the first one's, and the
 queries paid (tuning and evaluation, from the cells' ledgers) against what one run per cell and
-budget would pay (each budget's tuning queries plus the same evaluation queries again). An executor already timed (its row in `--results`) is not run again; nothing
-else should use the cores while this runs.
+budget would pay (each budget's tuning queries plus the same evaluation queries again). An
+executor already timed (its row in `--results`) is not run again; nothing else should use the
+cores while this runs.
 """
 
 from __future__ import annotations
@@ -36,10 +37,6 @@ def _command(args, executor: str, out: Path) -> list[str]:
            "--seeds", *map(str, args.seeds), "--methods", *args.methods, "--budgets", *map(str, args.budgets),
            "--prompt-length", str(args.prompt_length), "--test-limit", str(args.test_limit), "--out", str(out)]
     return cmd + (["--ray"] if executor == "ray" else ["--workers", executor])
-
-
-def _table(out: Path) -> list[tuple]:
-    return sorted((r["cell"], r["budget"], round(r["test"], 6)) for r in sweeps.rows(out))
 
 
 def main() -> None:
@@ -73,20 +70,22 @@ def main() -> None:
         start = time.perf_counter()
         proc = subprocess.run(_command(args, executor, out), env=env, cwd=REPO, capture_output=True, text=True)
         seconds = time.perf_counter() - start
+        name = "--ray" if executor == "ray" else f"--workers {executor}"
         if proc.returncode != 0:
-            sys.exit(f"--workers {executor} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-        paid = {r["cell"]: r["queries_paid"] for r in sweeps.rows(out)}
-        used = {r["cell"]: r["queries_used"] for r in sweeps.rows(out) if r["budget"] == max(args.budgets)}
+            sys.exit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        rows = sweeps.rows(out)
+        paid = {r["cell"]: r["queries_paid"] for r in rows}
+        used = {r["cell"]: r["queries_used"] for r in rows if r["budget"] == max(args.budgets)}
         # what one run per budget would pay: each budget's tuning plus the same evaluation queries
         separate = sum(sum(min(b, used[c]) for b in args.budgets) + len(args.budgets) * (paid[c] - used[c])
                        for c in paid)
         row = {"grid": grid, "executor": executor, "seconds": round(seconds, 1), "cells": len(paid),
                "queries_paid": sum(paid.values()), "separate_runs": separate, "failed": len(sweeps.failures(out)),
-               "table": _table(out)}
+               "table": sorted((r["cell"], r["budget"], round(r["test"], 6)) for r in rows)}
         with args.results.open("a") as f:
             f.write(json.dumps(row) + "\n")
         done[executor] = row
-        print(f"--workers {executor}: {seconds:.0f} s", flush=True)
+        print(f"{name}: {seconds:.0f} s", flush=True)
 
     first = done.get("1") or next(iter(done.values()))
     print(f"\n{len(args.tasks)} tasks x {len(args.seeds)} seeds x {len(args.methods)} methods = {first['cells']} cells, "

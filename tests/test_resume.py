@@ -98,6 +98,17 @@ def paid(run: Path) -> int:
     return sum(x["queries"] for x in lines if x["source"] == "server")
 
 
+def sigkill_when(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
+    """SIGKILL `proc` as soon as `ready()` holds (polled every 5 ms); fails if it ended first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ready():
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(30) == -signal.SIGKILL, "the process ended before it could be killed"
+
+
 @pytest.fixture(scope="module")
 def clean_runs(tmp_path_factory, tiny_encoder, data_dir):
     """Uninterrupted runs (BBT and BBTv2), without a cache: what every resumed run must match."""
@@ -157,13 +168,7 @@ def test_kill_9_at_an_arbitrary_moment(tiny_encoder, data_dir, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "bbt.cli", *args], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ledger = run / "ledger.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if ledger.exists() and ledger.read_text().count("\n") >= 12:
-            break
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(30) == -signal.SIGKILL, "the run ended before it could be killed"
+    sigkill_when(proc, lambda: ledger.exists() and ledger.read_text().count("\n") >= 12)
     assert not (run / "metrics.json").exists()
 
     assert main(["tune", "--resume", str(run), "--cache", str(cache), "--quiet"]) == 0

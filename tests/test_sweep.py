@@ -143,21 +143,15 @@ def test_a_cell_with_an_automatic_verbalizer_is_scored_through_its_words(tiny_gp
     assert all(t.verbalizer == metrics["verbalizer"]["entries"] for t in budget_scores)
 
 
-def _paid(cell) -> int:
-    """Queries a cell paid a server for over its whole life (its ledger journal)."""
-    lines = [json.loads(x) for x in (cell / "ledger.jsonl").read_text().splitlines()]
-    return sum(x["queries"] for x in lines if x["source"] == "server")
-
-
 @pytest.mark.slow
 def test_kill_9_during_a_sweep_then_rerun_pays_nothing_twice(tiny_encoder, data_dir, tmp_path, monkeypatch):
     """The issue's check: a real `bbt sweep` process killed by SIGKILL mid-cell, run again: every cell
     complete, each cell's ledger what an uninterrupted sweep paid, and the same table."""
-    import signal
     import subprocess
     import sys
-    import time
     from pathlib import Path
+
+    from test_resume import paid, sigkill_when
 
     repo = Path(__file__).resolve().parents[1]
     cache = tmp_path / "cache.sqlite"
@@ -173,13 +167,7 @@ def test_kill_9_during_a_sweep_then_rerun_pays_nothing_twice(tiny_encoder, data_
     proc = subprocess.Popen([sys.executable, "-m", "bbt.cli", *args(out)], cwd=repo, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     second = out / "cells" / f"{data_dir.name}-s42-bbt" / "ledger.jsonl"  # the second cell, part way in
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if second.exists() and second.read_text().count("\n") >= 10:
-            break
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(30) == -signal.SIGKILL, "the sweep ended before it could be killed"
+    sigkill_when(proc, lambda: second.exists() and second.read_text().count("\n") >= 10)
     assert (out / "cells" / f"{data_dir.name}-s13-bbt" / sweeps.SCORES_FILE).exists()
     assert not (second.parent / sweeps.SCORES_FILE).exists()
 
@@ -187,5 +175,5 @@ def test_kill_9_during_a_sweep_then_rerun_pays_nothing_twice(tiny_encoder, data_
     assert main(args(out)) == 0  # the dead worker's claim is taken over, the cell resumes
     cells = sorted(p.name for p in (out / "cells").iterdir() if p.is_dir())
     assert all((out / "cells" / c / sweeps.SCORES_FILE).exists() for c in cells) and len(cells) == 2
-    assert {c: _paid(out / "cells" / c) for c in cells} == {c: _paid(clean / "cells" / c) for c in cells}
+    assert {c: paid(out / "cells" / c) for c in cells} == {c: paid(clean / "cells" / c) for c in cells}
     assert sweeps.table(out) == sweeps.table(clean)
