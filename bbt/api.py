@@ -110,7 +110,7 @@ def evaluate(runs: str | Path | list, *, split: str = "test", data: str | Path |
         first = artifacts[0]
         chosen, name = _split_of(members[0], first.task, split, data)
         key = first.task.metric
-        plain, _ = evaluate_split(b, first.model, first.task, chosen, None)
+        plain, _ = evaluate_split(b, first.model, first.plain_task or first.task, chosen, None)
         if len(members) == 1:
             prompt = first.prompt()
             tuned, _ = evaluate_split(b, first.model, first.task, chosen, prompt)
@@ -119,6 +119,9 @@ def evaluate(runs: str | Path | list, *, split: str = "test", data: str | Path |
                       "zero_prompt_acc": zero.accuracy, "no_prompt_acc": plain.accuracy}
             if key == "f1":
                 result.update(f1=tuned.metric, zero_prompt_f1=zero.metric, no_prompt_f1=plain.metric)
+            if first.plain_task is not None:  # what the chosen words alone buy, as metrics.json reports it
+                words, _ = evaluate_split(b, first.model, first.task, chosen, None)
+                result["no_prompt_verbalizer_acc"] = words.accuracy
             return result
         from bbt.budget import Ledger
 

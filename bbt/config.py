@@ -32,7 +32,11 @@ class TuneConfig(BaseModel):
     )
     prompt_length: int = Field(default=50, ge=1, description="L, soft-prompt tokens")
     intrinsic_dim: int = Field(default=500, ge=1, description="d, the dimension CMA-ES searches")
-    popsize: int = Field(default=20, ge=2, description="candidates per generation (queries per request)")
+    popsize: int = Field(
+        default=20, ge=3,
+        description="candidates per generation (queries per request); at least 3: with 2, pycma's two-point step-size "
+        "rule (chosen for d >= 300) fails",
+    )
     sigma: float = Field(default=1.0, gt=0, description="CMA-ES initial step size")
     loss: LossKind = Field(default="ce", description="ce, hinge (margin 2) or perf (negative accuracy)")
     projection: Literal["normal", "uniform"] = Field(

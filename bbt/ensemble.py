@@ -15,13 +15,12 @@ from typing import Literal
 
 import numpy as np
 
-from bbt import cache, metrics
+from bbt import metrics, runs
 from bbt.backends.base import Backend
 from bbt.budget import Ledger
 from bbt.data import Split
 from bbt.errors import ConfigError
-from bbt.protocol import EvaluateRequest, PromptTensor, TaskSpec, Tensor, Usage
-from bbt.runs import EVAL_CHUNK  # inputs per request, as one prompt is scored
+from bbt.protocol import PromptTensor, TaskSpec, Tensor
 from bbt.tuner import Prompt
 
 INDEX_FILE = "ensemble.json"
@@ -39,7 +38,7 @@ def score_prompts(backend: Backend, model: str, task: TaskSpec, split: Split, pr
 
     Prompts that share a starting point p0 (members of one `--ensemble` do) and a shape travel as
     one population, materialized (p = A z) on this side since each member has its own projection:
-    one request per batch of EVAL_CHUNK inputs for all of them. Spending is booked as evaluation.
+    one request per batch of `runs.EVAL_CHUNK` inputs for all of them. Spending is booked as evaluation.
     """
     if not prompts:
         raise ConfigError("no prompts to score")
@@ -51,17 +50,7 @@ def score_prompts(backend: Backend, model: str, task: TaskSpec, split: Split, pr
         first = prompts[members[0]]
         tensor = np.concatenate([prompts[i].materialize() for i in members])  # (M, layers, L, H)
         candidates = PromptTensor(prompts=Tensor.from_numpy(tensor), init_seed=first.init_seed, init_text=first.init_text)
-        chunks = []
-        for start in range(0, len(split), EVAL_CHUNK):
-            inputs = split.examples[start : start + EVAL_CHUNK]
-            req = EvaluateRequest(model=model, task=task, inputs=inputs, return_logits=True, candidates=candidates)
-            resp, cached = cache.evaluate(backend, req)
-            if ledger is not None:
-                k = len(members)
-                ledger.record(resp.usage, expected=Usage(queries=k, requests=1, examples=k * len(inputs),
-                                                         tokens=resp.usage.tokens), tuning=False, cached=cached)
-            chunks.append(resp.logits.to_numpy())  # (M, n, C)
-        logits = np.concatenate(chunks, axis=1)
+        logits, _ = runs.score_candidates(backend, model, task, split, candidates, len(members), ledger)  # (M, N, C)
         for j, i in enumerate(members):
             out[i] = logits[j]
     return np.stack(out)

@@ -42,8 +42,10 @@ class CMAES:
 
     def __init__(self, dim: int, *, popsize: int = 20, sigma: float = 1.0, seed: int = 0,
                  bound: float | None = None, diagonal: bool = False, x0: np.ndarray | None = None):
-        if dim < 1 or popsize < 2 or not sigma > 0:
-            raise ValueError(f"need dim >= 1, popsize >= 2, sigma > 0; got dim={dim}, popsize={popsize}, sigma={sigma}")
+        # pycma picks two-point step-size adaptation for a population of 2 in d >= 300, and its
+        # tell() then fails on directions it injected itself; 3 is the smallest that always works
+        if dim < 1 or popsize < 3 or not sigma > 0:
+            raise ValueError(f"need dim >= 1, popsize >= 3, sigma > 0; got dim={dim}, popsize={popsize}, sigma={sigma}")
         opts = {
             "popsize": popsize,
             "seed": seed + 1,  # pycma treats 0 as "seed from the clock"

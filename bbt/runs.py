@@ -63,6 +63,9 @@ class PromptArtifact(BaseModel):
     # where the prompt sits (`ModelInfo.prompt_placement`): after `prompt_position` leading special tokens
     prompt_placement: str | None = None
     prompt_position: int | None = None
+    # the task with its own words, where `task` holds words chosen on train (`--verbalizer auto`):
+    # the plain-model baseline is read through these, as in metrics.json's no_prompt_test_acc
+    plain_task: TaskSpec | None = None
 
     def prompt(self) -> Prompt:
         return Prompt(z=np.asarray(self.z, dtype=np.float64), projections=self.projections,
@@ -97,26 +100,33 @@ def evaluate_materialized(backend: Backend, model: str, task: TaskSpec, split: S
     return _score_split(backend, model, task, split, prompt, ledger, "ce", return_prompts=True)
 
 
-def _score_split(backend, model, task, split, prompt, ledger, loss, return_prompts: bool = False):
+def score_candidates(backend, model: str, task: TaskSpec, split: Split, candidates, k: int,
+                     ledger: Ledger | None, loss: str = "ce", return_prompts: bool = False):
+    """Class logits [K, N, C] of `k` candidates (a request's `candidates`, None: no soft prompt) on
+    a split, one request per EVAL_CHUNK inputs, each booked as evaluation (k queries); with
+    `return_prompts`, also the prompts [K, layers, L, H] the server received."""
     chunks, received = [], None
     for start in range(0, len(split), EVAL_CHUNK):
         inputs = split.examples[start : start + EVAL_CHUNK]
-        req = EvaluateRequest(
-            model=model, task=task, inputs=inputs, return_logits=True, loss=loss,
-            candidates=None if prompt is None else prompt.candidates(), return_prompts=return_prompts and start == 0,
-        )
+        req = EvaluateRequest(model=model, task=task, inputs=inputs, return_logits=True, loss=loss,
+                              candidates=candidates, return_prompts=return_prompts and start == 0)
         resp, cached = cache.evaluate(backend, req)
         if ledger is not None:
-            ledger.record(resp.usage, expected=Usage(queries=1, requests=1, examples=len(inputs), tokens=resp.usage.tokens),
-                          tuning=False, cached=cached)
-        chunks.append(resp.logits.to_numpy()[0])
+            ledger.record(resp.usage, expected=Usage(queries=k, requests=1, examples=k * len(inputs),
+                                                     tokens=resp.usage.tokens), tuning=False, cached=cached)
+        chunks.append(resp.logits.to_numpy())  # (K, n, C)
         if req.return_prompts:
             if resp.prompts is None:
                 raise ConfigError("the server did not return the prompts it received (return_prompts): it runs an "
                                   "older bbt")
-            received = resp.prompts.to_numpy()[0]
-    logits = np.concatenate(chunks)  # (N, C)
-    return Evaluation.of(logits, split.labels, task.metric, loss), logits, received
+            received = resp.prompts.to_numpy()
+    return np.concatenate(chunks, axis=1), received
+
+
+def _score_split(backend, model, task, split, prompt, ledger, loss, return_prompts: bool = False):
+    candidates = None if prompt is None else prompt.candidates()
+    logits, received = score_candidates(backend, model, task, split, candidates, 1, ledger, loss, return_prompts)
+    return Evaluation.of(logits[0], split.labels, task.metric, loss), logits[0], None if received is None else received[0]
 
 
 def run_tune(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out: str | Path, *,
@@ -183,6 +193,7 @@ def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out:
             saved.chosen_plain, _ = evaluate_split(backend, cfg.model, saved.choice.task, data.test, None, ledger)
         saved.ledger_step = ledger.step
         checkpoint.save(out / STATE_FILE, saved)
+    own_words = task
     if saved.choice is not None:
         task = saved.choice.task
         c = saved.choice
@@ -232,7 +243,8 @@ def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out:
     artifact = PromptArtifact(method=cfg.method, model=cfg.model, task=task, prompt_length=cfg.prompt_length,
                               z=prompt.z.tolist(), projections=prompt.projections, init_seed=prompt.init_seed,
                               init_text=prompt.init_text,
-                              prompt_placement=info.prompt_placement, prompt_position=info.prompt_position)
+                              prompt_placement=info.prompt_placement, prompt_position=info.prompt_position,
+                              plain_task=own_words if own_words != task else None)
     (out / "prompt.json").write_text(artifact.model_dump_json(indent=1))
     (out / PATH_FILE).write_text(json.dumps({"version": 1, "points": [
         {"queries": q, "z": z.tolist()} for q, z in result.path]}))

@@ -12,7 +12,9 @@ seeded sample of `--test-limit` examples (all of RTE), mean ± standard error ov
 wall time, model passes (BBT: queries; gradient methods: forward + backward batches) and tunable
 parameters. Each cell is a run folder under `--work`; finished cells are rows of `--results`
 (JSONL), so a rerun does only what is missing and a cut BBT run resumes. A method a model cannot
-run is reported as such.
+run is reported as such. A BBT or BBTv2 cell that `bench_budget.py` already ran with the same
+resolved settings, budget and test sample (its `bbt` and `bbtv2` presets, in `--reuse`) is taken
+from there instead of paid for again; its row says so (`"from"`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from bbt.errors import ConfigError
 from bbt.runs import run_gradient, run_tune
 from bbt.sweeps import mean_se
 from bbt.tasks import BUILTIN_TASKS
+
+import bench_budget  # beside this file
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
@@ -74,6 +78,28 @@ def run_cell(backend, model: str, task_name: str, seed: int, method: str, args, 
     return {"model": model, "task": task_name, "seed": seed, "method": method, "settings": extra,
             "metric": task.metric, "test": 100 * m[key], "no_prompt": 100 * m[plain], "test_examples": len(data.test),
             "passes": passes, "parameters": params, "seconds": round(m.get("wall_seconds", time.perf_counter() - start), 1)}
+
+
+def reused_cell(budget_rows: list[dict], backend, model: str, task_name: str, seed: int, method: str, args,
+                extra: dict) -> dict | None:
+    """The BBT or BBTv2 cell as `bench_budget.py` already ran it (same resolved settings, budget,
+    task, seed and test sample), as a row of this table; None if it has not."""
+    if method not in ("bbt", "bbtv2") or extra:
+        return None
+    settings = dict(model=model, prompt_length=LENGTHS.get(model, 50), **({"method": method} if method == "bbtv2" else {}))
+    got = bench_budget.find_row(budget_rows, method, settings, args.budget, task_name, seed)
+    if got is None or str(args.budget) not in got["curve"]:
+        return None
+    task = BUILTIN_TASKS[task_name]
+    n_test = len(load_task_folder(args.data_root / task_name, task, seed=seed).test.sample(args.test_limit))
+    if got["test_examples"] != n_test:
+        return None
+    layers = 1 if method == "bbt" else backend.model_info(model).num_layers
+    return {"model": model, "task": task_name, "seed": seed, "method": method, "settings": extra,
+            "metric": got["metric"], "test": got["curve"][str(args.budget)], "no_prompt": got["no_prompt"],
+            "test_examples": n_test, "passes": got["queries_used"],
+            "parameters": got["config"]["intrinsic_dim"] * layers, "seconds": got["tuning_seconds"],
+            "from": f"{args.reuse.name} ({got['preset']} preset)"}
 
 
 def _mean_se(xs) -> str:
@@ -140,6 +166,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "bench-methods")
     ap.add_argument("--results", type=Path, default=REPO / "experiments" / "results" / "methods.jsonl")
     ap.add_argument("--plot", type=Path, default=REPO / "experiments" / "results" / "methods.png")
+    ap.add_argument("--reuse", type=Path, default=REPO / "experiments" / "results" / "budget.jsonl",
+                    help="bench_budget.py's results: BBT and BBTv2 cells found there are not run again")
     ap.add_argument("--report", action="store_true", help="print the table of what has run; run nothing")
     args = ap.parse_args()
 
@@ -149,6 +177,7 @@ def main() -> None:
             for r in rows}
     if not args.report:
         args.results.parent.mkdir(parents=True, exist_ok=True)
+        budget_rows = bench_budget.load_rows(args.reuse)
         for model in args.models:
             backend = LocalBackend([model])
             for task in args.tasks:
@@ -157,7 +186,8 @@ def main() -> None:
                         if (model, task, seed, method, json.dumps(extra, sort_keys=True)) in done:
                             continue
                         try:
-                            row = run_cell(backend, model, task, seed, method, args, extra)
+                            row = (reused_cell(budget_rows, backend, model, task, seed, method, args, extra)
+                                   or run_cell(backend, model, task, seed, method, args, extra))
                         except ConfigError as exc:  # a method this model cannot run: say so, once per cell
                             row = {"model": model, "task": task, "seed": seed, "method": method, "settings": extra,
                                    "error": str(exc)}

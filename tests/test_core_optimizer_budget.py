@@ -46,6 +46,19 @@ def test_different_seeds_differ():
     assert not np.allclose(a.ask(), b.ask())
 
 
+def test_the_smallest_population_runs_in_a_large_dimension_and_two_is_refused():
+    """pycma switches to two-point step-size adaptation for 2 candidates in d >= 300, and its
+    tell() then fails; 3 candidates run in d = 500 as in any other size."""
+    es = CMAES(500, popsize=3, seed=13)
+    for _ in range(4):
+        x = es.ask()
+        es.tell(x, (x**2).sum(axis=1))
+    with pytest.raises(ValueError, match="popsize >= 3"):
+        CMAES(500, popsize=2)
+    with pytest.raises(ValidationError, match="popsize"):
+        TuneConfig(popsize=2)
+
+
 def test_first_population_is_centred_on_x0_with_step_sigma():
     es = CMAES(200, popsize=50, sigma=0.3, seed=9)
     x = es.ask()

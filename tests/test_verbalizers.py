@@ -157,6 +157,10 @@ def test_a_run_chooses_once_records_the_words_and_evaluates_with_them(tiny_gpt2,
     assert main(["evaluate", "--run", str(out), "--split", "test"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["acc"] == pytest.approx(metrics["test_acc"])  # read through the chosen words again
+    # the plain model is the baseline with the task's own words, in evaluate as in metrics.json
+    assert artifact["plain_task"]["verbalizer"] != v["entries"]
+    assert report["no_prompt_acc"] == pytest.approx(metrics["no_prompt_test_acc"])
+    assert report["no_prompt_verbalizer_acc"] == pytest.approx(metrics["no_prompt_verbalizer_test_acc"])
     with pytest.raises(ValidationError, match="label_words is the number of words"):
         TuneConfig(label_words=3)
 
