@@ -9,6 +9,8 @@ with numpy's PCG64 generator, so the client and any server build the same matrix
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from functools import lru_cache
 
 import numpy as np
@@ -50,13 +52,36 @@ def cached_matrix(spec: ProjectionSpec) -> np.ndarray:
     return matrix
 
 
+# Rows of A z already worked out, for a z that is the whole batch (every candidate the same): BBTv2
+# sends each layer's current best z with every request, one layer changing per generation, so a
+# 30-layer model would otherwise rebuild 29 matrices per request (more than `cached_matrix` keeps).
+_ROWS: OrderedDict[tuple[ProjectionSpec, bytes], np.ndarray] = OrderedDict()
+_ROWS_KEPT = 256  # rows of D floats (at most 0.2 MB each for L = 50, H = 1024)
+_ROWS_LOCK = threading.Lock()
+
+
 def project(z: np.ndarray, spec: ProjectionSpec, p0: np.ndarray | None = None) -> np.ndarray:
     """Prompts for a batch of intrinsic vectors: z [K, d] -> A z + p0, shape [K, D] (float32)."""
     z = np.asarray(z, dtype=np.float32)
     if z.ndim != 2 or z.shape[1] != spec.d:
         raise ValueError(f"z has shape {z.shape}, expected [K, {spec.d}]")
     rows, inverse = np.unique(z, axis=0, return_inverse=True)
-    if len(rows) < len(z):
+    if len(rows) == 1:
+        # one distinct row is always the same one-row product, so a kept copy has the bits a new one would
+        key = (spec, rows.tobytes())
+        with _ROWS_LOCK:
+            row = _ROWS.get(key)
+            if row is not None:
+                _ROWS.move_to_end(key)
+        if row is None:
+            row = rows @ cached_matrix(spec).T  # (1, D)
+            row.flags.writeable = False
+            with _ROWS_LOCK:
+                _ROWS[key] = row
+                while len(_ROWS) > _ROWS_KEPT:
+                    _ROWS.popitem(last=False)
+        out = np.repeat(row, len(z), axis=0)
+    elif len(rows) < len(z):
         # A GEMM may round identical rows differently by where they sit; BBTv2 sends the same z for
         # every layer but the tuned one, and the model side reuses work only when the prompts it
         # gets are bit-identical. So each distinct row is projected once.

@@ -139,3 +139,22 @@ def test_projection_spec_rejects_bad_values(field, value):
     good = dict(kind="normal", seed=0, d=4, D=8, scale=0.1)
     with pytest.raises(ValidationError, match=field):
         ProjectionSpec(**{**good, field: value})
+
+
+def test_a_batch_of_one_z_is_kept_and_not_projected_again():
+    """BBTv2 sends every layer's best z with each request (one layer changes per generation): a z
+    that is the whole batch is kept, so more layers than `cached_matrix` holds rebuild no matrix,
+    and the kept rows have the bits of a fresh one-row product."""
+    rng = np.random.default_rng(0)
+    specs = [normal_spec(seed=100 + i, d=16, D=24, target_std=1.0) for i in range(12)]  # > cached_matrix's 8
+    z = rng.normal(size=(1, 16)).astype(np.float32)
+    first = [project(np.repeat(z, 3, axis=0), s) for s in specs]
+    built = cached_matrix.cache_info().misses
+    again = [project(np.repeat(z, 5, axis=0), s) for s in specs]
+    assert cached_matrix.cache_info().misses == built
+    for a, b, s in zip(first, again, specs):
+        fresh = z @ build_matrix(s).T
+        np.testing.assert_array_equal(a, np.repeat(fresh, 3, axis=0))
+        np.testing.assert_array_equal(b, np.repeat(fresh, 5, axis=0))
+    b[0, 0] += 1.0  # what a caller gets is its own
+    np.testing.assert_array_equal(project(z, specs[-1]), z @ build_matrix(specs[-1]).T)
