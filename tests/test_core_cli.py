@@ -212,8 +212,8 @@ def test_malformed_jsonl_line_names_file_and_line(tmp_path, data_dir):
 
 
 def test_bad_option_values_are_clean_errors(tmp_path, data_dir):
-    out = bbt("tune", "--data", str(data_dir), "--out", str(tmp_path / "r"), "--popsize", "1")
-    _assert_clean_error(out, "--popsize 1", "greater than or equal to 2")
+    out = bbt("tune", "--data", str(data_dir), "--out", str(tmp_path / "r"), "--popsize", "2")
+    _assert_clean_error(out, "--popsize 2", "greater than or equal to 3")
     out = bbt("tune", "--data", str(data_dir), "--out", str(tmp_path / "r"), "--budget", "0")
     _assert_clean_error(out, "--budget 0")
     out = bbt("tune", "--data", str(data_dir), "--out", str(tmp_path / "r"), "--patience", "0")
