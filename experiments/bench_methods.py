@@ -147,7 +147,7 @@ def report(rows: list[dict], models, tasks, seeds, methods, plot: Path | None) -
                    width, label=name)
         ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], [f"{m}\n{t}" for m, t in groups])
         ax.set_ylabel("test metric (%)")
-        low = min(v for v in bars.values() if v)
+        low = min(bars.values())
         ax.set_ylim(max(0, 10 * (low // 10) - 10), 100)  # from below the lowest bar: the gaps are what it shows
         fig.legend(fontsize=7, ncol=4, loc="upper center", frameon=False)  # above the bars, not over them
         fig.tight_layout(rect=(0, 0, 1, 0.88))
