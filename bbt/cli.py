@@ -109,9 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                    f"chosen on the training split, their number on train + dev (1 query + 1 per number tried). Default: {d.verbalizer}")
     m.add_argument("--label-words", type=int, default=None, metavar="K",
                    help="with --verbalizer auto: words per class (default: chosen on train + dev from 1, 2, 3, 5, 8)")
-    m.add_argument("--select", choices=["dev-metric", "dev-loss"], default=None,
-                   help="the prompt a run returns: best on dev by the task's metric (ties: dev loss), or by dev loss. "
-                   f"Default: {d.select}")
+    m.add_argument("--select", choices=["dev-metric", "dev-loss", "train-dev"], default=None,
+                   help="the prompt a run returns: best on dev by the task's metric (ties: dev loss), by dev loss, "
+                   f"or by the metric on train + dev together (ties: their loss). Default: {d.select}")
     m.add_argument("--local", choices=["none", "cobyla"], default=None,
                    help="bbt: a second search stage, COBYLA from CMA-ES's best point in the --local-dim principal "
                    f"directions of its covariance, for the last --local-share of the query budget. Default: {d.local}")

@@ -56,10 +56,11 @@ class TuneConfig(BaseModel):
     label_words: int | None = Field(
         default=None, ge=1, le=32, description="verbalizer auto: words per class; none: chosen on train + dev from 1, 2, 3, 5, 8"
     )
-    select: Literal["dev-metric", "dev-loss"] = Field(
+    select: Literal["dev-metric", "dev-loss", "train-dev"] = Field(
         default="dev-metric",
-        description="which candidate a run returns: the best on dev by the task's metric (ties: lower dev loss), "
-        "or by dev loss alone (smoother than the metric on 32 examples)",
+        description="which candidate a run returns, among the bests on train scored on dev: the best on dev by the "
+        "task's metric (ties: lower dev loss); by dev loss alone (smoother than the metric on 32 examples); or by "
+        "the metric on train and dev together (ties: lower loss on both), twice the inputs of dev alone",
     )
     local: Literal["none", "cobyla"] = Field(
         default="none",

@@ -189,11 +189,18 @@ def _second_stage(s: TuneState, cfg: TuneConfig, prompt: Prompt, scorer: Scorer,
     return reason
 
 
-def _better(a: Evaluation, b: Evaluation, select: str) -> bool:
-    """Whether dev scores `a` beat `b` under the run's selection rule (`TuneConfig.select`)."""
+def _selection_key(dev: Evaluation, train: Evaluation, select: str) -> tuple[float, ...]:
+    """Lower is better: how `TuneConfig.select` ranks a candidate by its dev and train scores."""
     if select == "dev-loss":
-        return a.loss < b.loss
-    return (a.metric, -a.loss) > (b.metric, -b.loss)
+        return (dev.loss,)
+    if select == "train-dev":  # train and dev are the same size in a k-shot split: the mean is the pooled score
+        return (-(dev.metric + train.metric), dev.loss + train.loss)
+    return (-dev.metric, dev.loss)
+
+
+def _better(a: tuple[Evaluation, Evaluation], b: tuple[Evaluation, Evaluation], select: str) -> bool:
+    """Whether candidate `a` (dev, train scores) beats `b` under the run's selection rule; ties keep `b`."""
+    return _selection_key(*a, select) < _selection_key(*b, select)
 
 
 def _last_dev_gain(history: list[dict]) -> int:
@@ -312,7 +319,7 @@ def tune(backend: Backend, cfg: TuneConfig, task: TaskSpec, train: Split, dev: S
             d_loss, d_score, d_acc = dev_scorer.score(prompt, z[None])
             candidate = Evaluation(float(d_loss[0]), float(d_score[0]), float(d_acc[0]))
             record.update(dev_loss=candidate.loss, dev_metric=candidate.metric)
-            if s.best_dev is None or _better(candidate, s.best_dev, cfg.select):
+            if s.best_dev is None or _better((candidate, s.best_train), (s.best_dev, s.chosen_train), cfg.select):
                 s.best_dev, s.chosen_train, prompt.z = candidate, s.best_train, z.copy()
                 record["new_best_dev"] = True
 

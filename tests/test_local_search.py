@@ -122,9 +122,33 @@ def test_settings_are_checked():
         TuneConfig(local="cobyla", local_share=1.0)
 
 
-def test_selection_by_dev_loss_or_metric():
+def test_selection_by_dev_loss_metric_or_train_and_dev():
     a, b = Evaluation(loss=0.5, metric=0.7, accuracy=0.7), Evaluation(loss=0.6, metric=0.8, accuracy=0.8)
-    assert _better(b, a, "dev-metric") and not _better(a, b, "dev-metric")
-    assert _better(a, b, "dev-loss") and not _better(b, a, "dev-loss")
+    train = Evaluation(loss=0.3, metric=0.9, accuracy=0.9)
+    assert _better((b, train), (a, train), "dev-metric") and not _better((a, train), (b, train), "dev-metric")
+    assert _better((a, train), (b, train), "dev-loss") and not _better((b, train), (a, train), "dev-loss")
     tie = Evaluation(loss=0.4, metric=0.7, accuracy=0.7)
-    assert _better(tie, a, "dev-metric")  # equal metric: the lower loss wins
+    assert _better((tie, train), (a, train), "dev-metric")  # equal metric: the lower loss wins
+    assert not _better((a, train), (a, train), "dev-metric")  # an exact tie keeps the earlier prompt
+    # train-dev pools both splits: b is better on dev, but a's train score more than makes up for it
+    strong, weak = Evaluation(loss=0.2, metric=1.0, accuracy=1.0), Evaluation(loss=0.6, metric=0.75, accuracy=0.75)
+    assert _better((a, strong), (b, weak), "train-dev") and not _better((b, weak), (a, strong), "train-dev")
+    assert _better((b, weak), (a, strong), "dev-metric")
+    # the same pooled metric (0.75 + 0.875, exact in binary): the lower pooled loss wins
+    x = (Evaluation(loss=0.5, metric=0.75, accuracy=0.75), Evaluation(loss=0.1, metric=0.875, accuracy=0.875))
+    y = (Evaluation(loss=0.5, metric=0.875, accuracy=0.875), Evaluation(loss=0.9, metric=0.75, accuracy=0.75))
+    assert _better(x, y, "train-dev") and not _better(y, x, "train-dev")
+
+
+@pytest.mark.parametrize("select", ["dev-metric", "dev-loss", "train-dev"])
+def test_a_run_returns_the_dev_checked_prompt_its_rule_ranks_first(select, tiny_encoder, local_backend, tiny_data,
+                                                                   sst2_task):
+    cfg = small(model=str(tiny_encoder), select=select)
+    result = tune(local_backend, cfg, sst2_task, tiny_data.train, tiny_data.dev, Ledger(cfg.budget))
+    checked = [r for r in result.history if "dev_loss" in r]
+    assert checked  # every new best on train is scored on dev
+    keys = {"dev-metric": lambda r: (-r["dev_metric"], r["dev_loss"]),
+            "dev-loss": lambda r: (r["dev_loss"],),
+            "train-dev": lambda r: (-(r["dev_metric"] + r["train_acc"]), r["dev_loss"] + r["loss_min"])}[select]
+    want = min(range(len(checked)), key=lambda i: (keys(checked[i]), i))  # the first of equals
+    assert result.dev.loss == checked[want]["dev_loss"] and result.train.loss == checked[want]["loss_min"]
