@@ -16,6 +16,7 @@ Rules, among the dev-checked candidates within the budget (all of them bests on 
 - dev-metric: best dev accuracy, ties to lower dev loss (bbt's default `--select dev-metric`)
 - dev-loss: lowest dev loss (`--select dev-loss`)
 - pooled: best accuracy on train + dev together (64 inputs instead of 32), ties to lower loss
+  (`--select train-dev`)
 - pooled-loss: lowest loss on train + dev
 - last: the last best on train (no selection on dev)
 - RULE+plain: RULE, but the plain model when the plain model is at least as accurate on train + dev
@@ -49,16 +50,22 @@ RULES = ("dev-metric", "dev-loss", "pooled", "pooled-loss", "last")
 BUDGETS = (100, 200, 300, 500)
 
 
+SELECT = {"dev-metric": "dev-metric", "dev-loss": "dev-loss", "pooled": "train-dev"}  # rule -> --select value
+
+
 def pick(cands: list[dict], rule: str) -> int:
-    """Index of the candidate `rule` returns (the earliest on ties, as the tuner keeps the first)."""
-    keys = {
-        "dev-metric": lambda c: (-c["dev_acc"], c["dev_loss"]),
-        "dev-loss": lambda c: (c["dev_loss"],),
-        "pooled": lambda c: (-(c["train_acc"] + c["dev_acc"]), c["train_loss"] + c["dev_loss"]),
-        "pooled-loss": lambda c: (c["train_loss"] + c["dev_loss"],),
-        "last": lambda c: (-c["i"],),
-    }[rule]
-    return min(range(len(cands)), key=lambda i: (keys(cands[i]), i))
+    """Index of the candidate `rule` returns (the earliest on ties, as the tuner keeps the first).
+
+    The rules `--select` offers rank through the tuner's own key, so this measures what a run returns.
+    """
+    def key(c: dict) -> tuple:
+        if rule in SELECT:  # a candidate's train metric is its train accuracy: sst2, agnews and rte score accuracy
+            dev = tuner.Evaluation(c["dev_loss"], c["dev_acc"], c["dev_acc"])
+            train = tuner.Evaluation(c["train_loss"], c["train_acc"], c["train_acc"])
+            return tuner._selection_key(dev, train, SELECT[rule])
+        return (c["train_loss"] + c["dev_loss"],) if rule == "pooled-loss" else (-c["i"],)  # "last"
+
+    return min(range(len(cands)), key=lambda i: (key(cands[i]), i))
 
 
 def run_cell(backend, model: str, task_name: str, seed: int, data_root: Path, budget: int, test_limit: int) -> list[dict]:
