@@ -3,7 +3,8 @@
     RUN/config.json    the TuneConfig, task and data the run used
     RUN/ledger.jsonl   one line per request: what it cost, fsynced before the next request goes out
     RUN/log.jsonl      one line per generation
-    RUN/state.pkl      the search after its last complete generation (what --resume continues)
+    RUN/state.pkl      the search after its last complete generation (what --resume continues;
+                       its CMA-ES states in RUN/state.pkl.parts/)
     RUN/prompt.json    the artifact: z, projection specs, model, task (versioned)
     RUN/prompt.safetensors  the prompt as the model received it, p0 + A z: "prompts" [layers, L, H]
     RUN/path.json      each time the prompt to return changed: queries used and z (the prompt at a smaller budget)
@@ -156,6 +157,7 @@ def run_tune(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, 
         if replace:
             for name in RUN_FILES:
                 (out / name).unlink(missing_ok=True)
+            checkpoint.remove(out / STATE_FILE)
         if (out / "ledger.jsonl").exists():
             raise ConfigError(f"{out} already holds a run: continue it with bbt tune --resume {out}, "
                               "or pick another --out")

@@ -1,10 +1,10 @@
 """Durable runs: kill -9 at any point, `bbt tune --resume RUN`, and the run ends as if never stopped.
 
 A killed run is a real `bbt tune` child process. Some are killed by a patch at an exact point
-(before a request, after an answer, after the ledger line, between a checkpoint's write and its
-rename), one at whatever moment it has reached after a few requests. Each is resumed with the
-real CLI and compared with an uninterrupted run of the same command: the same metrics, prompt and
-log, and with a cache, not one query paid twice.
+(before a request, after an answer, after the ledger line, between a checkpoint's CMA-ES parts
+and state.pkl, between state.pkl's write and its rename), one at whatever moment it has reached
+after a few requests. Each is resumed with the real CLI and compared with an uninterrupted run
+of the same command: the same metrics, prompt and log, and with a cache, not one query paid twice.
 """
 
 from __future__ import annotations
@@ -126,7 +126,9 @@ def clean_runs(tmp_path_factory, tiny_encoder, data_dir):
     ("before-request", 5, "bbt"),
     ("after-answer", 4, "bbtv2"),  # scored, but neither cached nor in the ledger
     ("after-ledger", 6, "bbt"),  # paid and recorded; the checkpoint of its generation not yet written
-    ("mid-checkpoint", 3, "bbtv2"),  # state.pkl.tmp written, not renamed over state.pkl
+    ("mid-checkpoint", 3, "bbtv2"),  # the first generation's CMA-ES parts half written
+    ("mid-checkpoint", 5, "bbtv2"),  # a new part written, state.pkl still naming the part it replaces
+    ("mid-checkpoint", 6, "bbtv2"),  # state.pkl.tmp written, not renamed over state.pkl
     ("after-ledger", 13, "bbt"),  # during the final test evaluation, after the last generation
 ])
 def test_kill_then_resume_matches_an_uninterrupted_run(point, n, method, clean_runs, tiny_encoder, data_dir, tmp_path):
