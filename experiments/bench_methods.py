@@ -13,8 +13,10 @@ wall time, model passes (BBT: queries; gradient methods: forward + backward batc
 parameters. Each cell is a run folder under `--work`; finished cells are rows of `--results`
 (JSONL), so a rerun does only what is missing and a cut BBT run resumes. A method a model cannot
 run is reported as such. A BBT or BBTv2 cell that `bench_budget.py` already ran with the same
-resolved settings, budget and test sample (its `bbt` and `bbtv2` presets, in `--reuse`) is taken
-from there instead of paid for again; its row says so (`"from"`).
+resolved settings, budget and test sample (its `bbt` and `bbtv2` presets, in `--reuse`), or that a
+`bbt sweep` with the defaults ran on a device (`--device-rows`: SmolLM2 on an H200), is taken from
+there instead of paid for again; its row says so (`"from"`), and a device row's seconds are the
+device's.
 """
 
 from __future__ import annotations
@@ -80,6 +82,12 @@ def run_cell(backend, model: str, task_name: str, seed: int, method: str, args, 
             "passes": passes, "parameters": params, "seconds": round(m.get("wall_seconds", time.perf_counter() - start), 1)}
 
 
+def _n_test(args, task_name: str, seed: int) -> int:
+    """Test examples a cell of this task scores (the seeded sample, or all of a smaller test set)."""
+    task = BUILTIN_TASKS[task_name]
+    return len(load_task_folder(args.data_root / task_name, task, seed=seed).test.sample(args.test_limit))
+
+
 def reused_cell(budget_rows: list[dict], backend, model: str, task_name: str, seed: int, method: str, args,
                 extra: dict) -> dict | None:
     """The BBT or BBTv2 cell as `bench_budget.py` already ran it (same resolved settings, budget,
@@ -90,8 +98,7 @@ def reused_cell(budget_rows: list[dict], backend, model: str, task_name: str, se
     got = bench_budget.find_row(budget_rows, method, settings, args.budget, task_name, seed)
     if got is None or str(args.budget) not in got["curve"]:
         return None
-    task = BUILTIN_TASKS[task_name]
-    n_test = len(load_task_folder(args.data_root / task_name, task, seed=seed).test.sample(args.test_limit))
+    n_test = _n_test(args, task_name, seed)
     if got["test_examples"] != n_test:
         return None
     layers = 1 if method == "bbt" else backend.model_info(model).num_layers
@@ -100,6 +107,24 @@ def reused_cell(budget_rows: list[dict], backend, model: str, task_name: str, se
             "test_examples": n_test, "passes": got["queries_used"],
             "parameters": got["config"]["intrinsic_dim"] * layers, "seconds": got["tuning_seconds"],
             "from": f"{args.reuse.name} ({got['preset']} preset)"}
+
+
+def device_cell(device_rows: list[dict], backend, model: str, task_name: str, seed: int, method: str, args,
+                extra: dict) -> dict | None:
+    """The BBT or BBTv2 cell from a `bbt sweep` run on a device (`--device-rows`: the same defaults,
+    budget and test sample; only its timings are not comparable with this machine's); None if absent."""
+    if method not in ("bbt", "bbtv2") or extra:
+        return None
+    got = next((r for r in device_rows if (r["model"], r["task"], r["seed"], r["method"]) == (model, task_name, seed, method)
+                and not r.get("settings") and str(args.budget) in r.get("curve", {})), None)
+    if got is None or got["test_examples"] != _n_test(args, task_name, seed):
+        return None
+    layers = 1 if method == "bbt" else backend.model_info(model).num_layers
+    return {"model": model, "task": task_name, "seed": seed, "method": method, "settings": extra,
+            "metric": got["metric"], "test": got["curve"][str(args.budget)], "no_prompt": got["no_prompt"],
+            "test_examples": got["test_examples"], "passes": got["queries_used"],
+            "parameters": TuneConfig().intrinsic_dim * layers, "seconds": got["tuning_seconds"],
+            "from": f"{args.device_rows.name} ({got['device']})"}
 
 
 def _mean_se(xs) -> str:
@@ -170,6 +195,8 @@ def main() -> None:
     ap.add_argument("--plot", type=Path, default=REPO / "experiments" / "results" / "methods.png")
     ap.add_argument("--reuse", type=Path, default=REPO / "experiments" / "results" / "budget.jsonl",
                     help="bench_budget.py's results: BBT and BBTv2 cells found there are not run again")
+    ap.add_argument("--device-rows", type=Path, default=REPO / "experiments" / "results" / "smollm2_gpu.jsonl",
+                    help="BBT and BBTv2 cells a `bbt sweep` ran on a device, taken as they are (their seconds are the device's)")
     ap.add_argument("--report", action="store_true", help="print the table of what has run; run nothing")
     args = ap.parse_args()
 
@@ -180,6 +207,7 @@ def main() -> None:
     if not args.report:
         args.results.parent.mkdir(parents=True, exist_ok=True)
         budget_rows = bench_budget.load_rows(args.reuse)
+        device_rows = bench_budget.load_rows(args.device_rows)
         for model in args.models:
             backend = LocalBackend([model])
             for task in args.tasks:
@@ -189,6 +217,7 @@ def main() -> None:
                             continue
                         try:
                             row = (reused_cell(budget_rows, backend, model, task, seed, method, args, extra)
+                                   or device_cell(device_rows, backend, model, task, seed, method, args, extra)
                                    or run_cell(backend, model, task, seed, method, args, extra))
                         except ConfigError as exc:  # a method this model cannot run: say so, once per cell
                             row = {"model": model, "task": task, "seed": seed, "method": method, "settings": extra,
