@@ -100,9 +100,14 @@ class Ledger:
     The budget counts steps, not lines: a resumed run redoes the steps after its checkpoint, and a
     step done again replaces its earlier line in the totals (so `tuning` matches an uninterrupted
     run), while `paid` adds up every billed line ever written (nothing paid is forgotten).
+
+    A `run_id` (a run folder's, kept in its config.json) tags the answers this run pays for in an
+    evaluation cache (`payer`): a kill after the answer was cached but before its line was written
+    leaves a cached answer carrying this run's tag for a step with no line, which the resumed run
+    books as billed, not as a free hit.
     """
 
-    def __init__(self, budget: Budget, path: str | Path | None = None):
+    def __init__(self, budget: Budget, path: str | Path | None = None, run_id: str | None = None):
         if not budget.limits():  # only a budget changed after validation, or never validated, gets here
             raise ConfigError("the budget has no limit, so tuning would never stop: set queries, requests, "
                               "examples, tokens or cost (bbt tune --budget QUERIES)")
@@ -115,6 +120,7 @@ class Ledger:
         self.step = 0  # the next request's place in the run
         self._steps: dict[int, tuple[bool, Spent]] = {}  # step -> (tuning?, what it counts against the budget)
         self.path = None if path is None else Path(path)
+        self.run_id = run_id
         self._journal = None
         if self.path is not None:
             self._replay()
@@ -181,14 +187,24 @@ class Ledger:
             fits.append(_how_many(b.cost - s.cost, tokens_per_query / 1000 * b.price_per_1k_tokens))
         return max(0, min(fits))
 
-    def record(self, usage: Usage, *, expected: Usage, tuning: bool = True, cached: bool = False) -> None:
+    def payer(self) -> str | None:
+        """The tag an evaluation cache stores with the answer to the next request (None: untagged)."""
+        return None if self.run_id is None else f"{self.run_id}/{self.step}"
+
+    def record(self, usage: Usage, *, expected: Usage, tuning: bool = True, cached: bool = False,
+               paid_by: str | None = None) -> None:
         """Add a request's spending; the client's own count wins where the server disagrees.
 
         The client's count (`expected`) is what the budget was checked against; a server that
         reports more is noted in `mismatches` (and in the run's summary), never silently absorbed.
         A `cached` answer counts against the budget like any other (so a run decides the same
-        way with or without a cache) but adds nothing to `paid`.
+        way with or without a cache) but adds nothing to `paid`. `paid_by` is the payer tag a
+        cached answer was stored with (`bbt.cache.evaluate`; implies `cached`): this run's own tag
+        for a step it never wrote down means the answer was billed to this run, and is booked so.
         """
+        cached = cached or paid_by is not None
+        if cached and paid_by and paid_by == self.payer() and self.step not in self._steps:
+            cached = False  # paid by this run before a kill, cached, never journaled
         notes = []
         if not cached:
             for unit in ("queries", "examples", "tokens"):

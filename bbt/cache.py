@@ -7,7 +7,9 @@
 An entry is keyed by the sha256 of the model's identity (its `ModelInfo`: name, sizes and the
 scales measured on it, so a different model served under the same name misses) and the whole
 request as protocol JSON (task, inputs, labels, loss, candidate bytes). Only answers are stored,
-never anything that is executed.
+never anything that is executed. An answer may carry a *payer* tag (a run and its request step,
+`Ledger.payer`): a run killed after the answer was stored but before its ledger line was written
+finds its own tag when resumed, and books the request as paid instead of as a free hit.
 
 The store is SQLite in WAL mode: several runs (threads or processes) may share one file, and a
 process killed mid-write leaves the last committed entries intact (SQLite's journal rolls back a
@@ -27,7 +29,7 @@ from bbt.errors import ConfigError
 from bbt.protocol import EvaluateRequest, EvaluateResponse, ModelInfo, StatsRequest, StatsResponse
 
 CACHE_ENV = "BBT_CACHE"  # a path, or "off"
-_SCHEMA = "CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, kind TEXT NOT NULL, body BLOB NOT NULL)"
+_SCHEMA = "CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, kind TEXT NOT NULL, body BLOB NOT NULL, payer TEXT)"
 
 
 def default_cache_path() -> Path | None:
@@ -50,19 +52,26 @@ class EvaluationCache:
             self._db.execute("PRAGMA journal_mode=WAL")  # readers never wait for a writer
             self._db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes; cheap commits
             self._db.execute(_SCHEMA)
+            _add_payer_column(self._db)
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"cannot open the evaluation cache {self.path}: {exc} "
                               f"(pass --cache PATH elsewhere, or --no-cache)") from None
         self._lock = threading.Lock()
 
     def get(self, key: str) -> bytes | None:
-        with self._lock:
-            row = self._db.execute("SELECT body FROM answers WHERE key = ?", (key,)).fetchone()
-        return None if row is None else row[0]
+        entry = self.entry(key)
+        return None if entry is None else entry[0]
 
-    def put(self, key: str, kind: str, body: bytes) -> None:
+    def entry(self, key: str) -> tuple[bytes, str] | None:
+        """The stored body and the tag of whoever paid for it ("" when untagged), or None."""
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO answers (key, kind, body) VALUES (?, ?, ?)", (key, kind, body))
+            row = self._db.execute("SELECT body, payer FROM answers WHERE key = ?", (key,)).fetchone()
+        return None if row is None else (row[0], row[1] or "")
+
+    def put(self, key: str, kind: str, body: bytes, payer: str | None = None) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO answers (key, kind, body, payer) VALUES (?, ?, ?, ?)",
+                             (key, kind, body, payer))
 
     def __len__(self) -> int:
         with self._lock:
@@ -71,6 +80,17 @@ class EvaluationCache:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _add_payer_column(db: sqlite3.Connection) -> None:
+    """Caches written before payer tags existed gain the column; their old answers stay untagged."""
+    if "payer" in {row[1] for row in db.execute("PRAGMA table_info(answers)")}:
+        return
+    try:
+        db.execute("ALTER TABLE answers ADD COLUMN payer TEXT")
+    except sqlite3.OperationalError as exc:
+        if "duplicate column" not in str(exc):  # another process added it first
+            raise
 
 
 def request_key(kind: str, info: ModelInfo, request: EvaluateRequest | StatsRequest) -> str:
@@ -113,15 +133,21 @@ class CachedBackend:
 
     def evaluate_cached(self, request: EvaluateRequest) -> tuple[EvaluateResponse, bool]:
         """The answer, and whether it came from the cache (then no query was paid for)."""
+        answer, paid_by = self.evaluate_tagged(request)
+        return answer, paid_by is not None
+
+    def evaluate_tagged(self, request: EvaluateRequest, payer: str | None = None) -> tuple[EvaluateResponse, str | None]:
+        """The answer, and None when the server was paid for it now, else the payer tag stored with
+        it ("" when untagged). A newly paid answer is stored under `payer`."""
         key = request_key("evaluate", self.model_info(request.model), request)
-        body = self.cache.get(key)
-        if body is not None:
+        entry = self.cache.entry(key)
+        if entry is not None:
             self.hits += 1
-            return EvaluateResponse.model_validate_json(body), True
+            return EvaluateResponse.model_validate_json(entry[0]), entry[1]
         self.misses += 1
         answer = self.backend.evaluate(request)
-        self.cache.put(key, "evaluate", answer.model_dump_json().encode())
-        return answer, False
+        self.cache.put(key, "evaluate", answer.model_dump_json().encode(), payer)
+        return answer, None
 
     def evaluate(self, request: EvaluateRequest) -> EvaluateResponse:
         return self.evaluate_cached(request)[0]
@@ -137,8 +163,9 @@ class CachedBackend:
         self.close()
 
 
-def evaluate(backend: Backend, request: EvaluateRequest) -> tuple[EvaluateResponse, bool]:
-    """`backend.evaluate`, and whether the answer came from a cache (any backend works here)."""
+def evaluate(backend: Backend, request: EvaluateRequest, payer: str | None = None) -> tuple[EvaluateResponse, str | None]:
+    """`backend.evaluate` (any backend works here), and None when the answer was paid for now,
+    else the payer tag of the cached answer ("" when untagged): pass it to `Ledger.record`."""
     if isinstance(backend, CachedBackend):
-        return backend.evaluate_cached(request)
-    return backend.evaluate(request), False
+        return backend.evaluate_tagged(request, payer)
+    return backend.evaluate(request), None

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,10 +112,10 @@ def score_candidates(backend, model: str, task: TaskSpec, split: Split, candidat
         inputs = split.examples[start : start + EVAL_CHUNK]
         req = EvaluateRequest(model=model, task=task, inputs=inputs, return_logits=True, loss=loss,
                               candidates=candidates, return_prompts=return_prompts and start == 0)
-        resp, cached = cache.evaluate(backend, req)
+        resp, paid_by = cache.evaluate(backend, req, None if ledger is None else ledger.payer())
         if ledger is not None:
             ledger.record(resp.usage, expected=Usage(queries=k, requests=1, examples=k * len(inputs),
-                                                     tokens=resp.usage.tokens), tuning=False, cached=cached)
+                                                     tokens=resp.usage.tokens), tuning=False, paid_by=paid_by)
         chunks.append(resp.logits.to_numpy())  # (K, n, C)
         if req.return_prompts:
             if resp.prompts is None:
@@ -153,6 +154,7 @@ def run_tune(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, 
             log(f"{out} is already finished; its metrics:")
             return json.loads((out / "metrics.json").read_text())
         saved = checkpoint.load(out / STATE_FILE)
+        run_id = json.loads((out / "config.json").read_text()).get("run_id")  # None in folders from before run ids
     else:
         if replace:
             for name in RUN_FILES:
@@ -162,9 +164,11 @@ def run_tune(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, 
             raise ConfigError(f"{out} already holds a run: continue it with bbt tune --resume {out}, "
                               "or pick another --out")
         out.mkdir(parents=True, exist_ok=True)
+        run_id = uuid.uuid4().hex  # tags what this run pays for in a shared evaluation cache
         (out / "config.json").write_text(json.dumps(
-            {"bbt_version": __version__, "config": cfg.model_dump(), "task": task.model_dump(), **(context or {})}, indent=2))
-    ledger = Ledger(cfg.budget, out / "ledger.jsonl")
+            {"bbt_version": __version__, "run_id": run_id, "config": cfg.model_dump(), "task": task.model_dump(),
+             **(context or {})}, indent=2))
+    ledger = Ledger(cfg.budget, out / "ledger.jsonl", run_id=run_id)
     try:
         return _run(cfg, task, data, backend, out, ledger, saved, progress=progress, log=log, wall_start=wall_start,
                     report_to=report_to)

@@ -388,11 +388,12 @@ def table(out: str | Path) -> list[dict]:
 
 
 def format_table(lines: list[dict]) -> str:
-    head = f"{'task':8s} {'method':14s} {'settings':22s} {'budget':>7s} {'test':>13s} {'no prompt':>13s} {'gap':>13s} seeds"
+    w = max([8, *(len(x["task"]) for x in lines)])  # user tasks have names of any length
+    head = f"{'task':{w}s} {'method':14s} {'settings':22s} {'budget':>7s} {'test':>13s} {'no prompt':>13s} {'gap':>13s} seeds"
     out = [head]
     for x in lines:
         settings = ",".join(f"{k}={v}" for k, v in x["settings"].items()) or "-"
-        out.append(f"{x['task']:8s} {x['method']:14s} {settings[:22]:22s} {str(x['budget'] or '-'):>7s} "
+        out.append(f"{x['task']:{w}s} {x['method']:14s} {settings[:22]:22s} {str(x['budget'] or '-'):>7s} "
                    f"{x['test']:6.1f} ± {x['test_se']:4.1f} {x['no_prompt']:6.1f} ± {x['no_prompt_se']:4.1f} "
                    f"{x['gap']:+6.1f} ± {x['gap_se']:4.1f} {','.join(map(str, x['seeds']))}")
     return "\n".join(out)

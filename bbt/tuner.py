@@ -138,9 +138,9 @@ class Scorer:
             loss=self.cfg.loss, return_logits=True,
             candidates=prompt.candidates(z, self.cfg.encoding, layer=layer if k > 1 and layer else None),
         )
-        resp, cached = cache.evaluate(self.backend, req)
+        resp, paid_by = cache.evaluate(self.backend, req, self.ledger.payer())
         expected = Usage(queries=k, requests=1, examples=k * self.n, tokens=k * self.tokens_per_query)
-        self.ledger.record(resp.usage, expected=expected, tuning=self.tuning, cached=cached)
+        self.ledger.record(resp.usage, expected=expected, tuning=self.tuning, paid_by=paid_by)
         logits = resp.logits.to_numpy()
         labels = np.asarray(self.split.labels)
         return np.asarray(resp.losses), metrics.score(self.task.metric, logits, labels), metrics.accuracy(logits, labels)

@@ -145,9 +145,9 @@ def _query(backend, model, task, split, ledger, tokens: int, *, labels: bool = T
         return None
     req = EvaluateRequest(model=model, task=task, inputs=split.examples, labels=split.labels if labels else None,
                           return_logits=True, top_words=top_words)
-    resp, cached = cache.evaluate(backend, req)
+    resp, paid_by = cache.evaluate(backend, req, ledger.payer())
     ledger.record(resp.usage, expected=Usage(queries=1, requests=1, examples=len(split), tokens=tokens),
-                  tuning=True, cached=cached)
+                  tuning=True, paid_by=paid_by)
     return resp
 
 

@@ -150,3 +150,17 @@ def test_an_unusable_default_cache_is_skipped_with_a_warning(tiny_encoder, data_
     assert main(args) == 0
     assert "going on without a cache" in capsys.readouterr().err
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["spending"]["cache_hits"] == 0
+
+
+def test_a_cache_from_before_payer_tags_is_upgraded_in_place(tmp_path):
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE answers (key TEXT PRIMARY KEY, kind TEXT NOT NULL, body BLOB NOT NULL)")
+    db.execute("INSERT INTO answers VALUES ('k', 'evaluate', x'0102')")
+    db.commit()
+    db.close()
+    cache = EvaluationCache(path)
+    assert cache.entry("k") == (b"\x01\x02", "")  # an old answer: nobody's tag
+    cache.put("k2", "evaluate", b"\x03", payer="run/4")
+    assert cache.entry("k2") == (b"\x03", "run/4")
+    assert EvaluationCache(path).get("k") == b"\x01\x02"  # a second open finds the column there

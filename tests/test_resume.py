@@ -1,8 +1,9 @@
 """Durable runs: kill -9 at any point, `bbt tune --resume RUN`, and the run ends as if never stopped.
 
 A killed run is a real `bbt tune` child process. Some are killed by a patch at an exact point
-(before a request, after an answer, after the ledger line, between a checkpoint's CMA-ES parts
-and state.pkl, between state.pkl's write and its rename), one at whatever moment it has reached
+(before a request, after an answer, after the answer was cached but before its ledger line, after
+the ledger line, between a checkpoint's CMA-ES parts and state.pkl, between state.pkl's write and
+its rename), one at whatever moment it has reached
 after a few requests. Each is resumed with the real CLI and compared with an uninterrupted run
 of the same command: the same metrics, prompt and log, and with a cache, not one query paid twice.
 """
@@ -54,6 +55,14 @@ elif point == "after-ledger":
         if due():
             die()
     budget.Ledger.record = record
+elif point == "after-cache":
+    from bbt import cache
+    inner = cache.EvaluationCache.put
+    def put(self, *args, **kwargs):
+        inner(self, *args, **kwargs)
+        if due():
+            die()
+    cache.EvaluationCache.put = put
 elif point == "mid-checkpoint":
     inner = os.replace
     def replace(src, dst):
@@ -126,6 +135,8 @@ def clean_runs(tmp_path_factory, tiny_encoder, data_dir):
     ("before-request", 5, "bbt"),
     ("after-answer", 4, "bbtv2"),  # scored, but neither cached nor in the ledger
     ("after-ledger", 6, "bbt"),  # paid and recorded; the checkpoint of its generation not yet written
+    ("after-cache", 6, "bbt"),  # paid and cached, not yet in the ledger: the resumed run books it as paid
+    ("after-cache", 9, "bbtv2"),
     ("mid-checkpoint", 3, "bbtv2"),  # the first generation's CMA-ES parts half written
     ("mid-checkpoint", 5, "bbtv2"),  # a new part written, state.pkl still naming the part it replaces
     ("mid-checkpoint", 6, "bbtv2"),  # state.pkl.tmp written, not renamed over state.pkl
