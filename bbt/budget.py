@@ -203,7 +203,7 @@ class Ledger:
         for a step it never wrote down means the answer was billed to this run, and is booked so.
         """
         cached = cached or paid_by is not None
-        if cached and paid_by and paid_by == self.payer() and self.step not in self._steps:
+        if paid_by and paid_by == self.payer() and self.step not in self._steps:
             cached = False  # paid by this run before a kill, cached, never journaled
         notes = []
         if not cached:

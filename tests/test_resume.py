@@ -36,40 +36,27 @@ def due():
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
-if point in ("before-request", "after-answer"):
-    from bbt.backends import local
-    inner = local.LocalBackend.evaluate
-    def evaluate(self, request):
-        if point == "before-request" and due():
+def kill_at(owner, name, before):  # owner.name's call N dies before (or after) doing its work
+    inner = getattr(owner, name)
+    def wrapped(*args, **kwargs):
+        if before and due():
             die()
-        answer = inner(self, request)
-        if point == "after-answer" and due():
+        result = inner(*args, **kwargs)
+        if not before and due():
             die()
-        return answer
-    local.LocalBackend.evaluate = evaluate
-elif point == "after-ledger":
-    from bbt import budget
-    inner = budget.Ledger.record
-    def record(self, *args, **kwargs):
-        inner(self, *args, **kwargs)
-        if due():
-            die()
-    budget.Ledger.record = record
-elif point == "after-cache":
-    from bbt import cache
-    inner = cache.EvaluationCache.put
-    def put(self, *args, **kwargs):
-        inner(self, *args, **kwargs)
-        if due():
-            die()
-    cache.EvaluationCache.put = put
-elif point == "mid-checkpoint":
-    inner = os.replace
-    def replace(src, dst):
-        if due():
-            die()
-        inner(src, dst)
-    os.replace = replace
+        return result
+    setattr(owner, name, wrapped)
+
+from bbt import budget, cache
+from bbt.backends import local
+owner, name, before = {
+    "before-request": (local.LocalBackend, "evaluate", True),
+    "after-answer": (local.LocalBackend, "evaluate", False),
+    "after-cache": (cache.EvaluationCache, "put", False),
+    "after-ledger": (budget.Ledger, "record", False),
+    "mid-checkpoint": (os, "replace", True),
+}[point]
+kill_at(owner, name, before)
 from bbt.cli import main
 sys.exit(main(sys.argv[3:]))
 """
