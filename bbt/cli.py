@@ -83,9 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "out of quota), with the settings in RUN/config.json; only the options of the model's location, "
                    "the cache and --quiet may be given with it")
     m = t.add_argument_group("method")
-    m.add_argument("--method", choices=["bbt", "bbtv2", *GRADIENT_METHODS], default=d.method,
+    m.add_argument("--method", choices=["bbt", "bbtv2", *GRADIENT_METHODS], default=None,
                    help="bbt: input prompt; bbtv2: deep prompt, layer by layer; prompt-tuning, p-tuning, prefix-tuning, "
-                   "p-tuning-v2: the gradient baselines through PEFT (in process only; --lr, --epochs, --batch-size)")
+                   "p-tuning-v2: the gradient baselines through PEFT (in process only; --lr, --epochs, --batch-size). "
+                   f"Default: {d.method} (causal LMs: bbtv2; bbt with --local)")
     m.add_argument("--model", default=d.model, help="minilm, smollm2, a local model directory or a .gguf file (in "
                    "process); with --endpoint, a model the server serves")
     m.add_argument("--prompt-length", type=int, default=None, metavar="L",
@@ -188,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--tasks", nargs="+", metavar="TASK", help="task folders under --data-root (built-in names or not)")
     w.add_argument("--data-root", metavar="DIR", help="folder holding one folder per task")
     w.add_argument("--seeds", nargs="+", type=int, default=[13, 42, 87], help="split seeds")
-    w.add_argument("--methods", nargs="+", default=["bbt"], choices=["bbt", "bbtv2", *GRADIENT_METHODS])
+    w.add_argument("--methods", nargs="+", default=["bbt"], choices=["bbt", "bbtv2", *GRADIENT_METHODS],
+                   help="each cell names its method, so a sweep does not take a model family's default (default: bbt)")
     w.add_argument("--budgets", nargs="+", type=int, default=[500], metavar="Q", help="queries at which to score")
     w.add_argument("--model", default=d.model, help="the model (a server's name with --endpoint)")
     w.add_argument("--prompt-length", type=int, default=None, metavar="L", help="soft-prompt tokens (default: bbt's)")
@@ -349,13 +351,13 @@ def _tune_config(args) -> TuneConfig:
     try:
         budget = Budget(queries=args.budget, requests=args.max_requests, examples=args.max_examples, tokens=args.max_tokens,
                         cost=args.max_cost, price_per_1k_tokens=args.price_per_1k_tokens)
-        given = {k: v for k, v in (("prompt_length", args.prompt_length), ("alpha", args.alpha),
+        given = {k: v for k, v in (("method", args.method), ("prompt_length", args.prompt_length), ("alpha", args.alpha),
                                    ("init", args.init or ("instruction" if args.init_text else None)),
                                    ("verbalizer", args.verbalizer or ("auto" if args.label_words else None)),
                                    ("label_words", args.label_words), ("select", args.select),
                                    ("local", args.local or ("cobyla" if args.local_share or args.local_dim else None)),
                                    ("local_share", args.local_share), ("local_dim", args.local_dim)) if v is not None}
-        return TuneConfig(**given, model=args.model, method=args.method, seed=args.seed,
+        return TuneConfig(**given, model=args.model, seed=args.seed,
                           intrinsic_dim=args.intrinsic_dim, popsize=args.popsize, sigma=args.sigma, loss=args.loss,
                           projection=args.projection, bound=args.bound, init_text=args.init_text,
                           search_seed=args.search_seed, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,

@@ -73,14 +73,17 @@ def test_parser_defaults_come_from_tuneconfig():
     assert (args.intrinsic_dim, args.popsize, args.sigma, args.budget, args.model) == (
         d.intrinsic_dim, d.popsize, d.sigma, d.budget.queries, d.model)
     # settings with a family default are left unset, so the model's family decides (a given one wins)
-    assert (args.prompt_length, args.alpha, args.init) == (None, None, None)
+    assert (args.method, args.prompt_length, args.alpha, args.init) == (None, None, None, None)
 
 
 def test_family_defaults_fill_only_what_was_not_given():
     from bbt.config import TuneConfig, with_family_defaults
 
     cfg = with_family_defaults(TuneConfig(prompt_length=20), "causal")
-    assert (cfg.prompt_length, cfg.init, cfg.alpha) == (20, "instruction", 0.5)
+    assert (cfg.method, cfg.prompt_length, cfg.init, cfg.alpha) == ("bbtv2", 20, "instruction", 0.5)
+    assert with_family_defaults(TuneConfig(method="bbt"), "causal").method == "bbt"
+    # a second search stage is BBT's, so asking for one keeps BBT on a causal LM
+    assert with_family_defaults(TuneConfig(local="cobyla", budget={"queries": 100}), "causal").method == "bbt"
     assert with_family_defaults(TuneConfig(), "encoder") == TuneConfig()  # the sentence encoder keeps bbt's defaults
     given = with_family_defaults(TuneConfig(init="zero", alpha=1.0, prompt_length=50), "causal")
     assert (given.prompt_length, given.init, given.alpha) == (50, "zero", 1.0)

@@ -19,7 +19,8 @@ peft = pytest.importorskip("peft", reason="peft is not installed (pip install 'b
 
 
 def _tune(model, data_dir, out, *extra):
-    assert main(["tune", "--model", str(model), "--task", "sst2", "--data", str(data_dir), "--seed", "13",
+    """A BBT run (the causal-LM default is BBTv2; an --method in `extra` comes later and wins)."""
+    assert main(["tune", "--model", str(model), "--method", "bbt", "--task", "sst2", "--data", str(data_dir), "--seed", "13",
                  "--prompt-length", "3", "--intrinsic-dim", "8", "--popsize", "4", "--budget", "8",
                  "--out", str(out), "--no-cache", "--quiet", *extra]) == 0
 
@@ -112,7 +113,7 @@ def test_smollm2_peft_export_predicts_what_bbt_predicts(smollm2, tmp_path, local
              "i enjoyed it", "i hated it"]
     split = Split([Example(text=t) for t in texts], [1, 0, 1, 0, 1, 0])
     data = TaskData(train=split, dev=split, test=split)
-    cfg = TuneConfig(model="smollm2", seed=1, prompt_length=4, intrinsic_dim=20, popsize=4, init="vocab",
+    cfg = TuneConfig(model="smollm2", method="bbt", seed=1, prompt_length=4, intrinsic_dim=20, popsize=4, init="vocab",
                      budget=Budget(queries=8))
     run = tmp_path / "run"
     run_tune(cfg, BUILTIN_TASKS["sst2"], data, local_backend, run, progress=False, log=lambda *a: None)
