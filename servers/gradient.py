@@ -14,10 +14,12 @@ tokens. Shapes: B examples in a batch, T tokens, V virtual tokens, C classes.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -214,6 +216,28 @@ def train(pm: PromptModel, task: TaskSpec, train_ex: list[Example], train_y: lis
     )
 
 
+PEFT_TYPES = {"prompt-tuning": "PROMPT_TUNING", "p-tuning": "P_TUNING", "prefix-tuning": "PREFIX_TUNING",
+              "p-tuning-v2": "PREFIX_TUNING"}
+
+
+def _check_adapter(pm: PromptModel, folder: Path, method: str) -> None:
+    """Refuse an adapter made for another method or another model before PEFT reads it: PEFT itself
+    would load a prefix of the wrong depth or width into a model and fail (or not) far from the cause."""
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{folder} holds no readable PEFT adapter config ({exc}); "
+                          "the run folder is damaged: train the method again into a new --out") from None
+    found = {"peft_type": config.get("peft_type"), "token_dim": config.get("token_dim"),
+             "num_layers": config.get("num_layers")}
+    expected = {"peft_type": PEFT_TYPES[method], "token_dim": pm.hidden_size, "num_layers": pm.num_layers}
+    wrong = [f"{k} {found[k]} (model {pm.name!r} with {method}: {expected[k]})"
+             for k in expected if found[k] is not None and found[k] != expected[k]]
+    if wrong:
+        raise ConfigError(f"the adapter in {folder} was not made for this model and method: {'; '.join(wrong)}. "
+                          f"Score it with the model it was trained on (its run's config.json names it)")
+
+
 def load(pm: PromptModel, folder: str, method: str):
     """A trained method back from its adapter folder (RUN/adapter), on a copy of the model's wrapper."""
     try:
@@ -222,7 +246,10 @@ def load(pm: PromptModel, folder: str, method: str):
         raise ConfigError("scoring a gradient baseline needs PEFT: pip install 'bbt[peft]'") from None
     if method not in DEFAULTS:
         raise ConfigError(f"unknown gradient method {method!r}: choose {', '.join(DEFAULTS)}")
+    _check_adapter(pm, Path(folder), method)
+    from safetensors import SafetensorError
+
     try:
         return PeftModel.from_pretrained(copy.copy(pm.model), folder).eval()
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
         raise ConfigError(f"PEFT cannot read the adapter in {folder} onto {pm.name!r}: {exc}") from None

@@ -117,3 +117,28 @@ def test_evaluate_and_predict_read_a_gradient_run(tiny_gpt2, data_dir, tmp_path,
     assert main(["predict", "--run", str(out), "a great film", "bad"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [x["text"] for x in lines] == ["a great film", "bad"] and all(x["label"] in ("negative", "positive") for x in lines)
+
+
+@pytest.mark.parametrize("damage", ["config-not-json", "no-weights", "weights-truncated", "other-width", "other-method"])
+def test_an_adapter_peft_cannot_read_or_made_for_another_model_is_refused(damage, tiny_gpt2, data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _tune(tiny_gpt2, data_dir, out, "prompt-tuning") == 0
+    adapter, before = out / "adapter", (out / "metrics.json").read_text()
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    if damage == "config-not-json":
+        (adapter / "adapter_config.json").write_text("{not json")
+    elif damage == "no-weights":
+        (adapter / "adapter_model.safetensors").unlink()
+    elif damage == "weights-truncated":
+        weights = adapter / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:40])
+    else:
+        config.update({"token_dim": 64} if damage == "other-width" else {"peft_type": "PREFIX_TUNING"})
+        (adapter / "adapter_config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(out), "--split", "test"]) != 0
+    err = capsys.readouterr().err
+    assert "adapter" in err and "Traceback" not in err
+    if damage in ("other-width", "other-method"):
+        assert "not made for this model and method" in err and ("64" in err or "PREFIX_TUNING" in err)
+    assert (out / "metrics.json").read_text() == before
