@@ -216,10 +216,6 @@ def train(pm: PromptModel, task: TaskSpec, train_ex: list[Example], train_y: lis
     )
 
 
-PEFT_TYPES = {"prompt-tuning": "PROMPT_TUNING", "p-tuning": "P_TUNING", "prefix-tuning": "PREFIX_TUNING",
-              "p-tuning-v2": "PREFIX_TUNING"}
-
-
 def _check_adapter(pm: PromptModel, folder: Path, method: str) -> None:
     """Refuse an adapter made for another method or another model before PEFT reads it: PEFT itself
     would load a prefix of the wrong depth or width into a model and fail (or not) far from the cause."""
@@ -230,7 +226,8 @@ def _check_adapter(pm: PromptModel, folder: Path, method: str) -> None:
                           "the run folder is damaged: train the method again into a new --out") from None
     found = {"peft_type": config.get("peft_type"), "token_dim": config.get("token_dim"),
              "num_layers": config.get("num_layers")}
-    expected = {"peft_type": PEFT_TYPES[method], "token_dim": pm.hidden_size, "num_layers": pm.num_layers}
+    peft_type = peft_config(method, pm.family.name, 1, pm.hidden_size).peft_type.value  # what training writes
+    expected = {"peft_type": peft_type, "token_dim": pm.hidden_size, "num_layers": pm.num_layers}
     wrong = [f"{k} {found[k]} (model {pm.name!r} with {method}: {expected[k]})"
              for k in expected if found[k] is not None and found[k] != expected[k]]
     if wrong:
