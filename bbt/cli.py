@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--select", choices=["dev-metric", "dev-loss", "train-dev"], default=None,
                    help="the prompt a run returns: best on dev by the task's metric (ties: dev loss), by dev loss, "
                    f"or by the metric on train + dev together (ties: their loss). Default: {d.select}")
+    m.add_argument("--folds", type=int, choices=[1, 2], default=None,
+                   help="2: train and dev swap roles halfway through the query budget (the second half searches on dev "
+                   f"from z = 0 and checks on train); the better of the two by its held-out score is returned. Default: {d.folds}")
     m.add_argument("--local", choices=["none", "cobyla"], default=None,
                    help="bbt: a second search stage, COBYLA from CMA-ES's best point in the --local-dim principal "
                    f"directions of its covariance, for the last --local-share of the query budget. Default: {d.local}")
@@ -354,7 +357,7 @@ def _tune_config(args) -> TuneConfig:
         given = {k: v for k, v in (("method", args.method), ("prompt_length", args.prompt_length), ("alpha", args.alpha),
                                    ("init", args.init or ("instruction" if args.init_text else None)),
                                    ("verbalizer", args.verbalizer or ("auto" if args.label_words else None)),
-                                   ("label_words", args.label_words), ("select", args.select),
+                                   ("label_words", args.label_words), ("select", args.select), ("folds", args.folds),
                                    ("local", args.local or ("cobyla" if args.local_share or args.local_dim else None)),
                                    ("local_share", args.local_share), ("local_dim", args.local_dim)) if v is not None}
         return TuneConfig(**given, model=args.model, seed=args.seed,

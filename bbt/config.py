@@ -62,6 +62,11 @@ class TuneConfig(BaseModel):
         "task's metric (ties: lower dev loss); by dev loss alone (smoother than the metric on 32 examples); or by "
         "the metric on train and dev together (ties: lower loss on both), twice the inputs of dev alone",
     )
+    folds: Literal[1, 2] = Field(
+        default=1,
+        description="2: train and dev swap roles halfway through the query budget (the second half searches on dev "
+        "from z = 0 and checks on train); the prompt returned is the better of the two by its held-out score",
+    )
     local: Literal["none", "cobyla"] = Field(
         default="none",
         description="a second search stage for bbt: COBYLA (scipy) from CMA-ES's best point, in the local_dim "
@@ -104,6 +109,10 @@ class TuneConfig(BaseModel):
             raise ValueError(f"local (a second search stage) is for method 'bbt'; method is {self.method!r}")
         if self.local != "none" and self.budget.queries is None:
             raise ValueError("local takes a share of the query budget: give a budget in queries")
+        if self.folds == 2 and self.budget.queries is None:
+            raise ValueError("folds 2 splits the query budget in halves: give a budget in queries")
+        if self.folds == 2 and self.local != "none":
+            raise ValueError("folds 2 and a second stage (local) both split the budget; choose one")
         if self.label_words is not None and self.verbalizer != "auto":
             raise ValueError("label_words is the number of words of verbalizer 'auto'; verbalizer is 'manual'")
         return self

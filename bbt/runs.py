@@ -273,6 +273,7 @@ def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out:
         "queries_paid": ledger.paid.queries,  # billed by the server, evaluation included; cache hits are free
         "generations": result.generations,
         "stop_reason": result.stop_reason,  # "budget", "rounds" or "patience"
+        **({} if result.fold is None else {"fold": result.fold}),  # two folds: 1 if the prompt was fitted to dev
         "tuning_seconds": round(result.seconds, 3),
         "queries_per_second": round(ledger.tuning.queries / result.seconds, 3) if result.seconds > 0 else None,
         "spending": ledger.summary(),

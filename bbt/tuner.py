@@ -9,6 +9,12 @@ With `patience`, the run also ends after that many generations without a better 
 BBTv2 keeps one CMA-ES per layer. Generation g tunes layer g mod layers (bottom to top, round
 after round) while every other layer keeps its best z so far: divide and conquer. A run ends when
 the budget affords no more train queries, or after `rounds` rounds.
+
+With two folds (TuneConfig.folds), train and dev swap roles halfway: the first half of the budget
+searches on train and checks its bests on dev; the second starts again from z = 0 with fresh
+CMA-ES, searches on dev and checks on train. A candidate is always judged on the split it was not
+fitted to, so the two folds' prompts compete on held-out scores, and every k-shot input has
+steered a search instead of half of them only ever choosing.
 """
 
 from __future__ import annotations
@@ -109,6 +115,7 @@ class TuneResult:
     stop_reason: str
     history: list[dict] = field(default_factory=list)
     path: list[tuple[int, np.ndarray]] = field(default_factory=list)  # TuneState.path
+    fold: int | None = None  # two folds: the one the prompt came from (0: fitted to train, 1: to dev)
 
     def prompt_at(self, queries: int) -> Prompt:
         """The prompt this run would have returned with a budget of `queries` (z = 0 before any)."""
@@ -241,6 +248,11 @@ class TuneState:
     stage: str = "cma"  # "local": the second stage (TuneConfig.local) has begun
     local_base: np.ndarray | None = None  # z where the second stage started (best on train then)
     local_losses: list[float] = field(default_factory=list)  # every train loss it paid for, in order
+    # two folds (TuneConfig.folds): 1 once the search fits dev and checks on train; generation where it began;
+    # the fold the prompt to return came from. Class-level defaults: checkpoints without them read fold 0.
+    fold: int = 0
+    fold_start: int = 0
+    chosen_fold: int = 0
 
 
 def start_state(cfg: TuneConfig, info: ModelInfo, hidden_std: list[float], init_text: str | None = None) -> TuneState:
@@ -292,6 +304,7 @@ def tune(backend: Backend, cfg: TuneConfig, task: TaskSpec, train: Split, dev: S
     max_generations = None if cfg.rounds is None else cfg.rounds * layers
     # the second stage takes the last local_share of the query budget (TuneConfig.local)
     first_stage = None if cfg.local == "none" else cfg.budget.queries - round(cfg.local_share * cfg.budget.queries)
+    half = None if cfg.folds == 1 else cfg.budget.queries // 2  # queries of the first fold (TuneConfig.folds)
 
     def finish(record: dict) -> None:
         """Book a completed generation (or second-stage window): state, path, log and checkpoint."""
@@ -314,36 +327,55 @@ def tune(backend: Backend, cfg: TuneConfig, task: TaskSpec, train: Split, dev: S
             on_state(s)
 
     def check_dev(z: np.ndarray, record: dict) -> None:
-        """Score a new best-on-train z [layers, d] on dev (one query) and keep it if it is better there."""
-        if dev_scorer.affordable(1):
-            d_loss, d_score, d_acc = dev_scorer.score(prompt, z[None])
+        """Score a new best-on-train z [layers, d] on dev (one query) and keep it if it is better there.
+        In the second fold "train" is the dev split and "dev" the train split (log keys stay)."""
+        held_out = dev_scorer if s.fold == 0 else train_scorer
+        if held_out.affordable(1):
+            d_loss, d_score, d_acc = held_out.score(prompt, z[None])
             candidate = Evaluation(float(d_loss[0]), float(d_score[0]), float(d_acc[0]))
             record.update(dev_loss=candidate.loss, dev_metric=candidate.metric)
             if s.best_dev is None or _better((candidate, s.best_train), (s.best_dev, s.chosen_train), cfg.select):
-                s.best_dev, s.chosen_train, prompt.z = candidate, s.best_train, z.copy()
+                s.best_dev, s.chosen_train, prompt.z, s.chosen_fold = candidate, s.best_train, z.copy(), s.fold
                 record["new_best_dev"] = True
+
+    def next_fold() -> None:
+        """Start the second fold: z = 0, fresh CMA-ES on their own seeds; the prompt to return stays."""
+        s.fold, s.fold_start = 1, s.generation
+        s.optimizers = [CMAES(cfg.intrinsic_dim, popsize=cfg.popsize, sigma=cfg.sigma,
+                              seed=derive_seed(cfg.search, _CMA, layer, 1), bound=cfg.bound, diagonal=cfg.diagonal)
+                        for layer in range(layers)]
+        s.best_z, s.best_train = np.zeros_like(s.best_z), Evaluation(float("inf"), 0.0, 0.0)
 
     while s.stage == "cma":
         if s.history and s.history[-1]["candidates"] < cfg.popsize:
             break  # the last generation was cut to what the budget had left
-        if s.generation == max_generations:
-            stop_reason = "rounds"
-            break
-        if cfg.patience is not None and s.generation - _last_dev_gain(s.history) >= cfg.patience:
-            stop_reason = "patience"
+        in_fold = s.generation - s.fold_start  # rounds and patience count within a fold
+        ended = None
+        if in_fold == max_generations:
+            ended = "rounds"
+        elif cfg.patience is not None and s.generation - max(_last_dev_gain(s.history), s.fold_start) >= cfg.patience:
+            ended = "patience"
+        elif s.fold == 0 and half is not None and ledger.tuning.queries + cfg.popsize > half:
+            ended = "fold"
+        if ended is not None and s.fold == 0 and half is not None:
+            next_fold()
+            continue
+        if ended is not None:
+            stop_reason = ended
             break
         if first_stage is not None and ledger.tuning.queries + cfg.popsize > first_stage:
             s.stage = "local"
             break
-        k = train_scorer.affordable(cfg.popsize)
+        fit = train_scorer if s.fold == 0 else dev_scorer
+        k = fit.affordable(cfg.popsize)
         if k == 0:
             break
-        layer = s.generation % layers
+        layer = in_fold % layers
         es = s.optimizers[layer]
         proposals = es.ask()  # (popsize, d)
         z = np.repeat(s.best_z[None], k, axis=0)  # (K, layers, d)
         z[:, layer] = proposals[:k]
-        losses, scores, accs = train_scorer.score(prompt, z, layer)
+        losses, scores, accs = fit.score(prompt, z, layer)
         if k == cfg.popsize:
             es.tell(proposals, losses)  # a cut final generation is scored but not told: pycma needs all of it
         i = int(np.argmin(losses))
@@ -351,6 +383,8 @@ def tune(backend: Backend, cfg: TuneConfig, task: TaskSpec, train: Split, dev: S
             "generation": s.generation, "layer": layer, "candidates": k,
             "loss_mean": float(losses.mean()), "loss_min": float(losses[i]), "train_acc": float(accs[i]),
         }
+        if half is not None:
+            record["fold"] = s.fold
         if losses[i] < s.best_train.loss:
             s.best_train = Evaluation(float(losses[i]), float(scores[i]), float(accs[i]))
             s.best_z = z[i].copy()
@@ -358,7 +392,10 @@ def tune(backend: Backend, cfg: TuneConfig, task: TaskSpec, train: Split, dev: S
         finish(record)
     if s.stage == "local":
         stop_reason = _second_stage(s, cfg, prompt, train_scorer, check_dev, finish)
+    fitted, held_out = s.chosen_train or s.best_train, s.best_dev
+    if s.chosen_fold == 1:  # fitted to dev, checked on train: report each score under its split
+        fitted, held_out = held_out, fitted
     return TuneResult(
-        prompt=prompt, train=s.chosen_train or s.best_train, dev=s.best_dev, generations=s.generation,
+        prompt=prompt, train=fitted, dev=held_out, generations=s.generation, fold=s.chosen_fold if half else None,
         seconds=time.perf_counter() - start, stop_reason=stop_reason, history=s.history, path=s.path,
     )

@@ -76,6 +76,16 @@ def test_parser_defaults_come_from_tuneconfig():
     assert (args.method, args.prompt_length, args.alpha, args.init) == (None, None, None, None)
 
 
+def test_tune_flags_reach_the_config():
+    from bbt.cli import _tune_config
+
+    cfg = _tune_config(build_parser().parse_args(["tune", "--data", "d", "--out", "o", "--folds", "2",
+                                                  "--select", "dev-loss"]))
+    assert (cfg.folds, cfg.select, cfg.local) == (2, "dev-loss", "none")
+    cfg = _tune_config(build_parser().parse_args(["tune", "--data", "d", "--out", "o", "--local-dim", "5"]))
+    assert (cfg.folds, cfg.local, cfg.local_dim) == (1, "cobyla", 5)  # a stage-two setting turns the stage on
+
+
 def test_family_defaults_fill_only_what_was_not_given():
     from bbt.config import TuneConfig, with_family_defaults
 

@@ -167,6 +167,14 @@ def test_verbalizer_search_and_second_stage_over_http_equal_in_process(local, ht
     assert got["queries_used"] <= 50
 
 
+def test_two_folds_over_http_equal_in_process(local, http, tmp_path):
+    """--folds 2 is the client's own bookkeeping: the server sees only train and dev requests."""
+    cfg = small_config(queries=50).model_copy(update={"folds": 2})
+    want = run_tune(cfg, TASK, DATA, local, tmp_path / "local", progress=False, log=quiet)
+    got = run_tune(cfg, TASK, DATA, http, tmp_path / "http", progress=False, log=quiet)
+    assert without_timing(got) == without_timing(want) and got["fold"] in (0, 1) and got["queries_used"] <= 50
+
+
 # ---- retries ------------------------------------------------------------------------------------
 
 def test_tuning_through_faults_equals_in_process_and_counts_once(local, server, faults):

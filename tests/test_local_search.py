@@ -152,3 +152,61 @@ def test_a_run_returns_the_dev_checked_prompt_its_rule_ranks_first(select, tiny_
             "train-dev": lambda r: (-(r["dev_metric"] + r["train_acc"]), r["dev_loss"] + r["loss_min"])}[select]
     want = min(range(len(checked)), key=lambda i: (keys(checked[i]), i))  # the first of equals
     assert result.dev.loss == checked[want]["dev_loss"] and result.train.loss == checked[want]["loss_min"]
+
+
+def test_two_folds_swap_train_and_dev_halfway(tiny_encoder, local_backend, tiny_data, sst2_task):
+    from bbt.data import Split
+    from bbt.tuner import Scorer
+
+    cfg = small(model=str(tiny_encoder), folds=2)
+    train, dev = tiny_data.train, Split(tiny_data.dev.examples[:4], tiny_data.dev.labels[:4])  # sizes tell splits apart
+    ledger = Ledger(cfg.budget)
+    result = tune(local_backend, cfg, sst2_task, train, dev, ledger)
+    folds = [r["fold"] for r in result.history]
+    assert folds == sorted(folds) and set(folds) == {0, 1}
+    assert max(r["queries_used"] for r in result.history if r["fold"] == 0) <= 30 and ledger.tuning.queries <= 60
+    # fold 0 fits the 8 train inputs and checks on the 4 of dev; fold 1 the other way round
+    sizes = {0: (len(train), len(dev)), 1: (len(dev), len(train))}
+    assert ledger.tuning.examples == sum(r["candidates"] * sizes[r["fold"]][0] + ("dev_loss" in r) * sizes[r["fold"]][1]
+                                         for r in result.history)
+    assert result.fold == [r["fold"] for r in result.history if r.get("new_best_dev")][-1]
+    # whichever fold it came from, the scores reported as train and dev are the prompt's on those splits
+    for split, want in ((train, result.train), (dev, result.dev)):
+        losses, _, accs = Scorer(local_backend, cfg, sst2_task, split, Ledger(Budget(queries=10)), tuning=False).score(
+            result.prompt, result.prompt.z[None])
+        assert losses[0] == pytest.approx(want.loss, rel=1e-5) and accs[0] == want.accuracy
+
+
+def test_two_folds_resume_exactly(tiny_encoder, local_backend, tiny_data, sst2_task, tmp_path):
+    cfg = small(model=str(tiny_encoder), folds=2, method="bbtv2")
+    want = tune(local_backend, cfg, sst2_task, tiny_data.train, tiny_data.dev, Ledger(cfg.budget))
+    saved = []
+
+    class Killed(Exception):
+        pass
+
+    def on_state(state):
+        saved.append(copy.deepcopy(state))
+        if state.fold == 1 and state.generation > state.fold_start:
+            raise Killed  # a kill right after the first checkpoint of the second fold
+
+    path = tmp_path / "ledger.jsonl"
+    ledger = Ledger(cfg.budget, path)
+    with pytest.raises(Killed):
+        tune(local_backend, cfg, sst2_task, tiny_data.train, tiny_data.dev, ledger, on_state=on_state)
+    ledger.close()
+    again = Ledger(cfg.budget, path)
+    again.rewind(saved[-1].ledger_step)
+    got = tune(local_backend, cfg, sst2_task, tiny_data.train, tiny_data.dev, again, state=saved[-1])
+    np.testing.assert_array_equal(got.prompt.z, want.prompt.z)
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert strip(got.history) == strip(want.history) and got.fold == want.fold
+
+
+def test_fold_settings_are_checked():
+    with pytest.raises(ValidationError, match="choose one"):
+        TuneConfig(folds=2, local="cobyla")
+    with pytest.raises(ValidationError, match="budget in queries"):
+        TuneConfig(folds=2, budget=Budget(queries=None, requests=10))
+    with pytest.raises(ValidationError):
+        TuneConfig(folds=3)
