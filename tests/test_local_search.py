@@ -85,10 +85,10 @@ def test_second_stage_spends_its_share_one_candidate_per_query(tiny_encoder, loc
     assert ledger.tuning.queries >= 55  # it used the budget, unless COBYLA converged (it cannot in 30 queries)
 
 
-def test_second_stage_resumes_exactly(tiny_encoder, local_backend, tiny_data, sst2_task, tmp_path):
-    cfg = small(model=str(tiny_encoder), local="cobyla", local_share=0.5, local_dim=3)
-    want = tune(local_backend, cfg, sst2_task, tiny_data.train, tiny_data.dev, Ledger(cfg.budget))
-
+def run_killed_and_resumed(cfg, kill_after, backend, task, data, tmp_path):
+    """The run uninterrupted, and the same run killed right after the first checkpoint whose state
+    `kill_after` accepts, then resumed from it on the rewound ledger: (want, got, resumed ledger)."""
+    want = tune(backend, cfg, task, data.train, data.dev, Ledger(cfg.budget))
     saved = []
 
     class Killed(Exception):
@@ -96,18 +96,24 @@ def test_second_stage_resumes_exactly(tiny_encoder, local_backend, tiny_data, ss
 
     def on_state(state):
         saved.append(copy.deepcopy(state))
-        if state.stage == "local" and len(state.local_losses) >= 8:
-            raise Killed  # as a kill right after a checkpoint inside the second stage
+        if kill_after(state):
+            raise Killed
 
     path = tmp_path / "ledger.jsonl"
     ledger = Ledger(cfg.budget, path)
     with pytest.raises(Killed):
-        tune(local_backend, cfg, sst2_task, tiny_data.train, tiny_data.dev, ledger, on_state=on_state)
+        tune(backend, cfg, task, data.train, data.dev, ledger, on_state=on_state)
     ledger.close()
-    state = saved[-1]
     again = Ledger(cfg.budget, path)
-    again.rewind(state.ledger_step)
-    got = tune(local_backend, cfg, sst2_task, tiny_data.train, tiny_data.dev, again, state=state)
+    again.rewind(saved[-1].ledger_step)
+    return want, tune(backend, cfg, task, data.train, data.dev, again, state=saved[-1]), again
+
+
+def test_second_stage_resumes_exactly(tiny_encoder, local_backend, tiny_data, sst2_task, tmp_path):
+    cfg = small(model=str(tiny_encoder), local="cobyla", local_share=0.5, local_dim=3)
+    want, got, again = run_killed_and_resumed(  # killed inside the second stage
+        cfg, lambda state: state.stage == "local" and len(state.local_losses) >= 8,
+        local_backend, sst2_task, tiny_data, tmp_path)
     np.testing.assert_array_equal(got.prompt.z, want.prompt.z)
     strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
     assert strip(got.history) == strip(want.history) and again.tuning.queries == 60
@@ -179,25 +185,9 @@ def test_two_folds_swap_train_and_dev_halfway(tiny_encoder, local_backend, tiny_
 
 def test_two_folds_resume_exactly(tiny_encoder, local_backend, tiny_data, sst2_task, tmp_path):
     cfg = small(model=str(tiny_encoder), folds=2, method="bbtv2")
-    want = tune(local_backend, cfg, sst2_task, tiny_data.train, tiny_data.dev, Ledger(cfg.budget))
-    saved = []
-
-    class Killed(Exception):
-        pass
-
-    def on_state(state):
-        saved.append(copy.deepcopy(state))
-        if state.fold == 1 and state.generation > state.fold_start:
-            raise Killed  # a kill right after the first checkpoint of the second fold
-
-    path = tmp_path / "ledger.jsonl"
-    ledger = Ledger(cfg.budget, path)
-    with pytest.raises(Killed):
-        tune(local_backend, cfg, sst2_task, tiny_data.train, tiny_data.dev, ledger, on_state=on_state)
-    ledger.close()
-    again = Ledger(cfg.budget, path)
-    again.rewind(saved[-1].ledger_step)
-    got = tune(local_backend, cfg, sst2_task, tiny_data.train, tiny_data.dev, again, state=saved[-1])
+    want, got, _ = run_killed_and_resumed(  # killed after the first checkpoint of the second fold
+        cfg, lambda state: state.fold == 1 and state.generation > state.fold_start,
+        local_backend, sst2_task, tiny_data, tmp_path)
     np.testing.assert_array_equal(got.prompt.z, want.prompt.z)
     strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
     assert strip(got.history) == strip(want.history) and got.fold == want.fold
