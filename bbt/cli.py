@@ -107,9 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the instruction p0 is made from (implies --init instruction)")
     m.add_argument("--verbalizer", choices=["manual", "auto"], default=None,
                    help="manual: the task's label words (sentence encoders: label texts); auto: several per class, "
-                   f"chosen on the training split, their number on train + dev (1 query + 1 per number tried). Default: {d.verbalizer}")
+                   f"chosen on the training split, their number on held-out train folds + dev (2 queries). Default: {d.verbalizer}")
     m.add_argument("--label-words", type=int, default=None, metavar="K",
-                   help="with --verbalizer auto: words per class (default: chosen on train + dev from 1, 2, 3, 5, 8)")
+                   help="with --verbalizer auto: words per class (default: chosen from 1, 2, 3, 5, 8 on held-out train folds + dev)")
     m.add_argument("--select", choices=["dev-metric", "dev-loss", "train-dev"], default=None,
                    help="the prompt a run returns: best on dev by the task's metric (ties: dev loss), by dev loss, "
                    f"or by the metric on train + dev together (ties: their loss). Default: {d.select}")

@@ -51,10 +51,10 @@ class TuneConfig(BaseModel):
     verbalizer: Literal["manual", "auto"] = Field(
         default="manual",
         description="manual: the task's label words (or label texts); auto: several words per class chosen on "
-        "the training split, their number on train + dev (bbt.verbalizers; 1 query plus 1 per number tried)",
+        "the training split, their number by accuracy on held-out train folds and dev (bbt.verbalizers; 2 queries)",
     )
     label_words: int | None = Field(
-        default=None, ge=1, le=32, description="verbalizer auto: words per class; none: chosen on train + dev from 1, 2, 3, 5, 8"
+        default=None, ge=1, le=32, description="verbalizer auto: words per class; none: chosen from 1, 2, 3, 5, 8 on held-out train folds + dev"
     )
     select: Literal["dev-metric", "dev-loss", "train-dev"] = Field(
         default="dev-metric",

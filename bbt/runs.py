@@ -203,8 +203,8 @@ def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out:
     if saved.choice is not None:
         task = saved.choice.task
         c = saved.choice
-        log(f"verbalizer: {c.label_words} word(s) per class ({c.queries} queries; train + dev accuracy by words: "
-            + ", ".join(f"{k}: {v:.3f}" for k, v in c.dev.items()) + ")"
+        log(f"verbalizer: {c.label_words} word(s) per class ({c.queries} queries; held-out accuracy by words: "
+            + ", ".join(f"{k}: {v:.3f}" for k, v in c.held_out.items()) + ")"
             + (f"; no-prompt {data.test_name} accuracy with them: {saved.chosen_plain.accuracy:.4f}"
                if saved.chosen_plain else ""))
 
@@ -284,7 +284,7 @@ def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out:
     if saved.choice is not None:
         c = saved.choice
         out_metrics["verbalizer"] = {
-            "label_words": c.label_words, "train_dev_by_label_words": {str(k): v for k, v in c.dev.items()},
+            "label_words": c.label_words, "held_out_by_label_words": {str(k): v for k, v in c.held_out.items()},
             "queries": c.queries, "entries": task.label_texts if family == "encoder" else task.verbalizer,
         }
         # what the chosen words alone buy, before any soft prompt

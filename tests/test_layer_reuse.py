@@ -60,8 +60,6 @@ def _rows_into(layer, model=None):
 
     The hook sits on the layer's last LayerNorm, which runs whether the layer is called as itself
     or through a stand-in that calls its parts (`_BertLayer`)."""
-    import torch
-
     seen = [0]
 
     def hook(mod, args, output):

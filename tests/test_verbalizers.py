@@ -98,25 +98,47 @@ def test_rank_keeps_words_that_tell_one_class_from_the_others():
     assert ranked == [["awful"], ["good"]]  # own words are not repeated; "film" tells no class apart
 
 
+def test_k_is_scored_on_inputs_that_did_not_pick_the_words():
+    # the own words tell nothing (ties read as class 0); "lucky" scores high on one input of class 1
+    # only, so ranked on all of train it joins class 1 and reads that input right: 5 of 8 on train
+    names = ["bad", "great", "lucky"]
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    scores = np.zeros((8, 3))
+    scores[4, 2] = 9.0
+    own = [["bad"], ["great"]]
+    ranked = verbalizers.rank(scores, labels, names, own)
+    assert ranked == [[], ["lucky"]]
+    on_train = verbalizers.class_scores(scores, [[0], [1, 2]]).argmax(1)
+    assert (on_train == labels).sum() == 5
+    # held out, the input "lucky" was found on is read without it: K = 2 buys nothing over K = 1
+    assert verbalizers.held_out_correct(scores, labels, names, own, k=1) == 4
+    assert verbalizers.held_out_correct(scores, labels, names, own, k=2) == 4
+    # folds are dealt per class in input order: the count does not depend on a random draw
+    assert verbalizers.held_out_correct(scores, labels, names, own, k=2, folds=8) == 4
+    np.testing.assert_allclose(verbalizers.class_scores(scores, [[0, 2], [1]])[4], [4.5, 0.0])
+
+
 def test_choice_looks_at_train_and_dev_only_and_is_paid_for(tiny_gpt2, local_backend, tiny_data):
     model = str(tiny_gpt2)
     backend = RecordingBackend(local_backend)
     ledger = Ledger(Budget(queries=100))
     choice = verbalizers.choose(backend, model, "causal", SST2, tiny_data.train, tiny_data.dev, ledger)
     train = [e.text for e in tiny_data.train.examples]
-    both = train + [e.text for e in tiny_data.dev.examples]
+    dev = [e.text for e in tiny_data.dev.examples]
     sent = [[e.text for e in r.inputs] for r in backend.requests]
-    assert backend.requests[0].top_words > 0 and sent[0] == train  # the words come from train alone
-    assert all(s == both for s in sent[1:]) and len(sent) >= 2  # their number from train + dev
-    assert ledger.tuning.queries == choice.queries == len(sent)
-    assert set(choice.dev) <= set(verbalizers.CHOICES) and choice.label_words in choice.dev
+    assert all(r.top_words > 0 for r in backend.requests)
+    assert sent[0] == train  # the words come from train alone
+    # several K to tell apart: one more query, on dev, scores them all
+    assert sent[1:] == [dev] and set(choice.held_out) <= set(verbalizers.CHOICES) and len(choice.held_out) > 1
+    assert choice.label_words in choice.held_out and all(0 <= v <= 1 for v in choice.held_out.values())
+    assert ledger.tuning.queries == choice.queries == len(sent) <= 2
     for own, entry in zip(SST2.verbalizer, choice.task.verbalizer):  # the task's own word comes first
         assert (entry if isinstance(entry, str) else entry[0]) == own
     assert choice.task.labels == SST2.labels and choice.task.template == SST2.template
 
     fixed = verbalizers.choose(local_backend, model, "causal", SST2, tiny_data.train, tiny_data.dev,
                                Ledger(Budget(queries=100)), label_words=3)
-    assert fixed.queries == 1 and fixed.label_words == 3 and fixed.dev == {}
+    assert fixed.queries == 1 and fixed.label_words == 3 and fixed.held_out == {}
     assert all(isinstance(e, list) and len(e) <= 3 for e in fixed.task.verbalizer)
 
     broke = Ledger(Budget(examples=len(tiny_data.train) - 1))  # cannot pay for one query on train
@@ -144,11 +166,11 @@ def test_a_run_chooses_once_records_the_words_and_evaluates_with_them(tiny_gpt2,
     out = tmp_path / "run"
     args = ["tune", "--model", str(tiny_gpt2), "--task", "sst2", "--data", str(data_dir), "--seed", "13",
             "--prompt-length", "4", "--intrinsic-dim", "8", "--popsize", "4", "--budget", "20",
-            "--verbalizer", "auto", "--out", str(out), "--no-cache", "--quiet"]
-    assert main(args) == 0
+            "--verbalizer", "auto", "--label-words", "3", "--out", str(out), "--no-cache", "--quiet"]
+    assert main(args) == 0  # 3 words each, so that the words differ from the task's own
     metrics = json.loads((out / "metrics.json").read_text())
     v = metrics["verbalizer"]
-    assert metrics["queries_used"] <= 20 and v["queries"] >= 2
+    assert metrics["queries_used"] <= 20 and v["queries"] == 1 and v["label_words"] == 3
     assert 0 <= metrics["no_prompt_verbalizer_test_acc"] <= 1 and "no_prompt_test_acc" in metrics
     artifact = json.loads((out / "prompt.json").read_text())
     assert artifact["task"]["verbalizer"] == v["entries"]
@@ -183,5 +205,14 @@ def test_top_words_over_http_equal_in_process(tiny_gpt2, local_backend, tiny_dat
         over_http = verbalizers.choose(http, model, "causal", SST2, tiny_data.train, tiny_data.dev, ledger)
     in_process = verbalizers.choose(local_backend, model, "causal", SST2, tiny_data.train, tiny_data.dev,
                                     Ledger(Budget(queries=50)))
-    assert over_http.task == in_process.task and over_http.dev == in_process.dev
+    assert over_http.task == in_process.task and over_http.held_out == in_process.held_out
 
+
+def test_a_checkpoint_of_an_earlier_version_still_loads_its_choice():
+    import pickle
+
+    new = verbalizers.Choice(task=SST2, label_words=3, held_out={1: 0.5, 3: 0.75}, queries=2)
+    old = verbalizers.Choice.__new__(verbalizers.Choice)
+    old.__dict__.update(task=SST2, label_words=3, dev={1: 0.5, 3: 0.75}, queries=2)  # as earlier versions pickled it
+    assert pickle.loads(pickle.dumps(old)) == new
+    assert pickle.loads(pickle.dumps(new)) == new
