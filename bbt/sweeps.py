@@ -371,7 +371,9 @@ def mean_se(xs: list[float]) -> tuple[float, float]:
 
 def table(out: str | Path) -> list[dict]:
     """One line per (task, method, settings, budget): mean and standard error over seeds, in points,
-    with the no-prompt baseline and the paired gap to it."""
+    with the no-prompt baseline and the paired gap to it. `settings` are the cell's grid axes;
+    `fixed` the sweep's settings for every cell (`--set`), which a cell's rows do not record."""
+    fixed = load_spec(Path(out)).settings if (Path(out) / SWEEP_FILE).exists() else {}
     groups: dict[tuple, list[dict]] = {}
     for r in rows(out):
         key = (r["task"], r["method"], json.dumps(r["settings"], sort_keys=True), r["budget"] or 0)
@@ -383,14 +385,16 @@ def table(out: str | Path) -> list[dict]:
         gap, gap_se = mean_se([100 * (r["test"] - r["no_prompt"]) for r in rs])
         lines.append({"task": task, "method": method, "settings": json.loads(settings), "budget": budget or None,
                       "seeds": sorted(r["seed"] for r in rs), "test": test, "test_se": se, "no_prompt": plain,
-                      "no_prompt_se": plain_se, "gap": gap, "gap_se": gap_se, "metric": rs[0]["metric"]})
+                      "no_prompt_se": plain_se, "gap": gap, "gap_se": gap_se, "metric": rs[0]["metric"],
+                      "fixed": fixed})
     return lines
 
 
 def format_table(lines: list[dict]) -> str:
     w = max([8, *(len(x["task"]) for x in lines)])  # user tasks have names of any length
     head = f"{'task':{w}s} {'method':14s} {'settings':22s} {'budget':>7s} {'test':>13s} {'no prompt':>13s} {'gap':>13s} seeds"
-    out = [head]
+    fixed = lines[0].get("fixed") if lines else None
+    out = ([f"every cell: {', '.join(f'{k}={v}' for k, v in fixed.items())}"] if fixed else []) + [head]
     for x in lines:
         settings = ",".join(f"{k}={v}" for k, v in x["settings"].items()) or "-"
         out.append(f"{x['task']:{w}s} {x['method']:14s} {settings[:22]:22s} {str(x['budget'] or '-'):>7s} "
@@ -404,10 +408,11 @@ def write_csv(lines: list[dict], path: str | Path) -> None:
 
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["task", "method", "settings", "budget", "metric", "test", "test_se", "no_prompt", "no_prompt_se",
-                    "gap", "gap_se", "seeds"])
+        w.writerow(["task", "method", "settings", "fixed", "budget", "metric", "test", "test_se", "no_prompt",
+                    "no_prompt_se", "gap", "gap_se", "seeds"])
         for x in lines:
-            w.writerow([x["task"], x["method"], json.dumps(x["settings"], sort_keys=True), x["budget"] or "",
+            w.writerow([x["task"], x["method"], json.dumps(x["settings"], sort_keys=True),
+                        json.dumps(x.get("fixed", {}), sort_keys=True), x["budget"] or "",
                         x["metric"], f"{x['test']:.2f}", f"{x['test_se']:.2f}", f"{x['no_prompt']:.2f}",
                         f"{x['no_prompt_se']:.2f}", f"{x['gap']:.2f}", f"{x['gap_se']:.2f}",
                         " ".join(map(str, x["seeds"]))])

@@ -56,7 +56,11 @@ def test_a_sweep_scores_each_budget_from_one_run_and_a_rerun_pays_nothing(tiny_e
     body = [line for line in text.splitlines() if line.startswith(data_dir.name)]
     assert len(body) == 4  # methods x budgets, mean over the 2 seeds
     assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
-    assert len((tmp_path / "t.csv").read_text().splitlines()) == 5
+    csv_lines = (tmp_path / "t.csv").read_text().splitlines()
+    assert len(csv_lines) == 5
+    # the sweep's fixed settings (--set) are in the report, though no cell's rows record them
+    assert "every cell: " in text and "intrinsic_dim=8" in text.split("every cell: ")[1].splitlines()[0]
+    assert '""intrinsic_dim"": 8' in csv_lines[1]
 
 
 def test_a_different_grid_in_the_same_folder_is_refused(tiny_encoder, data_dir, tmp_path, capsys):
