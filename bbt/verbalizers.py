@@ -90,7 +90,7 @@ def choose(backend, model: str, family: str, task: TaskSpec, train: Split, dev: 
     if len(tasks) == 1:
         (k, chosen), = tasks.items()
         return Choice(task=chosen, label_words=k, queries=ledger.tuning.queries - start)
-    correct = {k: held_out_correct(scores, labels, names, own, k) for k in tasks}
+    correct = held_out_correct(scores, labels, names, own, list(tasks))
     seen = len(labels)
     dev_scores = _scores(backend, model, family, task, dev, ledger, names)
     if dev_scores is not None:
@@ -98,17 +98,17 @@ def choose(backend, model: str, family: str, task: TaskSpec, train: Split, dev: 
             dev_scores = _columns(dev_scores, names)
         index = {n: j for j, n in enumerate(names)}
         for k in tasks:
-            cols = [[index[w] for w in g] for g in _groups(own, ranked, k)]
-            correct[k] += int((class_scores(dev_scores, cols).argmax(1) == np.asarray(dev.labels)).sum())
+            correct[k] += _correct(dev_scores, np.asarray(dev.labels), index, _groups(own, ranked, k))
         seen += len(dev)
     held_out = {k: c / seen for k, c in correct.items()}
     best = max(held_out, key=lambda k: (held_out[k], -k))
     return Choice(task=tasks[best], label_words=best, held_out=held_out, queries=ledger.tuning.queries - start)
 
 
-def held_out_correct(scores: np.ndarray, labels: np.ndarray, names: list[str], own: list[list[str]], k: int,
-                     folds: int = FOLDS) -> int:
-    """Training inputs read right through K words per class ranked on the other folds, summed over folds.
+def held_out_correct(scores: np.ndarray, labels: np.ndarray, names: list[str], own: list[list[str]],
+                     ks: list[int], folds: int = FOLDS) -> dict[int, int]:
+    """Per K in `ks`, the training inputs read right through K words per class ranked on the other
+    folds, summed over folds (each fold ranked once, whatever the number of K).
 
     Folds are dealt class by class in input order (the i-th input of a class goes to fold i mod
     `folds`), so each holds every class as far as the split allows and the count is reproducible.
@@ -118,15 +118,21 @@ def held_out_correct(scores: np.ndarray, labels: np.ndarray, names: list[str], o
         at = np.flatnonzero(labels == c)
         fold[at] = np.arange(len(at)) % folds
     index = {n: j for j, n in enumerate(names)}
-    right = 0
+    right = dict.fromkeys(ks, 0)
     for f in range(min(folds, len(labels))):
         out = fold == f
         if out.all() or not out.any():
             continue
         ranked = rank(scores[~out], labels[~out], names, own)
-        cols = [[index[w] for w in g] for g in _groups(own, ranked, k)]
-        right += int((class_scores(scores[out], cols).argmax(1) == labels[out]).sum())
+        for k in ks:
+            right[k] += _correct(scores[out], labels[out], index, _groups(own, ranked, k))
     return right
+
+
+def _correct(scores: np.ndarray, labels: np.ndarray, index: dict[str, int], groups: list[list[str]]) -> int:
+    """Inputs read right when each class scores as the mean of its group of words (columns by `index`)."""
+    cols = [[index[w] for w in g] for g in groups]
+    return int((class_scores(scores, cols).argmax(1) == labels).sum())
 
 
 def class_scores(scores: np.ndarray, columns: list[list[int]]) -> np.ndarray:

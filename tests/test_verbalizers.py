@@ -111,10 +111,9 @@ def test_k_is_scored_on_inputs_that_did_not_pick_the_words():
     on_train = verbalizers.class_scores(scores, [[0], [1, 2]]).argmax(1)
     assert (on_train == labels).sum() == 5
     # held out, the input "lucky" was found on is read without it: K = 2 buys nothing over K = 1
-    assert verbalizers.held_out_correct(scores, labels, names, own, k=1) == 4
-    assert verbalizers.held_out_correct(scores, labels, names, own, k=2) == 4
+    assert verbalizers.held_out_correct(scores, labels, names, own, ks=[1, 2]) == {1: 4, 2: 4}
     # folds are dealt per class in input order: the count does not depend on a random draw
-    assert verbalizers.held_out_correct(scores, labels, names, own, k=2, folds=8) == 4
+    assert verbalizers.held_out_correct(scores, labels, names, own, ks=[2], folds=8) == {2: 4}
     np.testing.assert_allclose(verbalizers.class_scores(scores, [[0, 2], [1]])[4], [4.5, 0.0])
 
 
