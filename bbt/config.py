@@ -51,7 +51,7 @@ class TuneConfig(BaseModel):
     verbalizer: Literal["manual", "auto"] = Field(
         default="manual",
         description="manual: the task's label words (or label texts); auto: several words per class chosen on "
-        "the training split, their number by accuracy on held-out train folds and dev (bbt.verbalizers; 2 queries)",
+        "the training split, their number by accuracy on held-out train folds and dev (bbt.verbalizers; 2 queries, an LM 3)",
     )
     label_words: int | None = Field(
         default=None, ge=1, le=32, description="verbalizer auto: words per class; none: chosen from 1, 2, 3, 5, 8 on held-out train folds + dev"

@@ -4,10 +4,15 @@ A class read through one hand-picked word ("great") is at the mercy of that word
 it through several, found on the training data; the class score is the mean over the words
 (`TaskSpec.verbalizer` entries may be lists). How the words are found:
 
-1. One query on the training split gives, per input, a score for every candidate word: for masked
-   and causal LMs the words likeliest at {mask} (`EvaluateRequest.top_words`, log-probabilities);
-   for a sentence encoder, the cosine with each candidate label text, the candidates being the
-   task's label-text pattern ("It was {}.") filled with the words of the training texts.
+1. One query on the training split scores, per input, every candidate word: for a sentence
+   encoder, the cosine with each candidate label text, the candidates being the task's label-text
+   pattern ("It was {}.") filled with the words of the training texts; for masked and causal LMs,
+   the logit of each candidate word at {mask}, read as the model reads a verbalizer. An LM's
+   candidates come from one more query on train before it: the words each input finds likeliest
+   at {mask} (`EvaluateRequest.top_words`), of which the best `SHORTLIST` per class by the margin
+   below go on. Those log-probabilities are known only where a word is among an input's 100
+   likeliest, so they shortlist and never choose: on SmolLM2 SST-2 seed 42 they rated 2 words per
+   class 8 points above the own words on held-out inputs, where the exact scores rate them 8 below.
 2. For each class, the candidates are ranked by how much higher they score on its inputs than on
    those of any other class (mean over the class minus the best other class's mean); the class
    keeps its own word(s) first and adds the best K - 1 candidates, each candidate going to one
@@ -16,11 +21,10 @@ it through several, found on the training data; the class score is the mean over
    given: on each quarter of the training split, read through words ranked on the other three
    quarters, and on dev (one more query, scoring the same candidates). Ties go to fewer words;
    K = 1 is the task's own verbalizer. Both are computed from the score matrices, so choosing K
-   costs no query per K. Scoring train with words ranked on train itself flatters every K > 1:
-   on MiniLM SST-2 seed 13 it took 5 words that cost 16 points on test, where the held-out
-   quarters keep the task's own words. A class score is the mean of its words' scores, as the
-   model computes it; for an LM a word missing from an input's 100 likeliest scores as that list's
-   last, an upper bound, so the held-out accuracy of an LM is an estimate.
+   costs no query per K: 2 queries in all for a sentence encoder, 3 for an LM (1 and 2 with K
+   given). Scoring train with words ranked on train itself flatters every K > 1: on MiniLM SST-2
+   seed 13 it took 5 words that cost 16 points on test, where the held-out quarters keep the
+   task's own words. A class score is the mean of its words' scores, as the model computes it.
 
 Dev and test inputs never choose a word. Every query is booked on the run's ledger as tuning.
 """
@@ -41,6 +45,7 @@ from bbt.protocol import MAX_LABELS, MAX_WORDS_PER_LABEL, EvaluateRequest, Stats
 CHOICES = (1, 2, 3, 5, 8)  # words per class tried when the number is not given
 FOLDS = 4  # quarters of the training split for the held-out check of K
 TOP_WORDS = 100  # vocabulary words per training input an LM is asked for
+SHORTLIST = 32  # an LM's candidates per class scored exactly (one query per split)
 _WORD = re.compile(r"[A-Za-z]{3,}")
 
 
@@ -69,15 +74,15 @@ def choose(backend, model: str, family: str, task: TaskSpec, train: Split, dev: 
     start = ledger.tuning.queries
     field_name = "label_texts" if family == "encoder" else "verbalizer"
     own = [words_of(e) for e in getattr(task, field_name)]
-    pattern = _pattern(task) if family == "encoder" else "{}"
-    names = _candidates(family, train, own, pattern)
+    if family == "encoder":
+        names = _candidates(train, own, _pattern(task))
+    else:
+        names = _shortlist(backend, model, task, train, ledger, own)
+        if names is None:
+            return Choice(task=task, label_words=1)
     scores = _scores(backend, model, family, task, train, ledger, names)
     if scores is None:
-        return Choice(task=task, label_words=1)
-    if family != "encoder":  # an LM names its candidates in its answer
-        names = list(dict.fromkeys(w for o in own for w in o))
-        names += sorted({w for row in scores for w, _ in row} - set(names))
-        scores = _columns(scores, names)
+        return Choice(task=task, label_words=1, queries=ledger.tuning.queries - start)
     labels = np.asarray(train.labels)
     ranked = rank(scores, labels, names, own)
     options = [label_words] if label_words is not None else list(CHOICES)
@@ -94,8 +99,6 @@ def choose(backend, model: str, family: str, task: TaskSpec, train: Split, dev: 
     seen = len(labels)
     dev_scores = _scores(backend, model, family, task, dev, ledger, names)
     if dev_scores is not None:
-        if family != "encoder":
-            dev_scores = _columns(dev_scores, names)
         index = {n: j for j, n in enumerate(names)}
         for k in tasks:
             correct[k] += _correct(dev_scores, np.asarray(dev.labels), index, _groups(own, ranked, k))
@@ -165,29 +168,46 @@ def rank(scores: np.ndarray, labels: np.ndarray, names: list[str], own: list[lis
     return out
 
 
-def _candidates(family: str, train: Split, own: list[list[str]], pattern: str) -> list[str]:
+def _candidates(train: Split, own: list[list[str]], pattern: str) -> list[str]:
     """A sentence encoder's candidate label texts: the classes' own texts, then the pattern filled
-    with the training texts' words. LMs name their candidates in their answer (`_scores`)."""
-    if family != "encoder":
-        return []
+    with the training texts' words."""
     names = list(dict.fromkeys(t for o in own for t in o))
     words = (pattern.format(w) for w in _text_words(train, limit=MAX_LABELS))
     return (names + [t for t in words if t not in names])[:MAX_LABELS]
 
 
-def _scores(backend, model, family, task, split, ledger, names):
-    """One query on `split`, or None if unaffordable: for a sentence encoder the [N, W] class logits
-    (scaled cosines) of the label texts `names`; for an LM each input's likeliest words at {mask}
-    with their log-probabilities."""
+def _shortlist(backend, model, task, train, ledger, own) -> list[str] | None:
+    """An LM's candidate words (1 query, None if unaffordable): the classes' own words, then per
+    class the `SHORTLIST` with the best margins among the words each training input finds likeliest
+    at {mask}, a word missing from an input's `TOP_WORDS` counting as that list's last."""
+    resp = _query(backend, model, task, train, ledger, _tokens(backend, model, task, train), labels=False,
+                  top_words=TOP_WORDS)
+    if resp is None:
+        return None
+    names = list(dict.fromkeys(w for o in own for w in o))
+    # a word that begins an own word may be the token that word is read by: the probe of `_scores`
+    # would then hold two labels on one token, which a server refuses
+    found = sorted(w for w in {w for row in resp.words for w, _ in row} - set(names)
+                   if not any(n.startswith(w) for n in names))
+    limit = min(SHORTLIST, (MAX_LABELS - len(names)) // len(own))
+    ranked = rank(_columns(resp.words, names + found), np.asarray(train.labels), names + found, own, limit=limit)
+    return names + list(dict.fromkeys(w for r in ranked for w in r))
+
+
+def _scores(backend, model, family, task, split, ledger, names) -> np.ndarray | None:
+    """[N, W] scores of the candidates `names` on `split` from one query (None if unaffordable),
+    each read as its own label: a sentence encoder's scaled cosines with the label texts, an LM's
+    logits of the words at {mask}."""
     tokens = _tokens(backend, model, task, split)
+    placeholders = [f"w{i}" for i in range(len(names))]
     if family == "encoder":
-        probe = TaskSpec(name=f"{task.name}-words", labels=[f"w{i}" for i in range(len(names))],
-                         template=task.template, verbalizer=[f"w{i}" for i in range(len(names))],
-                         label_texts=names, pair=task.pair)
-        resp = _query(backend, model, probe, split, ledger, tokens, labels=False)
-        return None if resp is None else resp.logits.to_numpy()[0]
-    resp = _query(backend, model, task, split, ledger, tokens, labels=False, top_words=TOP_WORDS)
-    return None if resp is None else resp.words
+        probe = TaskSpec(name=f"{task.name}-words", labels=placeholders, template=task.template,
+                         verbalizer=placeholders, label_texts=names, pair=task.pair)
+    else:
+        probe = TaskSpec(name=f"{task.name}-words", labels=placeholders, template=task.template,
+                         verbalizer=names, label_texts=names, pair=task.pair)
+    resp = _query(backend, model, probe, split, ledger, tokens, labels=False)
+    return None if resp is None else resp.logits.to_numpy()[0]
 
 
 def _columns(words: list[list[tuple[str, float]]], names: list[str]) -> np.ndarray:

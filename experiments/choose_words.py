@@ -8,7 +8,7 @@
 A task that is not built in is read from its folder's task.json (the user tasks of
 experiments/user_tasks.py, for one).
 
-For each task and seed, runs the choice of `bbt.verbalizers.choose` (2 queries: train, dev) and
+For each task and seed, runs the choice of `bbt.verbalizers.choose` (2 queries; an LM: 3) and
 scores the model without a soft prompt on the seeded test sample through the words chosen, beside
 its own words. No tuning: this isolates what the rule for K does, at a few seconds per cell on
 MiniLM. Prints one JSON line per cell; `--out FILE` appends them there too.
@@ -49,7 +49,7 @@ def main() -> None:
             test = data.test.sample(args.test_limit)
             plain, _ = evaluate_split(backend, args.model, task, test, None)
             choice = verbalizers.choose(backend, args.model, family, task, data.train, data.dev, Ledger(Budget(queries=10)))
-            words, _ = evaluate_split(backend, args.model, choice.task, test, None)
+            words = plain if choice.label_words == 1 else evaluate_split(backend, args.model, choice.task, test, None)[0]
             row = {"model": args.model, "task": name, "seed": seed, "label_words": choice.label_words,
                    "held_out": {str(k): round(v, 4) for k, v in choice.held_out.items()}, "queries": choice.queries,
                    "no_prompt": round(100 * plain.accuracy, 1), "no_prompt_words": round(100 * words.accuracy, 1),

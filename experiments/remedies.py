@@ -9,8 +9,11 @@ Each remedy is a `bbt sweep` with one setting changed, for example on MiniLM:
 
 `collect` names each cell by the settings its run folder's config.json holds that differ from
 the defaults (so a sweep's fixed `--set` values are kept, which its scores do not record), and
-replaces earlier rows of the same cell. `report` adds the defaults' own runs from the budget
-sweep (experiments/results/budget.jsonl, preset "bbt") and `--init instruction`'s from
+replaces earlier rows of the same cell. A model's defaults are its family's (on SmolLM2, a causal
+LM: BBTv2 with `--init instruction`), so a SmolLM2 sweep with `--set local=cobyla`, which implies
+BBT, is named "method=bbt local=cobyla". `report` adds the defaults' own runs: MiniLM's from the
+budget sweep (experiments/results/budget.jsonl, preset "bbt"), SmolLM2's from the device sweep
+(smollm2_gpu.jsonl: BBTv2 as "defaults", BBT as "method=bbt"), and `--init instruction`'s from
 remedy_init_minilm.jsonl, and prints, per remedy and task, mean
 test accuracy ± standard error over the seeds, the paired gap to the plain model, and the mean
 gap over SST-2 and AG News (the issue's goal: +5 on both models).
@@ -24,19 +27,28 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from bbt.config import FAMILY_DEFAULTS
+
 RESULTS = Path(__file__).parent / "results"
 KEYS = ("method", "init", "verbalizer", "label_words", "select", "folds", "local", "local_share", "local_dim")
 DEFAULTS = {"method": "bbt", "init": "zero", "verbalizer": "manual", "label_words": None, "select": "dev-metric",
             "folds": 1, "local": "none", "local_share": 0.3, "local_dim": 20}
 GOAL_TASKS = ("sst2", "agnews")
+FAMILY = {"minilm": "encoder", "smollm2": "causal"}
+
+
+def defaults_of(model: str) -> dict:
+    """The settings a run of `model` gets when none is given (its family's, over bbt's general ones)."""
+    return {**DEFAULTS, **{k: v for k, v in FAMILY_DEFAULTS.get(FAMILY.get(model, ""), {}).items() if k in DEFAULTS}}
 
 
 def remedy_of(config: dict) -> str:
-    """'defaults', or the settings that differ from them, e.g. 'folds=2'."""
-    changed = [f"{k}={config.get(k)}" for k in KEYS if k in config and config.get(k) != DEFAULTS[k]]
+    """'defaults', or the settings that differ from the model's defaults, e.g. 'folds=2'."""
+    defaults = defaults_of(config.get("model", "minilm"))
+    changed = [f"{k}={config.get(k)}" for k in KEYS if k in config and config.get(k) != defaults[k]]
     if "local=cobyla" in changed:  # the stage's own settings only matter with it
         changed = [c for c in changed if not c.startswith(("local_share=", "local_dim="))] + [
-            f"{k}={config[k]}" for k in ("local_share", "local_dim") if config.get(k) != DEFAULTS[k]]
+            f"{k}={config[k]}" for k in ("local_share", "local_dim") if config.get(k) != defaults[k]]
     return " ".join(changed) or "defaults"
 
 
@@ -71,6 +83,21 @@ def default_rows(budget_file: Path) -> list[dict]:
     return out
 
 
+def gpu_rows(gpu_file: Path) -> list[dict]:
+    """SmolLM2's runs with its defaults (BBTv2) and with BBT, from the device sweep, as rows of this file."""
+    out = []
+    for line in gpu_file.read_text().splitlines():
+        r = json.loads(line)
+        if r.get("settings"):
+            continue
+        remedy = "defaults" if r["method"] == defaults_of(r["model"])["method"] else f"method={r['method']}"
+        for b, acc in r["curve"].items():
+            out.append({"model": r["model"], "remedy": remedy, "task": r["task"], "seed": r["seed"],
+                        "budget": int(b), "test": acc / 100, "no_prompt": r["no_prompt"] / 100,
+                        "test_examples": r["test_examples"], "queries_used": int(b)})
+    return out
+
+
 def init_rows(init_file: Path) -> list[dict]:
     """`--init instruction` on MiniLM, swept before this script (its rows do not name the setting)."""
     out = []
@@ -89,6 +116,7 @@ def report(results: Path, budget_file: Path, budget: int) -> None:
     rows = [json.loads(x) for x in results.read_text().splitlines()] if results.exists() else []
     rows += default_rows(budget_file) if budget_file.exists() else []
     rows += init_rows(RESULTS / "remedy_init_minilm.jsonl") if (RESULTS / "remedy_init_minilm.jsonl").exists() else []
+    rows += gpu_rows(RESULTS / "smollm2_gpu.jsonl") if (RESULTS / "smollm2_gpu.jsonl").exists() else []
     cells: dict[tuple, dict[int, dict]] = defaultdict(dict)
     for r in rows:
         if r["budget"] == budget:

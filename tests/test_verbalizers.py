@@ -125,24 +125,43 @@ def test_choice_looks_at_train_and_dev_only_and_is_paid_for(tiny_gpt2, local_bac
     train = [e.text for e in tiny_data.train.examples]
     dev = [e.text for e in tiny_data.dev.examples]
     sent = [[e.text for e in r.inputs] for r in backend.requests]
-    assert all(r.top_words > 0 for r in backend.requests)
-    assert sent[0] == train  # the words come from train alone
-    # several K to tell apart: one more query, on dev, scores them all
-    assert sent[1:] == [dev] and set(choice.held_out) <= set(verbalizers.CHOICES) and len(choice.held_out) > 1
+    # the words come from train alone: its likeliest words at {mask}, then the shortlist's exact scores
+    assert sent[:2] == [train, train] and [r.top_words for r in backend.requests] == [verbalizers.TOP_WORDS, 0, 0]
+    shortlist = backend.requests[1].task.verbalizer
+    assert shortlist[:2] == SST2.verbalizer and len(shortlist) > 2
+    # several K to tell apart: one more query, on dev, scores the same words
+    assert sent[2:] == [dev] and backend.requests[2].task.verbalizer == shortlist
+    assert set(choice.held_out) <= set(verbalizers.CHOICES) and len(choice.held_out) > 1
     assert choice.label_words in choice.held_out and all(0 <= v <= 1 for v in choice.held_out.values())
-    assert ledger.tuning.queries == choice.queries == len(sent) <= 2
+    assert ledger.tuning.queries == choice.queries == len(sent) == 3
     for own, entry in zip(SST2.verbalizer, choice.task.verbalizer):  # the task's own word comes first
         assert (entry if isinstance(entry, str) else entry[0]) == own
     assert choice.task.labels == SST2.labels and choice.task.template == SST2.template
 
     fixed = verbalizers.choose(local_backend, model, "causal", SST2, tiny_data.train, tiny_data.dev,
                                Ledger(Budget(queries=100)), label_words=3)
-    assert fixed.queries == 1 and fixed.label_words == 3 and fixed.held_out == {}
+    assert fixed.queries == 2 and fixed.label_words == 3 and fixed.held_out == {}
     assert all(isinstance(e, list) and len(e) <= 3 for e in fixed.task.verbalizer)
 
     broke = Ledger(Budget(examples=len(tiny_data.train) - 1))  # cannot pay for one query on train
     assert verbalizers.choose(local_backend, model, "causal", SST2, tiny_data.train, tiny_data.dev, broke).task == SST2
     assert broke.tuning.queries == 0
+
+
+def test_an_lm_chooses_on_the_scores_the_model_reads_its_words_by(tiny_gpt2, local_backend, tiny_data):
+    # the held-out check must see what the tuned run will: the exact class scores of a verbalizer
+    # with several words, not the top-words estimates the shortlist comes from
+    model = str(tiny_gpt2)
+    ledger = Ledger(Budget(queries=10))
+    names = verbalizers._shortlist(local_backend, model, SST2, tiny_data.train, ledger, [["bad"], ["great"]])
+    exact = verbalizers._scores(local_backend, model, "causal", SST2, tiny_data.dev, ledger, names)
+    assert exact.shape == (len(tiny_data.dev), len(names)) and ledger.tuning.queries == 2
+    assert names[:2] == ["bad", "great"] and len(names) <= 2 + 2 * verbalizers.SHORTLIST
+    # no candidate may be the token an own word is read by (a probe with two labels on one token fails)
+    assert not any(own.startswith(w) for w in names[2:] for own in ("bad", "great"))
+    task = SST2.model_copy(update={"verbalizer": [["bad", names[2]], ["great", names[3], names[4]]]})
+    want = logits(local_backend, model, task, tiny_data.dev)
+    np.testing.assert_allclose(verbalizers.class_scores(exact, [[0, 2], [1, 3, 4]]), want, rtol=1e-5, atol=1e-5)
 
 
 def test_a_sentence_encoder_chooses_label_texts_from_the_training_words(tiny_encoder, local_backend, tiny_data):
@@ -169,7 +188,7 @@ def test_a_run_chooses_once_records_the_words_and_evaluates_with_them(tiny_gpt2,
     assert main(args) == 0  # 3 words each, so that the words differ from the task's own
     metrics = json.loads((out / "metrics.json").read_text())
     v = metrics["verbalizer"]
-    assert metrics["queries_used"] <= 20 and v["queries"] == 1 and v["label_words"] == 3
+    assert metrics["queries_used"] <= 20 and v["queries"] == 2 and v["label_words"] == 3
     assert 0 <= metrics["no_prompt_verbalizer_test_acc"] <= 1 and "no_prompt_test_acc" in metrics
     artifact = json.loads((out / "prompt.json").read_text())
     assert artifact["task"]["verbalizer"] == v["entries"]
