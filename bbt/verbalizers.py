@@ -200,12 +200,8 @@ def _scores(backend, model, family, task, split, ledger, names) -> np.ndarray | 
     logits of the words at {mask}."""
     tokens = _tokens(backend, model, task, split)
     placeholders = [f"w{i}" for i in range(len(names))]
-    if family == "encoder":
-        probe = TaskSpec(name=f"{task.name}-words", labels=placeholders, template=task.template,
-                         verbalizer=placeholders, label_texts=names, pair=task.pair)
-    else:
-        probe = TaskSpec(name=f"{task.name}-words", labels=placeholders, template=task.template,
-                         verbalizer=names, label_texts=names, pair=task.pair)
+    probe = TaskSpec(name=f"{task.name}-words", labels=placeholders, template=task.template, pair=task.pair,
+                     verbalizer=placeholders if family == "encoder" else names, label_texts=names)
     resp = _query(backend, model, probe, split, ledger, tokens, labels=False)
     return None if resp is None else resp.logits.to_numpy()[0]
 
