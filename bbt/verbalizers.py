@@ -74,13 +74,14 @@ def choose(backend, model: str, family: str, task: TaskSpec, train: Split, dev: 
     start = ledger.tuning.queries
     field_name = "label_texts" if family == "encoder" else "verbalizer"
     own = [words_of(e) for e in getattr(task, field_name)]
+    train_tokens = _tokens(backend, model, task, train)
     if family == "encoder":
         names = _candidates(train, own, _pattern(task))
     else:
-        names = _shortlist(backend, model, task, train, ledger, own)
+        names = _shortlist(backend, model, task, train, ledger, own, train_tokens)
         if names is None:
             return Choice(task=task, label_words=1)
-    scores = _scores(backend, model, family, task, train, ledger, names)
+    scores = _scores(backend, model, family, task, train, ledger, names, train_tokens)
     if scores is None:
         return Choice(task=task, label_words=1, queries=ledger.tuning.queries - start)
     labels = np.asarray(train.labels)
@@ -97,7 +98,7 @@ def choose(backend, model: str, family: str, task: TaskSpec, train: Split, dev: 
         return Choice(task=chosen, label_words=k, queries=ledger.tuning.queries - start)
     correct = held_out_correct(scores, labels, names, own, list(tasks))
     seen = len(labels)
-    dev_scores = _scores(backend, model, family, task, dev, ledger, names)
+    dev_scores = _scores(backend, model, family, task, dev, ledger, names, _tokens(backend, model, task, dev))
     if dev_scores is not None:
         index = {n: j for j, n in enumerate(names)}
         for k in tasks:
@@ -176,12 +177,11 @@ def _candidates(train: Split, own: list[list[str]], pattern: str) -> list[str]:
     return (names + [t for t in words if t not in names])[:MAX_LABELS]
 
 
-def _shortlist(backend, model, task, train, ledger, own) -> list[str] | None:
+def _shortlist(backend, model, task, train, ledger, own, tokens: int) -> list[str] | None:
     """An LM's candidate words (1 query, None if unaffordable): the classes' own words, then per
     class the `SHORTLIST` with the best margins among the words each training input finds likeliest
     at {mask}, a word missing from an input's `TOP_WORDS` counting as that list's last."""
-    resp = _query(backend, model, task, train, ledger, _tokens(backend, model, task, train), labels=False,
-                  top_words=TOP_WORDS)
+    resp = _query(backend, model, task, train, ledger, tokens, labels=False, top_words=TOP_WORDS)
     if resp is None:
         return None
     names = list(dict.fromkeys(w for o in own for w in o))
@@ -194,11 +194,10 @@ def _shortlist(backend, model, task, train, ledger, own) -> list[str] | None:
     return names + list(dict.fromkeys(w for r in ranked for w in r))
 
 
-def _scores(backend, model, family, task, split, ledger, names) -> np.ndarray | None:
+def _scores(backend, model, family, task, split, ledger, names, tokens: int) -> np.ndarray | None:
     """[N, W] scores of the candidates `names` on `split` from one query (None if unaffordable),
     each read as its own label: a sentence encoder's scaled cosines with the label texts, an LM's
-    logits of the words at {mask}."""
-    tokens = _tokens(backend, model, task, split)
+    logits of the words at {mask}. `tokens` is what one query of `split` bills (`_tokens`)."""
     placeholders = [f"w{i}" for i in range(len(names))]
     probe = TaskSpec(name=f"{task.name}-words", labels=placeholders, template=task.template, pair=task.pair,
                      verbalizer=placeholders if family == "encoder" else names, label_texts=names)

@@ -153,8 +153,11 @@ def test_an_lm_chooses_on_the_scores_the_model_reads_its_words_by(tiny_gpt2, loc
     # with several words, not the top-words estimates the shortlist comes from
     model = str(tiny_gpt2)
     ledger = Ledger(Budget(queries=10))
-    names = verbalizers._shortlist(local_backend, model, SST2, tiny_data.train, ledger, [["bad"], ["great"]])
-    exact = verbalizers._scores(local_backend, model, "causal", SST2, tiny_data.dev, ledger, names)
+    train_tokens, dev_tokens = (verbalizers._tokens(local_backend, model, SST2, s)
+                                for s in (tiny_data.train, tiny_data.dev))
+    names = verbalizers._shortlist(local_backend, model, SST2, tiny_data.train, ledger, [["bad"], ["great"]],
+                                   train_tokens)
+    exact = verbalizers._scores(local_backend, model, "causal", SST2, tiny_data.dev, ledger, names, dev_tokens)
     assert exact.shape == (len(tiny_data.dev), len(names)) and ledger.tuning.queries == 2
     assert names[:2] == ["bad", "great"] and len(names) <= 2 + 2 * verbalizers.SHORTLIST
     # no candidate may be the token an own word is read by (a probe with two labels on one token fails)
