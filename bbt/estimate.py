@@ -14,9 +14,13 @@ with the run's `Budget` (the same `Ledger.affordable` decides what fits, so ever
 replay where it ends the run) for the two extremes: a new best in *every* generation (the most dev
 queries and requests) and in the first generation only (the first always beats "no best yet").
 Each unit's upper bound is the larger of the two, its lower bound the smaller.
+With `--verbalizer auto` the words are chosen first, inside the budget: plain-model queries on
+train (and one on dev unless K is given) as `bbt.verbalizers.choose` sends them; the dev one only
+in the upper bound, since a choice with one option left skips it.
 Evaluation is what `bbt.runs.run_tune` spends outside the budget: the plain model (no prompt), the
 untuned prompt (z = 0) and the tuned prompt on the test split, in chunks of EVAL_CHUNK examples,
-one query each; it is exact.
+one query each; it is exact, but for `--verbalizer auto`'s pass of the plain model through the
+chosen words, counted though it is skipped when they are the task's own.
 """
 
 from __future__ import annotations
@@ -54,7 +58,9 @@ class Estimate:
     tuning_min: Spent  # lower bound, per unit
     generations: tuple[int, int]  # (least, most): a new best every generation leaves room for fewer
     dev_queries: tuple[int, int]  # (least, most)
-    evaluation: Spent  # no prompt, zero prompt and tuned prompt on the test split, exact
+    evaluation: Spent  # no prompt, zero prompt and tuned prompt on the test split, exact (auto words: at most)
+    choice_queries: tuple[int, int] = (0, 0)  # (least, most) spent choosing words (--verbalizer auto)
+    notes: list[str] = field(default_factory=list)  # what the replay leaves out
     ends_by: list[str] = field(default_factory=list)  # the limits that end the run, or ROUNDS
     rounds: int | None = None
     patience: int | None = None
@@ -75,9 +81,12 @@ class Estimate:
             lines.append("tuning: the budget does not afford one train query: the run would go straight to evaluation")
         else:
             (g_lo, g_hi), (d_lo, d_hi) = self.generations, self.dev_queries
+            c_lo, c_hi = self.choice_queries
             lines += [
                 f"tuning, counted against the budget: {_range(g_lo, g_hi)} generations of up to {self.popsize} train "
-                f"queries, plus one dev query per new best on train ({_range(d_lo, d_hi)})",
+                f"queries, plus one dev query per new best on train ({_range(d_lo, d_hi)})"
+                + (f", after {_range(c_lo, c_hi)} queries of the plain model choosing the words (--verbalizer auto)"
+                   if c_hi else ""),
                 f"  upper bound (a new best in every generation): {_spent(self.tuning, money)}",
                 f"  lower bound (a new best in the first only):   {_spent(self.tuning_min, money)}",
             ]
@@ -93,10 +102,13 @@ class Estimate:
                              "generations if dev never improves after the first")
         lines += [
             f"evaluation, outside the budget (no prompt, zero prompt and tuned prompt on {self.test_examples} {self.test_name} "
-            f"examples, in chunks of up to {EVAL_CHUNK}; exact):",
+            f"examples, in chunks of up to {EVAL_CHUNK}; "
+            + ("and the plain model through the chosen words, unless they are the task's own; at most):"
+               if self.choice_queries[1] else "exact):"),
             f"  {_spent(self.evaluation, money)}",
         ]
         lines.append(f"whole run, upper bound: {_spent(_add(self.tuning, self.evaluation), money)}")
+        lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
@@ -140,17 +152,25 @@ def estimate(backend: Backend, cfg: TuneConfig, task: TaskSpec, data: TaskData) 
 
     # as run.run_tune books it: one query per chunk for the plain model (no prompt), then the untuned
     # prompt (z = 0) and the tuned one, L prompt tokens each; no limit applies
+    # --verbalizer auto: bbt.verbalizers.choose's plain-model queries, in order, each sent only if affordable
+    auto = cfg.verbalizer == "auto" and cfg.method in ("bbt", "bbtv2")
+    plain_train = _PerQuery(train.examples, train.tokens - train.examples * L)
+    plain_dev = _PerQuery(dev.examples, dev.tokens - dev.examples * L)
+    choice = [plain_train] * (2 if info.family != "encoder" else 1) if auto else []
+    probe_dev = [plain_dev] if auto and cfg.label_words is None else []
+
     evaluation = Ledger(Budget(queries=1, price_per_1k_tokens=cfg.budget.price_per_1k_tokens))
     test_tokens = tokens(test)
-    for prompt_tokens in (0, L, L):
+    for prompt_tokens in (0, 0, L, L) if auto else (0, L, L):
         for start in range(0, len(test), EVAL_CHUNK):
             chunk = test_tokens[start : start + EVAL_CHUNK]
             _PerQuery(len(chunk), sum(chunk) + len(chunk) * prompt_tokens).book(evaluation, 1, tuning=False)
 
     layers = 1 if cfg.method == "bbt" else info.num_layers
     most = None if cfg.rounds is None else cfg.rounds * layers  # generations
-    every = _replay(cfg.budget, cfg.popsize, train, dev, every_generation_improves=True, most=most)
-    first = _replay(cfg.budget, cfg.popsize, train, dev, every_generation_improves=False, most=most)
+    every = _replay(cfg.budget, cfg.popsize, train, dev, every_generation_improves=True, most=most,
+                    before=choice + probe_dev)
+    first = _replay(cfg.budget, cfg.popsize, train, dev, every_generation_improves=False, most=most, before=choice)
     pair = (every.ledger.tuning, first.ledger.tuning)
     return Estimate(
         budget=cfg.budget, popsize=cfg.popsize, train_examples=train.examples, dev_examples=dev.examples,
@@ -161,7 +181,20 @@ def estimate(backend: Backend, cfg: TuneConfig, task: TaskSpec, data: TaskData) 
         generations=(every.generations, first.generations), dev_queries=(first.dev_queries, every.dev_queries),
         evaluation=evaluation.evaluation, ends_by=every.ends_by + [u for u in first.ends_by if u not in every.ends_by],
         stats_requests=stats_requests, rounds=cfg.rounds, patience=cfg.patience,
+        choice_queries=(first.choice_queries, every.choice_queries), notes=_unreplayed(cfg),
     )
+
+
+def _unreplayed(cfg: TuneConfig) -> list[str]:
+    """What the replay does not model, for the reader of the bounds."""
+    notes = []
+    if cfg.local != "none":
+        notes.append(f"--local {cfg.local} sends its candidates one per request: the last {cfg.local_share:.0%} of "
+                     "the queries take more requests than the replay of CMA-ES counts")
+    if cfg.folds == 2:
+        notes.append("--folds 2 searches on dev in its second half: tokens and examples per query follow dev's there, "
+                     "which the replay, on train throughout, does not")
+    return notes
 
 
 @dataclass
@@ -169,14 +202,21 @@ class _Replay:
     ledger: Ledger
     generations: int = 0
     dev_queries: int = 0
+    choice_queries: int = 0
     ends_by: list[str] = field(default_factory=list)
 
 
 def _replay(budget: Budget, popsize: int, train: _PerQuery, dev: _PerQuery, *, every_generation_improves: bool,
-            most: int | None = None) -> _Replay:
+            most: int | None = None, before: list[_PerQuery] = ()) -> _Replay:
     """The accounting of `bbt.tuner.tune`, step for step, with the train losses left out; `most`
-    generations at the most (--rounds)."""
+    generations at the most (--rounds). `before`: single queries sent first, in order, each while
+    the budget affords it (the word choice of --verbalizer auto)."""
     r = _Replay(Ledger(budget))
+    for q in before:
+        if not q.affordable(r.ledger, 1):
+            break
+        q.book(r.ledger, 1)
+        r.choice_queries += 1
 
     def improves(generation: int) -> bool:
         return every_generation_improves or generation == 0

@@ -66,6 +66,9 @@ def test_dry_run_sends_no_evaluate_query(tiny_encoder, local_backend, tiny_data,
     assert est.tuning.queries == 30 and est.ends_by == ["queries"]
     text = est.describe()
     assert "no evaluate query was sent" in text and "upper bound" in text and "--budget" in text
+    assert "note:" not in text
+    for kw, flag in (({"local": "cobyla"}, "--local cobyla"), ({"folds": 2}, "--folds 2")):
+        assert flag in estimate(backend, _cfg(tiny_encoder, Budget(queries=30), **kw), sst2_task, tiny_data).describe()
 
 
 def _budgets(per_train_query: int, per_dev_query: int) -> dict[str, Budget]:
@@ -100,6 +103,33 @@ def test_estimate_bounds_what_a_real_run_spends(kind, tiny_encoder, local_backen
     for unit in ("queries", "requests", "examples", "tokens"):  # evaluation is not guessed: it is exact
         assert getattr(est.evaluation, unit) == real_eval[unit], unit
     assert est.evaluation.cost == pytest.approx(real_eval["cost"])
+
+
+@pytest.mark.parametrize("model, label_words, kind", [("tiny_encoder", None, "queries"), ("tiny_gpt2", None, "requests"),
+                                                       ("tiny_gpt2", 2, "tokens")])
+def test_estimate_counts_the_queries_that_choose_the_words(model, label_words, kind, request, local_backend, tiny_data,
+                                                           sst2_task, tmp_path):
+    path = request.getfixturevalue(model)
+    probe = estimate(local_backend, _cfg(path, Budget(queries=4), verbalizer="manual"), sst2_task, tiny_data)
+    budget = _budgets(probe.train_tokens_per_query, probe.dev_tokens_per_query)[kind]
+    cfg = _cfg(path, budget, verbalizer="auto", label_words=label_words)
+    est = estimate(local_backend, cfg, sst2_task, tiny_data)
+    manual = estimate(local_backend, cfg.model_copy(update={"verbalizer": "manual", "label_words": None}), sst2_task,
+                      tiny_data)
+    metrics = run_tune(cfg, sst2_task, tiny_data, local_backend, tmp_path / "run", progress=False, log=lambda *a: None)
+    real, real_eval = metrics["spending"]["tuning"], metrics["spending"]["evaluation"]
+    chose = metrics["verbalizer"]["queries"]
+    assert est.choice_queries[0] <= chose <= est.choice_queries[1] and est.choice_queries[1] > 0
+    assert "choosing the words" in est.describe() and "choosing the words" not in manual.describe()
+    for unit in UNITS:
+        low, high = getattr(est.tuning_min, unit), getattr(est.tuning, unit)
+        assert low <= real[unit] + 1e-9 and real[unit] <= high + 1e-9, f"{unit}: real {real[unit]} outside [{low}, {high}]"
+        limit = getattr(budget, unit)
+        if limit is not None and unit != "cost":
+            assert high <= limit + 1e-9, f"{unit}: over the limit {limit}"
+    # the words' pass of the plain model on test is counted, whether or not the run needed it
+    assert manual.evaluation.queries <= real_eval["queries"] <= est.evaluation.queries
+    assert est.evaluation.queries == manual.evaluation.queries * 4 // 3
 
 
 @pytest.mark.parametrize("method", ["bbt", "bbtv2"])
