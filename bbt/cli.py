@@ -106,8 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--init-text", default=None, metavar="TEXT",
                    help="the instruction p0 is made from (implies --init instruction)")
     m.add_argument("--verbalizer", choices=["manual", "auto"], default=None,
-                   help="manual: the task's label words (sentence encoders: label texts); auto: several per class, "
-                   f"chosen on the training split, their number on held-out train folds + dev (2 queries; an LM: 3). Default: {d.verbalizer}")
+                   help="auto: several label words per class (sentence encoders: label texts), chosen on the training "
+                   "split, their number on held-out train folds + dev (2 queries of the budget; an LM: 3); manual: the "
+                   f"task's own. Default: {d.verbalizer} (gradient methods: manual)")
     m.add_argument("--label-words", type=int, default=None, metavar="K",
                    help="with --verbalizer auto: words per class (default: chosen from 1, 2, 3, 5, 8 on held-out train folds + dev)")
     m.add_argument("--select", choices=["dev-metric", "dev-loss", "train-dev"], default=None,

@@ -49,9 +49,10 @@ class TuneConfig(BaseModel):
     )
     init_text: str | None = Field(default=None, min_length=1, description="the instruction of init 'instruction'")
     verbalizer: Literal["manual", "auto"] = Field(
-        default="manual",
-        description="manual: the task's label words (or label texts); auto: several words per class chosen on "
-        "the training split, their number by accuracy on held-out train folds and dev (bbt.verbalizers; 2 queries, an LM 3)",
+        default="auto",
+        description="auto: several words per class chosen on the training split, their number by accuracy on "
+        "held-out train folds and dev (bbt.verbalizers; 2 queries, an LM 3; the gradient methods: manual); "
+        "manual: the task's label words (or label texts)",
     )
     label_words: int | None = Field(
         default=None, ge=1, le=32, description="verbalizer auto: words per class; none: chosen from 1, 2, 3, 5, 8 on held-out train folds + dev"
@@ -127,8 +128,11 @@ FAMILY_DEFAULTS: dict[str, dict] = {
 
 
 def with_family_defaults(cfg: TuneConfig, family: str) -> TuneConfig:
-    """`cfg` with its model family's defaults for every setting it was not given (`model_fields_set`)."""
+    """`cfg` with its model family's defaults for every setting it was not given (`model_fields_set`),
+    and the task's own words for a gradient method (its words are trained, not chosen by queries)."""
     missing = {k: v for k, v in FAMILY_DEFAULTS.get(family, {}).items() if k not in cfg.model_fields_set}
+    if cfg.method in GRADIENT_METHODS and "verbalizer" not in cfg.model_fields_set:
+        missing["verbalizer"] = "manual"
     if "init" in missing and cfg.init_text is not None:
         missing.pop("init")
     if "method" in missing and cfg.local != "none":

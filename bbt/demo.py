@@ -31,8 +31,8 @@ DEMO_DIR = Path(__file__).resolve().parent / "demo"
 MODEL = "smollm2"
 # A short prompt: 10 tokens are enough to gain on this task (the BBT paper's 50 serve large models),
 # and the search then moves 5,760 numbers instead of 28,800.
-# method, init and alpha pinned to what the demo measured (not the causal-LM defaults, which came later).
-SETTINGS = dict(method="bbt", prompt_length=10, init="zero", alpha=1.0)
+# pinned to what the demo measured (not the causal-LM defaults or the automatic words, which came later).
+SETTINGS = dict(method="bbt", prompt_length=10, init="zero", alpha=1.0, verbalizer="manual")
 
 
 def demo_task() -> tuple[TaskSpec, TaskData]:

@@ -446,8 +446,14 @@ def run_ensemble(cfg: TuneConfig, n: int, task: TaskSpec, data: TaskData, backen
         started = (out / name / "config.json").exists()
         results.append(run_tune(mc, task, data, backend, out / name, context=context, progress=progress, log=log,
                                 resume=started))
-    task = for_family(task, backend.model_info(cfg.model).family)
-    prompts = [load_artifact(out / name).prompt() for name in names]
+    artifacts = [load_artifact(out / name) for name in names]
+    # the members read the task through the words they chose (--verbalizer auto): the same split
+    # and model choose the same words, whatever the search seed
+    task = artifacts[0].task
+    if any(a.task != task for a in artifacts[1:]):
+        raise ConfigError(f"the members of {out} read the task through different words; tune the ensemble again "
+                          "with --verbalizer manual, or with --label-words K")
+    prompts = [a.prompt() for a in artifacts]
     ledger = Ledger(Budget(), out / "ledger.jsonl")  # what scoring the ensemble spends (evaluation: no limit)
     try:
         dev, _ = ensemble.evaluate(backend, cfg.model, task, data.dev, prompts, "majority", ledger)
@@ -466,6 +472,8 @@ def run_ensemble(cfg: TuneConfig, n: int, task: TaskSpec, data: TaskData, backen
         "best_dev_member": best + 1,
         "best_dev_member_test": members[best],
         "no_prompt_test_acc": results[0]["no_prompt_test_acc"],
+        **({"no_prompt_verbalizer_test_acc": results[0]["no_prompt_verbalizer_test_acc"]}
+           if "no_prompt_verbalizer_test_acc" in results[0] else {}),
         "test_split": data.test_name,
         "metric": task.metric,
         "queries_used": sum(r["queries_used"] for r in results),

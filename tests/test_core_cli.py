@@ -131,8 +131,11 @@ def test_tune_writes_the_run_folder(tiny_run, tiny_encoder, data_dir):
     spending = metrics["spending"]
     assert spending["tuning"]["queries"] == metrics["queries_used"]
     assert spending["usage_mismatches"] == []
-    # no prompt, zero prompt (z = 0) and tuned prompt on the 12 test examples: reported, not charged to the budget
-    assert spending["evaluation"]["queries"] == 3 and spending["evaluation"]["examples"] == 36
+    # no prompt, zero prompt (z = 0) and tuned prompt on the 12 test examples, and the plain model through the
+    # words the default --verbalizer auto chose where they are not the task's own: reported, not charged to the budget
+    passes = 3 + (metrics["verbalizer"]["label_words"] > 1)
+    assert spending["evaluation"]["queries"] == passes and spending["evaluation"]["examples"] == 12 * passes
+    assert json.loads((tiny_run / "config.json").read_text())["config"]["verbalizer"] == "auto"
     assert "test_f1" not in metrics  # sst2 is scored by accuracy
     log = [json.loads(line) for line in (tiny_run / "log.jsonl").read_text().splitlines()]
     assert len(log) == metrics["generations"] >= 2

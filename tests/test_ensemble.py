@@ -79,6 +79,9 @@ def test_tune_ensemble_writes_members_and_resumes_for_free(tiny_gpt2, local_back
     assert got["member_test"] == pytest.approx([m["test_acc"] for m in members])
     assert got["mean_member_test"] == pytest.approx(np.mean(got["member_test"]))
     assert 1 <= got["best_dev_member"] <= 3 and got["no_prompt_test_acc"] == members[0]["no_prompt_test_acc"]
+    # the default --verbalizer auto: every member chose the same words, and the ensemble is read through them
+    assert len({json.dumps(m["verbalizer"]["entries"]) for m in members}) == 1
+    assert got["no_prompt_verbalizer_test_acc"] == members[0]["no_prompt_verbalizer_test_acc"]
     paid = [len((out / m / "ledger.jsonl").read_text().splitlines()) for m in index["members"]]
     again = run_ensemble(cfg, 3, sst2_task, tiny_data, local_backend, out, progress=False, log=lambda *a: None, resume=True)
     assert again["member_test"] == got["member_test"]

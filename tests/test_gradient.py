@@ -35,7 +35,7 @@ def test_each_method_trains_a_causal_lm_and_writes_a_run_folder(fixture, method,
     assert [r["epoch"] for r in log] == [1, 2, 3, 4]
     assert (out / "adapter" / "adapter_config.json").is_file()
     config = json.loads((out / "config.json").read_text())["config"]
-    assert config["method"] == method
+    assert config["method"] == method and config["verbalizer"] == "manual"  # the task's own words, trained
 
 
 def test_training_lowers_the_loss_and_the_best_dev_state_is_kept(tiny_gpt2, local_backend, tiny_data, sst2_task):
@@ -88,6 +88,12 @@ def test_a_prompt_over_the_models_limit_is_refused_before_anything_is_written(ti
     assert _tune(tiny_encoder, data_dir, tmp_path / "long", "prompt-tuning", "--prompt-length", "999") != 0
     assert "limit" in capsys.readouterr().err
     assert not (tmp_path / "long").exists()
+
+
+def test_automatic_words_are_refused_to_a_gradient_method(tiny_encoder, data_dir, tmp_path, capsys):
+    assert _tune(tiny_encoder, data_dir, tmp_path / "words", "prompt-tuning", "--verbalizer", "auto") != 0
+    assert "is for bbt and bbtv2" in capsys.readouterr().err
+    assert not (tmp_path / "words").exists()
 
 
 def test_a_gradient_method_needs_the_weights(data_dir, tmp_path, capsys):

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from bbt import verbalizers
 from bbt.backends.http import HTTPBackend
 from bbt.budget import Budget, Ledger
-from bbt.config import TuneConfig
+from bbt.config import TuneConfig, with_family_defaults
 from bbt.errors import ConfigError
 from bbt.protocol import EvaluateRequest, TaskSpec
 from bbt.tasks import BUILTIN_TASKS
@@ -205,7 +205,7 @@ def test_a_run_chooses_once_records_the_words_and_evaluates_with_them(tiny_gpt2,
     assert report["no_prompt_acc"] == pytest.approx(metrics["no_prompt_test_acc"])
     assert report["no_prompt_verbalizer_acc"] == pytest.approx(metrics["no_prompt_verbalizer_test_acc"])
     with pytest.raises(ValidationError, match="label_words is the number of words"):
-        TuneConfig(label_words=3)
+        TuneConfig(verbalizer="manual", label_words=3)
 
 
 def test_top_words_over_http_equal_in_process(tiny_gpt2, local_backend, tiny_data):
@@ -237,3 +237,13 @@ def test_a_checkpoint_of_an_earlier_version_still_loads_its_choice():
     old.__dict__.update(task=SST2, label_words=3, dev={1: 0.5, 3: 0.75}, queries=2)  # as earlier versions pickled it
     assert pickle.loads(pickle.dumps(old)) == new
     assert pickle.loads(pickle.dumps(new)) == new
+
+
+def test_black_box_runs_choose_words_by_default_and_gradient_runs_keep_their_own():
+    assert TuneConfig().verbalizer == "auto" and TuneConfig(method="bbtv2").verbalizer == "auto"
+    for family in ("encoder", "causal"):
+        assert with_family_defaults(TuneConfig(), family).verbalizer == "auto"
+        assert with_family_defaults(TuneConfig(method="prompt-tuning"), family).verbalizer == "manual"
+        assert with_family_defaults(TuneConfig(verbalizer="manual"), family).verbalizer == "manual"
+    # asked for in so many words, a gradient method's auto is kept, for run_gradient to refuse with a reason
+    assert with_family_defaults(TuneConfig(method="p-tuning", verbalizer="auto"), "encoder").verbalizer == "auto"
