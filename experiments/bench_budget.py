@@ -19,8 +19,10 @@ Presets:
 - paper: the BBT paper's settings (ICML 2022): L = 50, d = 500, population 20, sigma 1,
   cross-entropy, A uniform (PyTorch's Linear init), z kept in [-5, 5], p0 = embeddings of random
   vocabulary tokens.
-- bbt: `TuneConfig()`, bbt's defaults.
-- bbtv2: bbt's defaults with `method="bbtv2"` (`experiments/bench_bbtv2.py compare` runs bbt and
+- bbt: `TuneConfig()`, bbt's defaults as they were when the rows were measured: the task's own
+  words (`verbalizer="manual"`, pinned here since `auto` became the default, so the rows stay this
+  preset's).
+- bbtv2: the same with `method="bbtv2"` (`experiments/bench_bbtv2.py compare` runs bbt and
   bbtv2 through this sweep, so both benchmarks share their runs).
 
 Each finished run is appended to `--results` (JSONL, the format this script has always written,
@@ -51,9 +53,9 @@ WORK = REPO / "runs" / "bench-budget"  # the sweep folders of the runs (checkpoi
 
 PRESETS: dict[str, tuple[dict, int]] = {  # name -> (settings, budget in queries)
     "paper": (dict(prompt_length=50, intrinsic_dim=500, popsize=20, sigma=1.0, loss="ce", projection="uniform",
-                   bound=5.0, init="vocab"), 2000),
-    "bbt": ({}, 500),
-    "bbtv2": (dict(method="bbtv2"), 500),  # bbt's defaults with a prompt per layer: BBTv2 vs BBT at one budget
+                   bound=5.0, init="vocab", verbalizer="manual"), 2000),
+    "bbt": (dict(verbalizer="manual"), 500),
+    "bbtv2": (dict(method="bbtv2", verbalizer="manual"), 500),  # bbt's defaults with a prompt per layer: BBTv2 vs BBT at one budget
 }
 
 

@@ -55,7 +55,8 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=REPO / "experiments" / "results" / "ensemble.jsonl")
     args = ap.parse_args()
 
-    settings = dict(model=args.model, method=args.method, prompt_length=args.prompt_length, init=args.init)
+    settings = dict(model=args.model, method=args.method, prompt_length=args.prompt_length, init=args.init,
+                    verbalizer="manual")  # as the rows were measured
     name = f"{args.model}-{args.method}-L{args.prompt_length}-{args.init}-m{args.members}-q{args.budget}"
     rows = {}
     if args.results.exists():

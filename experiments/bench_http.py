@@ -130,7 +130,8 @@ def main() -> int:
         http = HTTPBackend([server.url])
         for encoding in args.encodings:
             cfg = TuneConfig(seed=args.seed, prompt_length=args.prompt_length, intrinsic_dim=args.intrinsic_dim,
-                             popsize=args.popsize, encoding=encoding, budget=Budget(queries=args.budget))
+                             popsize=args.popsize, encoding=encoding, budget=Budget(queries=args.budget),
+                             verbalizer="manual")  # the search alone, as measured
             times = {"local": [], "http": []}
             same = True
             for rep in range(args.repeats):

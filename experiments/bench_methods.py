@@ -59,7 +59,9 @@ def run_cell(backend, model: str, task_name: str, seed: int, method: str, args, 
     task = BUILTIN_TASKS[task_name]
     data = load_task_folder(args.data_root / task_name, task, seed=seed)
     data = TaskData(data.train, data.dev, data.test.sample(args.test_limit), data.test_name, data.notes)
-    settings = dict(model=model, method=method, seed=seed, prompt_length=LENGTHS.get(model, 50), **extra)
+    # every method reads the task's own words, as the gradient methods must
+    settings = dict(model=model, method=method, seed=seed, prompt_length=LENGTHS.get(model, 50), verbalizer="manual",
+                    **extra)
     out = args.work / f"{model}-{task_name}-{seed}-{method}"
     start = time.perf_counter()
     if method in GRADIENT_METHODS:
@@ -94,7 +96,8 @@ def reused_cell(budget_rows: list[dict], backend, model: str, task_name: str, se
     task, seed and test sample), as a row of this table; None if it has not."""
     if method not in ("bbt", "bbtv2") or extra:
         return None
-    settings = dict(model=model, prompt_length=LENGTHS.get(model, 50), **({"method": method} if method == "bbtv2" else {}))
+    settings = dict(model=model, prompt_length=LENGTHS.get(model, 50), verbalizer="manual",
+                    **({"method": method} if method == "bbtv2" else {}))
     got = bench_budget.find_row(budget_rows, method, settings, args.budget, task_name, seed)
     if got is None or str(args.budget) not in got["curve"]:
         return None

@@ -73,7 +73,7 @@ def run_cell(backend, model: str, task_name: str, seed: int, data_root: Path, bu
     task = for_family(resolve_task(task_name, data_root / task_name), backend.model_info(model).family)
     data = load_task_folder(data_root / task_name, task, seed=seed)
     data = TaskData(data.train, data.dev, data.test.sample(test_limit), data.test_name, data.notes)
-    cfg = TuneConfig(model=model, seed=seed, budget={"queries": budget})
+    cfg = TuneConfig(model=model, seed=seed, budget={"queries": budget}, verbalizer="manual")  # as the rows ran
 
     dev_z: list[np.ndarray] = []
     score = tuner.Scorer.score
