@@ -32,7 +32,7 @@ from bbt.config import GRADIENT_METHODS, TuneConfig
 from bbt.errors import ConfigError
 
 SWEEP_FILE = "sweep.json"
-SWEEP_VERSION = 1
+SWEEP_VERSION = 2  # 2: --verbalizer auto is a default; the runs of a version-1 grid read each task's own words
 SCORES_FILE = "scores.json"
 
 
@@ -93,8 +93,18 @@ def load_spec(out: Path) -> SweepSpec:
         data = json.loads((out / SWEEP_FILE).read_text())
     except FileNotFoundError:
         raise ConfigError(f"{out} is not a sweep folder ({SWEEP_FILE} is missing): run bbt sweep --out {out} first") from None
+    data = _upgraded(data)
     data.pop("version", None)
     return SweepSpec(**data)
+
+
+def _upgraded(data: dict) -> dict:
+    """sweep.json of an earlier version as this one reads it. A version-1 grid that set no verbalizer
+    ran every cell through the task's own words, the default then: its cells still mean that."""
+    settings = data.get("settings", {})
+    if data.get("version", 1) < 2 and "verbalizer" not in settings and "verbalizer" not in data.get("grid", {}):
+        data = {**data, "settings": {**settings, "verbalizer": "manual"}}
+    return {**data, "version": SWEEP_VERSION}
 
 
 def _save_spec(out: Path, spec: SweepSpec) -> None:
@@ -103,9 +113,16 @@ def _save_spec(out: Path, spec: SweepSpec) -> None:
     mine = {"version": SWEEP_VERSION, **asdict(spec)}
     mine.pop("api_key")  # a secret: never on disk
     if path.exists():
-        theirs = json.loads(path.read_text())
+        stored = json.loads(path.read_text())
+        theirs = _upgraded(stored)
         if {k: v for k, v in theirs.items() if k != "endpoints"} != {k: v for k, v in mine.items() if k != "endpoints"}:
-            raise ConfigError(f"{out} holds a different sweep ({path}); pick another --out, or rerun it as it was")
+            hint = ""
+            if theirs["settings"].get("verbalizer") != mine["settings"].get("verbalizer") and stored.get("version", 1) < 2:
+                hint = (" It was made by an earlier bbt, whose runs read each task through its own words: continue it "
+                        "with --set verbalizer=manual.")
+            raise ConfigError(f"{out} holds a different sweep ({path}); pick another --out, or rerun it as it was.{hint}")
+        if stored != mine:  # an earlier version's file, now in this version's terms
+            path.write_text(json.dumps(mine, indent=2))
         return
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(mine, indent=2))

@@ -73,6 +73,24 @@ def test_a_different_grid_in_the_same_folder_is_refused(tiny_encoder, data_dir, 
         sweeps.run_sweep(other, out, log=lambda *a: None)
 
 
+def test_a_sweep_from_before_automatic_words_keeps_the_own_words(tiny_encoder, data_dir, tmp_path):
+    out = tmp_path / "S"
+    spec = sweeps.SweepSpec(tasks=[data_dir.name], seeds=[13], budgets=[8], data_root=str(data_dir.parent),
+                           model=str(tiny_encoder), settings={"prompt_length": 4, "intrinsic_dim": 8, "popsize": 4})
+    out.mkdir()
+    old = {"version": 1, **spec.__dict__}
+    old.pop("api_key")
+    (out / sweeps.SWEEP_FILE).write_text(json.dumps(old))  # as bbt wrote it when --verbalizer manual was the default
+    assert sweeps.load_spec(out).config(spec.cells()[0]).verbalizer == "manual"
+    with pytest.raises(Exception, match="--set verbalizer=manual"):
+        sweeps.run_sweep(spec, out, log=lambda *a: None)  # the old command line would mix the two kinds of cell
+    manual = sweeps.SweepSpec(**{**spec.__dict__, "settings": {**spec.settings, "verbalizer": "manual"}})
+    sweeps.run_sweep(manual, out, log=lambda *a: None)
+    assert json.loads((out / sweeps.SWEEP_FILE).read_text())["version"] == sweeps.SWEEP_VERSION
+    cell = next((out / "cells").iterdir())
+    assert json.loads((cell / "config.json").read_text())["config"]["verbalizer"] == "manual"
+
+
 def test_claims_keep_two_workers_off_one_cell(tmp_path):
     path = tmp_path / "cell.claim"
     assert sweeps.claim(path)
