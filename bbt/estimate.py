@@ -147,18 +147,18 @@ def estimate(backend: Backend, cfg: TuneConfig, task: TaskSpec, data: TaskData) 
         return counts
 
     L = cfg.prompt_length
-    train = _PerQuery(len(data.train), sum(tokens(data.train)) + len(data.train) * L)  # as tuner.Scorer counts
-    dev = _PerQuery(len(data.dev), sum(tokens(data.dev)) + len(data.dev) * L)
-
-    # as run.run_tune books it: one query per chunk for the plain model (no prompt), then the untuned
-    # prompt (z = 0) and the tuned one, L prompt tokens each; no limit applies
+    plain_train = _PerQuery(len(data.train), sum(tokens(data.train)))  # the plain model: no prompt tokens
+    plain_dev = _PerQuery(len(data.dev), sum(tokens(data.dev)))
+    train = _PerQuery(plain_train.examples, plain_train.tokens + plain_train.examples * L)  # as tuner.Scorer counts
+    dev = _PerQuery(plain_dev.examples, plain_dev.tokens + plain_dev.examples * L)
     # --verbalizer auto: bbt.verbalizers.choose's plain-model queries, in order, each sent only if affordable
     auto = cfg.verbalizer == "auto" and cfg.method in ("bbt", "bbtv2")
-    plain_train = _PerQuery(train.examples, train.tokens - train.examples * L)
-    plain_dev = _PerQuery(dev.examples, dev.tokens - dev.examples * L)
     choice = [plain_train] * (2 if info.family != "encoder" else 1) if auto else []
     probe_dev = [plain_dev] if auto and cfg.label_words is None else []
 
+    # as run.run_tune books it: one query per chunk for the plain model (no prompt), with auto words
+    # once more through them, then the untuned prompt (z = 0) and the tuned one, L prompt tokens
+    # each; no limit applies
     evaluation = Ledger(Budget(queries=1, price_per_1k_tokens=cfg.budget.price_per_1k_tokens))
     test_tokens = tokens(test)
     for prompt_tokens in (0, 0, L, L) if auto else (0, L, L):
