@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from bbt import verbalizers
 from bbt.backends.base import Backend
 from bbt.budget import LIMITS, Budget, Ledger, Spent
 from bbt.config import TuneConfig, with_family_defaults
@@ -153,8 +154,8 @@ def estimate(backend: Backend, cfg: TuneConfig, task: TaskSpec, data: TaskData) 
     dev = _PerQuery(plain_dev.examples, plain_dev.tokens + plain_dev.examples * L)
     # --verbalizer auto: bbt.verbalizers.choose's plain-model queries, in order, each sent only if affordable
     auto = cfg.verbalizer == "auto" and cfg.method in ("bbt", "bbtv2")
-    choice = [plain_train] * (2 if info.family != "encoder" else 1) if auto else []
-    probe_dev = [plain_dev] if auto and cfg.label_words is None else []
+    planned = verbalizers.queries(info.family, cfg.label_words) if auto else []
+    sizes = {"train": plain_train, "dev": plain_dev}
 
     # as run.run_tune books it: one query per chunk for the plain model (no prompt), with auto words
     # once more through them, then the untuned prompt (z = 0) and the tuned one, L prompt tokens
@@ -169,8 +170,9 @@ def estimate(backend: Backend, cfg: TuneConfig, task: TaskSpec, data: TaskData) 
     layers = 1 if cfg.method == "bbt" else info.num_layers
     most = None if cfg.rounds is None else cfg.rounds * layers  # generations
     every = _replay(cfg.budget, cfg.popsize, train, dev, every_generation_improves=True, most=most,
-                    before=choice + probe_dev)
-    first = _replay(cfg.budget, cfg.popsize, train, dev, every_generation_improves=False, most=most, before=choice)
+                    before=[sizes[s] for s in planned])
+    first = _replay(cfg.budget, cfg.popsize, train, dev, every_generation_improves=False, most=most,
+                    before=[sizes[s] for s in planned if s != "dev"])  # the dev probe may be skipped
     pair = (every.ledger.tuning, first.ledger.tuning)
     return Estimate(
         budget=cfg.budget, popsize=cfg.popsize, train_examples=train.examples, dev_examples=dev.examples,

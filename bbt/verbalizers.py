@@ -64,12 +64,19 @@ class Choice:
         self.__dict__.update(state)
 
 
+def queries(family: str, label_words: int | None) -> list[str]:
+    """The splits `choose` queries, in order: on train an LM's shortlist, then the probe; on dev the
+    probe again when K is to be chosen. Each is sent only while the budget affords it, and dev only
+    when more than one K reads different words."""
+    return ["train"] * (1 if family == "encoder" else 2) + (["dev"] if label_words is None else [])
+
+
 def choose(backend, model: str, family: str, task: TaskSpec, train: Split, dev: Split, ledger: Ledger,
            label_words: int | None = None) -> Choice:
     """The task with words per class chosen on `train` (their number held out, unless given).
 
-    Costs 1 query on train, and 1 on dev when K is to be chosen; a budget that cannot pay for the
-    train query leaves the task's own verbalizer, one that cannot pay for dev chooses on train folds.
+    Costs the queries `queries` lists; a budget that cannot pay for those on train leaves the task's
+    own verbalizer, one that cannot pay for dev chooses on train folds.
     """
     start = ledger.tuning.queries
     field_name = "label_texts" if family == "encoder" else "verbalizer"

@@ -74,17 +74,20 @@ def collect(sweeps: list[Path], results: Path) -> None:
     print(f"{len(new)} rows from {len(sweeps)} sweep(s); {len(rows)} in {results}")
 
 
+def curve_rows(r: dict, model: str, remedy: str) -> list[dict]:
+    """One row of this file per point of a run's accuracy curve (points in percent)."""
+    return [{"model": model, "remedy": remedy, "task": r["task"], "seed": r["seed"], "budget": int(b),
+             "test": acc / 100, "no_prompt": r["no_prompt"] / 100, "test_examples": r["test_examples"],
+             "queries_used": int(b)} for b, acc in r["curve"].items()]
+
+
 def default_rows(budget_file: Path) -> list[dict]:
     """The defaults' runs (MiniLM, BBT) of the budget sweep, as rows of this file."""
     out = []
     for line in budget_file.read_text().splitlines():
         r = json.loads(line)
-        if r.get("preset") != "bbt":
-            continue
-        for b, acc in r["curve"].items():
-            out.append({"model": "minilm", "remedy": "defaults", "task": r["task"], "seed": r["seed"],
-                        "budget": int(b), "test": acc / 100, "no_prompt": r["no_prompt"] / 100,
-                        "test_examples": r["test_examples"], "queries_used": int(b)})
+        if r.get("preset") == "bbt":
+            out += curve_rows(r, "minilm", "defaults")
     return out
 
 
@@ -96,10 +99,7 @@ def gpu_rows(gpu_file: Path) -> list[dict]:
         if r.get("settings"):
             continue
         remedy = "defaults" if r["method"] == defaults_of(r["model"])["method"] else f"method={r['method']}"
-        for b, acc in r["curve"].items():
-            out.append({"model": r["model"], "remedy": remedy, "task": r["task"], "seed": r["seed"],
-                        "budget": int(b), "test": acc / 100, "no_prompt": r["no_prompt"] / 100,
-                        "test_examples": r["test_examples"], "queries_used": int(b)})
+        out += curve_rows(r, r["model"], remedy)
     return out
 
 

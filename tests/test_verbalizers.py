@@ -134,6 +134,7 @@ def test_choice_looks_at_train_and_dev_only_and_is_paid_for(tiny_gpt2, local_bac
     assert set(choice.held_out) <= set(verbalizers.CHOICES) and len(choice.held_out) > 1
     assert choice.label_words in choice.held_out and all(0 <= v <= 1 for v in choice.held_out.values())
     assert ledger.tuning.queries == choice.queries == len(sent) == 3
+    assert verbalizers.queries("causal", None) == ["train", "train", "dev"]  # what bbt tune --dry-run counts
     for own, entry in zip(SST2.verbalizer, choice.task.verbalizer):  # the task's own word comes first
         assert (entry if isinstance(entry, str) else entry[0]) == own
     assert choice.task.labels == SST2.labels and choice.task.template == SST2.template
