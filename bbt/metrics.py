@@ -10,6 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 HINGE_MARGIN = 2.0  # BBT's MultiMarginLoss margin
+# one-sided 5%: a held-out cross-entropy fewer standard errors than this below ln C is no evidence
+# that the scores read the task better than a uniform guess
+CHANCE_MARGIN = 1.645
 
 
 def _check(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -27,6 +30,20 @@ def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     log_z = np.log(np.exp(shifted).sum(axis=2))
     picked = np.take_along_axis(shifted, labels[None, :, None], axis=2)[..., 0]
     return (log_z - picked).mean(axis=1)
+
+
+def above_chance(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Standard errors by which the mean cross-entropy per candidate sits below ln C, the loss of a
+    uniform guess over C classes (negative: above it). On a class-balanced held-out split, under
+    CHANCE_MARGIN means those inputs show no sign that the candidate reads the task at all."""
+    logits, labels = _check(logits, labels)
+    shifted = logits - logits.max(axis=2, keepdims=True)
+    per_example = np.log(np.exp(shifted).sum(axis=2)) - np.take_along_axis(shifted, labels[None, :, None], axis=2)[..., 0]
+    n = per_example.shape[1]
+    se = per_example.std(axis=1, ddof=1) / np.sqrt(n) if n > 1 else np.full(len(per_example), np.inf)
+    gap = np.log(logits.shape[2]) - per_example.mean(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):  # identical losses on every input: se = 0
+        return np.where(se > 0, gap / np.where(se > 0, se, 1.0), np.sign(gap) * np.inf)
 
 
 def hinge(logits: np.ndarray, labels: np.ndarray, margin: float = HINGE_MARGIN) -> np.ndarray:

@@ -278,6 +278,12 @@ def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out:
         "queries_per_second": round(ledger.tuning.queries / result.seconds, 3) if result.seconds > 0 else None,
         "spending": ledger.summary(),
     }
+    if result.above_chance is not None:
+        checked = "train" if result.fold == 1 else "dev"
+        t = result.above_chance
+        out_metrics["held_out_check"] = {"split": checked, "above_chance": round(t, 3) if math.isfinite(t) else None,
+                                         "threshold": metrics.CHANCE_MARGIN,
+                                         "passed": bool(t >= metrics.CHANCE_MARGIN)}
     if task.metric == "f1":
         out_metrics.update(train_f1=result.train.metric, dev_f1=dev.metric if dev else None,
                            test_f1=tuned.metric, zero_prompt_test_f1=zero.metric, no_prompt_test_f1=plain.metric)
@@ -294,6 +300,13 @@ def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out:
     log(f"tuned {data.test_name} accuracy: {tuned.accuracy:.4f} (zero prompt z = 0: {zero.accuracy:.4f}, "
         f"no prompt: {plain.accuracy:.4f})"
         + (f", F1 {tuned.metric:.4f} (zero prompt {zero.metric:.4f}, no prompt {plain.metric:.4f})" if task.metric == "f1" else ""))
+    check = out_metrics.get("held_out_check")
+    if check is not None and not check["passed"]:
+        t = result.above_chance
+        log(f"warning: on {check['split']} the tuned prompt shows no sign of reading the task better than a uniform "
+            f"guess (its cross-entropy is {abs(t):.2f} standard errors {'below' if t >= 0 else 'above'} a guess's "
+            f"ln {len(task.labels)}; {metrics.CHANCE_MARGIN} below are needed): its gain over the plain model is not to "
+            "be trusted, and the plain model (no soft prompt) may be the safer choice for this task")
     log(ledger.describe())
     if ledger.mismatches:
         log(f"warning: the server's usage differed from the client's count {len(ledger.mismatches)} times; see metrics.json")
@@ -371,6 +384,12 @@ def run_gradient(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backe
         "trainable_parameters": result.trainable_parameters, "learning_rate": cfg.lr or lr, "optimizer": opt,
         "tuning_seconds": round(result.seconds, 3),
     }
+    if result.above_chance is not None:
+        checked = "train" if result.fold == 1 else "dev"
+        t = result.above_chance
+        out_metrics["held_out_check"] = {"split": checked, "above_chance": round(t, 3) if math.isfinite(t) else None,
+                                         "threshold": metrics.CHANCE_MARGIN,
+                                         "passed": bool(t >= metrics.CHANCE_MARGIN)}
     if task.metric == "f1":
         out_metrics.update(train_f1=result.train.metric, dev_f1=result.dev.metric, test_f1=test.metric,
                            no_prompt_test_f1=plain.metric)

@@ -96,6 +96,9 @@ class Evaluation:
     loss: float
     metric: float  # accuracy or F1, by the task
     accuracy: float
+    # metrics.above_chance of its cross-entropy; kept for held-out scores (class-level default:
+    # checkpoints made before it read None)
+    above_chance: float | None = None
 
     @classmethod
     def of(cls, logits: np.ndarray, labels, metric: str, loss: str = "ce") -> Evaluation:
@@ -116,6 +119,8 @@ class TuneResult:
     history: list[dict] = field(default_factory=list)
     path: list[tuple[int, np.ndarray]] = field(default_factory=list)  # TuneState.path
     fold: int | None = None  # two folds: the one the prompt came from (0: fitted to train, 1: to dev)
+    # metrics.above_chance of the returned prompt on the split it was checked on (dev; train if fold 1)
+    above_chance: float | None = None
 
     def prompt_at(self, queries: int) -> Prompt:
         """The prompt this run would have returned with a budget of `queries` (z = 0 before any)."""
@@ -137,8 +142,9 @@ class Scorer:
     def affordable(self, k: int) -> int:
         return self.ledger.affordable(k, examples_per_query=self.n, tokens_per_query=self.tokens_per_query) if self.tuning else k
 
-    def score(self, prompt: Prompt, z: np.ndarray, layer: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Losses, metric and accuracy per candidate for z [K, layers, d] that differ from `layer` up."""
+    def score(self, prompt: Prompt, z: np.ndarray, layer: int | None = None) -> tuple[np.ndarray, ...]:
+        """Losses, metric, accuracy and logits [K, N, C] per candidate for z [K, layers, d] that
+        differ from `layer` up."""
         k = z.shape[0]
         req = EvaluateRequest(
             model=self.cfg.model, task=self.task, inputs=self.split.examples, labels=self.split.labels,
@@ -150,7 +156,8 @@ class Scorer:
         self.ledger.record(resp.usage, expected=expected, tuning=self.tuning, paid_by=paid_by)
         logits = resp.logits.to_numpy()
         labels = np.asarray(self.split.labels)
-        return np.asarray(resp.losses), metrics.score(self.task.metric, logits, labels), metrics.accuracy(logits, labels)
+        return (np.asarray(resp.losses), metrics.score(self.task.metric, logits, labels), metrics.accuracy(logits, labels),
+                logits)
 
 
 def _second_stage(s: TuneState, cfg: TuneConfig, prompt: Prompt, scorer: Scorer, check_dev, finish) -> str:
@@ -168,7 +175,7 @@ def _second_stage(s: TuneState, cfg: TuneConfig, prompt: Prompt, scorer: Scorer,
             raise local_search.Stop
         z = s.local_base.copy()
         z[0] += basis @ x
-        losses, scores, accs = scorer.score(prompt, z[None])
+        losses, scores, accs, _ = scorer.score(prompt, z[None])
         window.append((float(losses[0]), float(scores[0]), float(accs[0])))
         if losses[0] < s.best_train.loss:
             s.best_train, s.best_z = Evaluation(*window[-1]), z
@@ -331,8 +338,9 @@ def tune(backend: Backend, cfg: TuneConfig, task: TaskSpec, train: Split, dev: S
         In the second fold "train" is the dev split and "dev" the train split (log keys stay)."""
         held_out = dev_scorer if s.fold == 0 else train_scorer
         if held_out.affordable(1):
-            d_loss, d_score, d_acc = held_out.score(prompt, z[None])
-            candidate = Evaluation(float(d_loss[0]), float(d_score[0]), float(d_acc[0]))
+            d_loss, d_score, d_acc, d_logits = held_out.score(prompt, z[None])
+            chance = float(metrics.above_chance(d_logits, np.asarray(held_out.split.labels))[0])
+            candidate = Evaluation(float(d_loss[0]), float(d_score[0]), float(d_acc[0]), above_chance=chance)
             record.update(dev_loss=candidate.loss, dev_metric=candidate.metric)
             if s.best_dev is None or _better((candidate, s.best_train), (s.best_dev, s.chosen_train), cfg.select):
                 s.best_dev, s.chosen_train, prompt.z, s.chosen_fold = candidate, s.best_train, z.copy(), s.fold
@@ -375,7 +383,7 @@ def tune(backend: Backend, cfg: TuneConfig, task: TaskSpec, train: Split, dev: S
         proposals = es.ask()  # (popsize, d)
         z = np.repeat(s.best_z[None], k, axis=0)  # (K, layers, d)
         z[:, layer] = proposals[:k]
-        losses, scores, accs = fit.score(prompt, z, layer)
+        losses, scores, accs, _ = fit.score(prompt, z, layer)
         if k == cfg.popsize:
             es.tell(proposals, losses)  # a cut final generation is scored but not told: pycma needs all of it
         i = int(np.argmin(losses))
@@ -398,4 +406,5 @@ def tune(backend: Backend, cfg: TuneConfig, task: TaskSpec, train: Split, dev: S
     return TuneResult(
         prompt=prompt, train=fitted, dev=held_out, generations=s.generation, fold=s.chosen_fold if half else None,
         seconds=time.perf_counter() - start, stop_reason=stop_reason, history=s.history, path=s.path,
+        above_chance=None if s.best_dev is None else s.best_dev.above_chance,
     )

@@ -95,3 +95,26 @@ def test_loss_and_score_dispatch():
 def test_shapes_are_checked(shape, labels):
     with pytest.raises(ValueError, match=r"\[K, N, C\]"):
         metrics.cross_entropy(np.zeros(shape), np.asarray(labels))
+
+
+def test_above_chance_against_hand_worked_values():
+    # two classes, four inputs: per-input losses ln(1 + e^-2) for three right, ln(1 + e^2) for one wrong
+    logits = np.array([[[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [2.0, 0.0]]])
+    labels = np.array([0, 1, 0, 1])
+    per = np.array([math.log1p(math.exp(-2))] * 3 + [math.log1p(math.exp(2))])
+    want = (math.log(2) - per.mean()) / (per.std(ddof=1) / 2)
+    assert metrics.above_chance(logits, labels)[0] == pytest.approx(want, rel=1e-12)
+    # a uniform guess sits at ln C: zero standard errors, whatever the labels; a confident wrong reader below it
+    assert metrics.above_chance(np.zeros((1, 6, 3)) + np.array([0.0, 1e-9, 0.0]), np.arange(6) % 3)[0] == pytest.approx(0, abs=1e-6)
+    assert metrics.above_chance(-3 * np.eye(2)[None, [0, 1, 0, 1]], np.array([0, 1, 0, 1]))[0] < 0
+
+
+def test_above_chance_ranks_readers_and_survives_identical_losses():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 32)
+    signal = np.eye(2)[labels] * 2 + rng.standard_normal((32, 2))
+    noise = rng.standard_normal((32, 2)) * 0.1
+    out = metrics.above_chance(np.stack([signal, noise]), labels)
+    assert out[0] > metrics.CHANCE_MARGIN > out[1]
+    same = np.tile([[1.0, 0.0]], (4, 1))[None]  # every input right, with the same loss: no spread at all
+    assert metrics.above_chance(same, np.zeros(4, dtype=int))[0] == np.inf

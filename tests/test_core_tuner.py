@@ -200,3 +200,26 @@ def test_patience_ends_the_run_when_dev_stops_improving(tiny_encoder, local_back
     assert untimed[0] == untimed[1][:stop]  # the same run, cut short
     assert early.dev.metric == free.history[stop - 1]["best_dev_metric"]  # the best on dev of what it ran
     assert ledger.tuning.queries == early.history[-1]["queries_used"] < free.history[-1]["queries_used"]
+
+
+@pytest.mark.parametrize("folds", [1, 2])
+def test_run_reports_whether_the_prompt_reads_its_held_out_split_above_chance(folds, tiny_encoder, local_backend,
+                                                                              tiny_data, sst2_task, tmp_path):
+    """metrics.json's held_out_check is metrics.above_chance of the returned prompt on the split it
+    was checked on, recomputed here from that split's logits; below the margin the run warns."""
+    from bbt import metrics as m
+    from bbt.runs import evaluate_split, load_artifact, run_tune
+
+    lines = []
+    cfg = _cfg(tiny_encoder, budget=60, folds=folds)
+    out = run_tune(cfg, sst2_task, tiny_data, local_backend, tmp_path / "run", progress=False, log=lines.append)
+    check = out["held_out_check"]
+    assert check["split"] == ("train" if out.get("fold") == 1 else "dev")
+    artifact = load_artifact(tmp_path / "run")
+    split = tiny_data.dev if check["split"] == "dev" else tiny_data.train
+    _, logits = evaluate_split(local_backend, cfg.model, artifact.task, split, artifact.prompt())
+    t = float(m.above_chance(logits[None], np.asarray(split.labels))[0])
+    assert check["above_chance"] == pytest.approx(t, abs=2e-3)  # population vs single scoring: float32 noise
+    assert check["passed"] == (t >= m.CHANCE_MARGIN) and check["threshold"] == m.CHANCE_MARGIN
+    warned = [x for x in lines if x.startswith("warning: on ")]
+    assert len(warned) == (0 if check["passed"] else 1)
