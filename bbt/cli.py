@@ -497,6 +497,8 @@ def cmd_sweep(args) -> int:
         raise ConfigError(_option_errors(exc)) from None
     outcome = sweeps.run_sweep(spec, args.out, workers=args.workers, ray=args.ray)
     print(sweeps.format_table(sweeps.table(args.out)))
+    if (line := sweeps.describe_unchecked(args.out)) is not None:
+        print(line)
     return 1 if outcome.failed else 0
 
 
@@ -515,6 +517,8 @@ def cmd_sweep_report(argv: list[str]) -> int:
     print(sweeps.format_table(lines))
     for name, why in sweeps.failures(args.folder).items():
         print(f"failed: {name}: {why}")
+    if (line := sweeps.describe_unchecked(args.folder)) is not None:
+        print(line)
     if args.csv:
         sweeps.write_csv(lines, args.csv)
         print(f"csv: {args.csv}")

@@ -380,6 +380,27 @@ def failures(out: str | Path) -> dict[str, str]:
             for p in sorted((Path(out) / "cells").glob("*.error"))}
 
 
+def unchecked(out: str | Path) -> dict[str, float | None]:
+    """Finished black-box cells whose prompt failed the held-out check (metrics.json's
+    `held_out_check`), each with its `above_chance` in standard errors."""
+    found = {}
+    for path in sorted((Path(out) / "cells").glob("*/metrics.json")):
+        check = json.loads(path.read_text()).get("held_out_check")
+        if check is not None and not check["passed"]:
+            found[path.parent.name] = check["above_chance"]
+    return found
+
+
+def describe_unchecked(out: str | Path) -> str | None:
+    """One line naming the cells that failed the held-out check, or None."""
+    found = unchecked(out)
+    if not found:
+        return None
+    cells = ", ".join(f"{name} ({'-' if t is None else f'{t:.2f}'})" for name, t in found.items())
+    return (f"held-out check failed in {len(found)} cell(s), prompts no better than a uniform guess on their held-out "
+            f"split (standard errors below ln C; 1.645 needed): {cells}. Their gains are not to be trusted.")
+
+
 def mean_se(xs: list[float]) -> tuple[float, float]:
     """Mean and standard error of the mean (0 for a single value)."""
     a = np.asarray(xs, dtype=float)

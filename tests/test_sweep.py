@@ -58,6 +58,13 @@ def test_a_sweep_scores_each_budget_from_one_run_and_a_rerun_pays_nothing(tiny_e
     assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
     csv_lines = (tmp_path / "t.csv").read_text().splitlines()
     assert len(csv_lines) == 5
+    # the cells whose prompt failed the held-out check are named, with their margin, as metrics.json has them
+    failed = {c.name: json.loads((c / "metrics.json").read_text())["held_out_check"] for c in (out / "cells").iterdir()
+              if (c / "metrics.json").exists()}
+    failed = {name: chk["above_chance"] for name, chk in failed.items() if not chk["passed"]}
+    assert sweeps.unchecked(out) == failed
+    named = [line for line in text.splitlines() if line.startswith("held-out check failed")]
+    assert len(named) == (1 if failed else 0) and all(name in named[0] for name in failed)
     # the sweep's fixed settings (--set) are in the report, though no cell's rows record them
     assert "every cell: " in text and "intrinsic_dim=8" in text.split("every cell: ")[1].splitlines()[0]
     assert '""intrinsic_dim"": 8' in csv_lines[1]
