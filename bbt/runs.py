@@ -384,12 +384,6 @@ def run_gradient(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backe
         "trainable_parameters": result.trainable_parameters, "learning_rate": cfg.lr or lr, "optimizer": opt,
         "tuning_seconds": round(result.seconds, 3),
     }
-    if result.above_chance is not None:
-        checked = "train" if result.fold == 1 else "dev"
-        t = result.above_chance
-        out_metrics["held_out_check"] = {"split": checked, "above_chance": round(t, 3) if math.isfinite(t) else None,
-                                         "threshold": metrics.CHANCE_MARGIN,
-                                         "passed": bool(t >= metrics.CHANCE_MARGIN)}
     if task.metric == "f1":
         out_metrics.update(train_f1=result.train.metric, dev_f1=result.dev.metric, test_f1=test.metric,
                            no_prompt_test_f1=plain.metric)
