@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 HINGE_MARGIN = 2.0  # BBT's MultiMarginLoss margin
-# one-sided 5%: a held-out cross-entropy fewer standard errors than this below ln C is no evidence
-# that the scores read the task better than a uniform guess
+# one-sided 5%: a held-out cross-entropy fewer standard errors than this below a blind guess's is no
+# evidence that the scores read the task at all (see above_chance)
 CHANCE_MARGIN = 1.645
 
 
@@ -33,17 +33,21 @@ def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def above_chance(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Standard errors by which the mean cross-entropy per candidate sits below ln C, the loss of a
-    uniform guess over C classes (negative: above it). On a class-balanced held-out split, under
-    CHANCE_MARGIN means those inputs show no sign that the candidate reads the task at all."""
+    """Standard errors by which the mean cross-entropy per candidate sits below the loss of the best
+    guess that ignores the input: the entropy of the labels' class shares (ln C on a class-balanced
+    split). Negative: above it. Under CHANCE_MARGIN, those inputs show no sign that the candidate
+    reads the task at all."""
     logits, labels = _check(logits, labels)
+    shares = np.bincount(labels, minlength=logits.shape[2]) / len(labels)
+    guess = float(-(shares[shares > 0] * np.log(shares[shares > 0])).sum())
     shifted = logits - logits.max(axis=2, keepdims=True)
     per_example = np.log(np.exp(shifted).sum(axis=2)) - np.take_along_axis(shifted, labels[None, :, None], axis=2)[..., 0]
     n = per_example.shape[1]
     se = per_example.std(axis=1, ddof=1) / np.sqrt(n) if n > 1 else np.full(len(per_example), np.inf)
-    gap = np.log(logits.shape[2]) - per_example.mean(axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):  # identical losses on every input: se = 0
-        return np.where(se > 0, gap / np.where(se > 0, se, 1.0), np.sign(gap) * np.inf)
+    gap = guess - per_example.mean(axis=1)
+    # identical losses on every input (se = 0): infinitely sure of the sign of the gap, or level with the guess
+    edge = np.where(np.abs(gap) < 1e-9, 0.0, np.copysign(np.inf, gap))  # (rounding: ln C two ways)
+    return np.where(se > 0, gap / np.where(se > 0, se, 1.0), edge)
 
 
 def hinge(logits: np.ndarray, labels: np.ndarray, margin: float = HINGE_MARGIN) -> np.ndarray:

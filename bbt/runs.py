@@ -303,10 +303,11 @@ def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out:
     check = out_metrics.get("held_out_check")
     if check is not None and not check["passed"]:
         t = result.above_chance
-        log(f"warning: on {check['split']} the tuned prompt shows no sign of reading the task better than a uniform "
-            f"guess (its cross-entropy is {abs(t):.2f} standard errors {'below' if t >= 0 else 'above'} a guess's "
-            f"ln {len(task.labels)}; {metrics.CHANCE_MARGIN} below are needed): its gain over the plain model is not to "
-            "be trusted, and the plain model (no soft prompt) may be the safer choice for this task")
+        log(f"warning: on {check['split']} the tuned prompt shows no sign of reading the task better than a guess "
+            f"that ignores the input (its cross-entropy is {abs(t):.2f} standard errors {'below' if t >= 0 else 'above'} "
+            f"that guess's, ln {len(task.labels)} on balanced classes; {metrics.CHANCE_MARGIN} below are needed): its "
+            "gain over the plain model is not to be trusted, and the plain model (no soft prompt) may be the safer "
+            "choice for this task")
     log(ledger.describe())
     if ledger.mismatches:
         log(f"warning: the server's usage differed from the client's count {len(ledger.mismatches)} times; see metrics.json")

@@ -397,8 +397,8 @@ def describe_unchecked(out: str | Path) -> str | None:
     if not found:
         return None
     cells = ", ".join(f"{name} ({'-' if t is None else f'{t:.2f}'})" for name, t in found.items())
-    return (f"held-out check failed in {len(found)} cell(s), prompts no better than a uniform guess on their held-out "
-            f"split (standard errors below ln C; 1.645 needed): {cells}. Their gains are not to be trusted.")
+    return (f"held-out check failed in {len(found)} cell(s), prompts no better than a blind guess on their held-out "
+            f"split (standard errors below the guess's cross-entropy; 1.645 needed): {cells}. Their gains are not to be trusted.")
 
 
 def mean_se(xs: list[float]) -> tuple[float, float]:

@@ -6,8 +6,8 @@
     python experiments/chance_check.py runs/chk-minilm [more sweep folders]
 
 Every run's metrics.json holds `held_out_check`: how many standard errors the returned prompt's
-cross-entropy on its held-out split (dev, 32 inputs on a two-class task) sits below ln C, a
-uniform guess's, and whether that clears 1.645 (one-sided 5%). A run that fails it warns that its
+cross-entropy on its held-out split (dev, 32 inputs on a two-class task) sits below that of a
+guess that ignores the input (ln C on a balanced split), and whether that clears 1.645 (one-sided 5%). A run that fails it warns that its
 gain is not to be trusted. This prints, per model and task, mean test accuracy over the seeds of
 the tuned prompt and of the plain model, which runs failed the check, and the mean a user would
 get by keeping the plain model where the check failed (the tuned prompt elsewhere). Nothing here

@@ -104,8 +104,8 @@ def test_above_chance_against_hand_worked_values():
     per = np.array([math.log1p(math.exp(-2))] * 3 + [math.log1p(math.exp(2))])
     want = (math.log(2) - per.mean()) / (per.std(ddof=1) / 2)
     assert metrics.above_chance(logits, labels)[0] == pytest.approx(want, rel=1e-12)
-    # a uniform guess sits at ln C: zero standard errors, whatever the labels; a confident wrong reader below it
-    assert metrics.above_chance(np.zeros((1, 6, 3)) + np.array([0.0, 1e-9, 0.0]), np.arange(6) % 3)[0] == pytest.approx(0, abs=1e-6)
+    # a uniform guess sits at ln C on balanced labels: zero standard errors; a confident wrong reader below it
+    assert metrics.above_chance(np.zeros((1, 6, 3)), np.arange(6) % 3)[0] == 0
     assert metrics.above_chance(-3 * np.eye(2)[None, [0, 1, 0, 1]], np.array([0, 1, 0, 1]))[0] < 0
 
 
@@ -116,5 +116,16 @@ def test_above_chance_ranks_readers_and_survives_identical_losses():
     noise = rng.standard_normal((32, 2)) * 0.1
     out = metrics.above_chance(np.stack([signal, noise]), labels)
     assert out[0] > metrics.CHANCE_MARGIN > out[1]
-    same = np.tile([[1.0, 0.0]], (4, 1))[None]  # every input right, with the same loss: no spread at all
-    assert metrics.above_chance(same, np.zeros(4, dtype=int))[0] == np.inf
+    labels = np.array([0, 1, 0, 1])
+    same = np.eye(2)[labels][None]  # every input right, with the same loss: no spread at all
+    assert metrics.above_chance(same, labels)[0] == np.inf and metrics.above_chance(-same, labels)[0] == -np.inf
+
+
+def test_above_chance_measures_against_the_best_blind_guess_on_imbalanced_labels():
+    # 3 of 4 inputs in class 0: always answering 0.75 / 0.25 costs the labels' entropy, below ln 2, and
+    # a model that does just that has learned nothing, so it sits at zero, where ln 2 would rate it above chance
+    labels = np.array([0, 0, 0, 1] * 4)
+    blind = np.tile(np.log([[0.75, 0.25]]), (16, 1))[None]
+    entropy = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert metrics.cross_entropy(blind, labels)[0] == pytest.approx(entropy)
+    assert metrics.above_chance(blind, labels)[0] == pytest.approx(0, abs=1e-9)
