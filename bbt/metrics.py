@@ -23,13 +23,16 @@ def _check(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return logits, labels
 
 
-def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Mean softmax cross-entropy per candidate (nats)."""
-    logits, labels = _check(logits, labels)
+def _per_example_ce(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Softmax cross-entropy [K, N] of checked logits and labels (nats)."""
     shifted = logits - logits.max(axis=2, keepdims=True)
     log_z = np.log(np.exp(shifted).sum(axis=2))
-    picked = np.take_along_axis(shifted, labels[None, :, None], axis=2)[..., 0]
-    return (log_z - picked).mean(axis=1)
+    return log_z - np.take_along_axis(shifted, labels[None, :, None], axis=2)[..., 0]
+
+
+def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Mean softmax cross-entropy per candidate (nats)."""
+    return _per_example_ce(*_check(logits, labels)).mean(axis=1)
 
 
 def above_chance(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -40,8 +43,7 @@ def above_chance(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     logits, labels = _check(logits, labels)
     shares = np.bincount(labels, minlength=logits.shape[2]) / len(labels)
     guess = float(-(shares[shares > 0] * np.log(shares[shares > 0])).sum())
-    shifted = logits - logits.max(axis=2, keepdims=True)
-    per_example = np.log(np.exp(shifted).sum(axis=2)) - np.take_along_axis(shifted, labels[None, :, None], axis=2)[..., 0]
+    per_example = _per_example_ce(logits, labels)
     n = per_example.shape[1]
     se = per_example.std(axis=1, ddof=1) / np.sqrt(n) if n > 1 else np.full(len(per_example), np.inf)
     gap = guess - per_example.mean(axis=1)

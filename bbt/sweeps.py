@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bbt import metrics
 from bbt.budget import Budget
 from bbt.config import GRADIENT_METHODS, TuneConfig
 from bbt.errors import ConfigError
@@ -398,7 +399,8 @@ def describe_unchecked(out: str | Path) -> str | None:
         return None
     cells = ", ".join(f"{name} ({'-' if t is None else f'{t:.2f}'})" for name, t in found.items())
     return (f"held-out check failed in {len(found)} cell(s), prompts no better than a blind guess on their held-out "
-            f"split (standard errors below the guess's cross-entropy; 1.645 needed): {cells}. Their gains are not to be trusted.")
+            f"split (standard errors below the guess's cross-entropy; {metrics.CHANCE_MARGIN} needed): {cells}. Their gains "
+            "are not to be trusted.")
 
 
 def mean_se(xs: list[float]) -> tuple[float, float]:

@@ -62,6 +62,14 @@ def sentence_units(pm, task, examples):
     return torch.cat(out)
 
 
+def embedded(pm, task, data, test):
+    """The training split and the test sample as the plain model embeds them, with their labels."""
+    import torch
+
+    return (sentence_units(pm, task, data.train.examples), torch.tensor(list(data.train.labels)),
+            sentence_units(pm, task, test.examples), torch.tensor(list(test.labels)))
+
+
 def label_prompt(pm, task, data, test, args) -> list[float]:
     import torch
     import torch.nn.functional as F
@@ -69,8 +77,7 @@ def label_prompt(pm, task, data, test, args) -> list[float]:
     from servers.families import ENCODER_LOGIT_SCALE
 
     torch.manual_seed(args.seed)
-    x_train, x_test = sentence_units(pm, task, data.train.examples), sentence_units(pm, task, test.examples)
-    y_train, y_test = torch.tensor(list(data.train.labels)), torch.tensor(list(test.labels))
+    x_train, y_train, x_test, y_test = embedded(pm, task, data, test)
     texts = [words_of(t)[0] for t in task.label_texts]
     batch = pm.family.tokenizer(texts, padding=True, return_tensors="pt").to(pm.device)
     a, n = pm.prompt_at, args.prompt_length
@@ -103,8 +110,7 @@ def probe(pm, task, data, test, args) -> list[float]:
 
     from servers.families import ENCODER_LOGIT_SCALE
 
-    x_train, x_test = sentence_units(pm, task, data.train.examples), sentence_units(pm, task, test.examples)
-    y_train, y_test = torch.tensor(list(data.train.labels)), torch.tensor(list(test.labels))
+    x_train, y_train, x_test, y_test = embedded(pm, task, data, test)
     scores = []
     for decay in (1e-3, 1e-2, 1e-1):
         w = torch.zeros(x_train.shape[1], len(task.labels), requires_grad=True)
