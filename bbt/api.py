@@ -33,11 +33,13 @@ def local(models: list[str] | None = None, *, device: str = "auto"):
     return LocalBackend(models, device=device)
 
 
-def remote(url: str | list[str], *, api_key: str | None = None, timeout: float = 60.0):
-    """A backend for one or more `bbt serve` endpoints over HTTP; use it in a `with`."""
-    from bbt.backends.http import HTTPBackend
+def remote(url: str | list[str], *, api_key: str | None = None, timeout: float = 120.0, engine: str = "auto",
+           model_files: str | None = None):
+    """A backend for one or more `bbt serve` endpoints over HTTP, or a vLLM server (`engine`: auto
+    recognises it; `model_files`: where its tokenizer and input embeddings are); use it in a `with`."""
+    from bbt.backends.endpoints import open_endpoint
 
-    return HTTPBackend(url, api_key=api_key, timeout=timeout)
+    return open_endpoint(url, engine=engine, model_files=model_files, api_key=api_key, timeout=timeout)
 
 
 @contextmanager

@@ -98,7 +98,9 @@ def request_key(kind: str, info: ModelInfo, request: EvaluateRequest | StatsRequ
     h = hashlib.sha256()
     # candidates.layer only tells the server where the candidates start to differ: same answer either way
     body = request.model_dump_json(exclude={"candidates": {"layer"}} if getattr(request, "candidates", None) else None)
-    for part in (kind, info.model_dump_json(), body):
+    # the engine joins the identity only where it is not bbt's own, so caches written before it still answer
+    identity = info.model_dump_json(exclude={"engine"} if info.engine == "bbt" else None)
+    for part in (kind, identity, body):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()

@@ -42,6 +42,12 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--endpoint", action="append", metavar="URL",
                    help="a bbt server (repeat to split each population across several); default: in this process")
     g.add_argument("--api-key", metavar="KEY", help="API key for the endpoint (or set BBT_API_KEY)")
+    g.add_argument("--engine", choices=["auto", "bbt", "vllm"], default="auto",
+                   help="what serves --endpoint: a bbt server, or vLLM (started with --enable-prompt-embeds); auto: "
+                   "recognised from its answers")
+    g.add_argument("--model-files", metavar="DIR",
+                   help="vLLM: where the served model's tokenizer and input embeddings are (a folder or .gguf file); "
+                   "default: --model itself (a folder, or a name bbt knows: smollm2)")
     g.add_argument("--timeout", type=float, default=120.0, metavar="S", help="seconds to wait for one answer (default 120)")
     g.add_argument("--wait", type=float, default=300.0, metavar="S",
                    help="seconds to keep retrying a server that is down or failing, e.g. while it restarts (default 300)")
@@ -232,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the models' layer blocks at start (up to a minute): 1.03x to 1.12x the "
                         "queries/s of MiniLM on a CPU after that; needs a C++ compiler on a CPU")
     s.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
+    s.add_argument("--upstream", metavar="URL", help="run the layers on the vLLM server at URL (started with "
+                   "--enable-prompt-embeds): this server keeps keys, quotas and z-encoded requests and sends vLLM prompt "
+                   "embeddings; --model NAME=PATH is then vLLM's served name and where its tokenizer and input "
+                   "embeddings are (input prompts only: BBT, not BBTv2)")
     s.add_argument("--api-keys", metavar="FILE", help="file with one allowed API key (or sha256:HEX of one) per line; "
                    "default: the keys in BBT_SERVER_API_KEYS (separated by commas or spaces), else no keys needed")
     s.add_argument("--max-candidates", type=int, default=256, help="candidates per request")
@@ -258,9 +268,11 @@ def make_backend(args):
         if device is not None:
             raise ConfigError("--device sets where a model in this process runs; with --endpoint the server decides "
                               "(start it with bbt serve --device DEV)")
-        from bbt.backends.http import HTTPBackend
+        from bbt.backends.endpoints import open_endpoint
 
-        return HTTPBackend(args.endpoint, api_key=args.api_key, timeout=args.timeout, wait=args.wait, retries=args.retries)
+        return open_endpoint(args.endpoint, engine=getattr(args, "engine", "auto"), api_key=args.api_key,
+                             model_files=getattr(args, "model_files", None), timeout=args.timeout, wait=args.wait,
+                             retries=args.retries)
     from bbt.backends.local import LocalBackend
 
     return LocalBackend(device=device or "auto")
@@ -283,7 +295,7 @@ def _option_errors(exc: ValidationError) -> str:
 
 # what `bbt tune --resume RUN` may be given: where the model is, the cache, the progress bar
 _RESUME_OPTIONS = {"resume", "endpoint", "api_key", "timeout", "wait", "retries", "cache", "no_cache", "quiet", "command",
-                   "report_to"}
+                   "report_to", "engine", "model_files"}
 
 
 def cmd_tune(args) -> int:
@@ -311,6 +323,7 @@ def cmd_tune(args) -> int:
         if not data_dir:
             raise ConfigError(f"{args.resume}/config.json does not say which data folder the run used")
         args.endpoint = args.endpoint or saved.get("endpoint")
+        args.model_files = args.model_files or saved.get("model_files")
     else:
         for flag in ("data", "out"):
             if getattr(args, flag) is None:
@@ -326,6 +339,8 @@ def cmd_tune(args) -> int:
             return 0
         backend = _with_cache(backend, args)
         context = {"data": str(Path(data_dir).resolve()), "endpoint": args.endpoint}
+        if args.model_files:
+            context["model_files"] = args.model_files
         try:
             if cfg.method in GRADIENT_METHODS:
                 if args.resume or args.ensemble:
@@ -540,10 +555,10 @@ def cmd_serve(args) -> int:
         from servers.app import serve
     except ImportError as exc:
         raise BBTError(f"bbt serve needs the server extra ({exc.name} is missing): pip install 'bbt[server]'") from None
-    serve(models=args.model or ["minilm"], host=args.host, port=args.port, api_keys_file=args.api_keys,
+    serve(models=args.model or ([] if args.upstream else ["minilm"]), host=args.host, port=args.port, api_keys_file=args.api_keys,
           max_candidates=args.max_candidates, max_examples=args.max_examples, max_body_mb=args.max_body_mb,
           quota=args.quota, quota_window=args.quota_window, rate_limit=args.rate_limit, device=args.device,
-          compile=args.compile)
+          compile=args.compile, upstream=args.upstream)
     return 0
 
 

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bbt.budget import Budget
+from bbt.errors import ConfigError
 from bbt.protocol import LossKind
 
 
@@ -127,10 +128,13 @@ FAMILY_DEFAULTS: dict[str, dict] = {
 }
 
 
-def with_family_defaults(cfg: TuneConfig, family: str) -> TuneConfig:
+def with_family_defaults(cfg: TuneConfig, family: str, modes: list[str] | None = None) -> TuneConfig:
     """`cfg` with its model family's defaults for every setting it was not given (`model_fields_set`),
-    and the task's own words for a gradient method (its words are trained, not chosen by queries)."""
+    and the task's own words for a gradient method (its words are trained, not chosen by queries).
+    `modes` (`ModelInfo.modes`): a default method the endpoint cannot run is not applied."""
     missing = {k: v for k, v in FAMILY_DEFAULTS.get(family, {}).items() if k not in cfg.model_fields_set}
+    if modes is not None and missing.get("method", cfg.method) not in modes and "method" in missing:
+        missing.pop("method")  # e.g. vLLM takes input prompts only: its causal LM is tuned with BBT
     if cfg.method in GRADIENT_METHODS and "verbalizer" not in cfg.model_fields_set:
         missing["verbalizer"] = "manual"
     if "init" in missing and cfg.init_text is not None:
@@ -138,3 +142,15 @@ def with_family_defaults(cfg: TuneConfig, family: str) -> TuneConfig:
     if "method" in missing and cfg.local != "none":
         missing.pop("method")  # a second search stage is BBT's: asking for it asks for BBT
     return cfg.model_copy(update=missing) if missing else cfg
+
+
+def check_mode(cfg: TuneConfig, info) -> None:
+    """Refuse, before anything is spent, a black-box method the endpoint cannot run (`ModelInfo.modes`)."""
+    if cfg.method in GRADIENT_METHODS or cfg.method in info.modes:
+        return
+    if info.engine != "bbt":
+        raise ConfigError(
+            f"--method {cfg.method} puts a prompt at every layer, but {info.name!r} runs on {info.engine}, which takes "
+            "soft prompts only as prompt embeddings: they reach the input layer alone. Use --method bbt against it, or "
+            "serve the model with bbt's own engine (bbt serve --model ...) for BBTv2")
+    raise ConfigError(f"--method {cfg.method}: model {info.name!r} supports {', '.join(info.modes)}")

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from bbt import verbalizers
 from bbt.backends.base import Backend
 from bbt.budget import LIMITS, Budget, Ledger, Spent
-from bbt.config import TuneConfig, with_family_defaults
+from bbt.config import TuneConfig, check_mode, with_family_defaults
 from bbt.data import Split, TaskData
 from bbt.errors import ConfigError
 from bbt.tasks import for_family
@@ -133,7 +133,8 @@ def estimate(backend: Backend, cfg: TuneConfig, task: TaskSpec, data: TaskData) 
                           "set --budget QUERIES (or --max-requests, --max-examples, --max-tokens, or --max-cost "
                           "with --price-per-1k-tokens)")
     info = backend.model_info(cfg.model)
-    task, cfg = for_family(task, info.family), with_family_defaults(cfg, info.family)  # as run_tune will run it
+    task, cfg = for_family(task, info.family), with_family_defaults(cfg, info.family, info.modes)  # as run_tune will run it
+    check_mode(cfg, info)
     if cfg.prompt_length > info.max_prompt_tokens:  # the tuner refuses this too, before its first query
         raise ConfigError(f"prompt length {cfg.prompt_length} is over model {cfg.model!r}'s limit of {info.max_prompt_tokens} tokens")
     test = data.test if data.test is not None else data.dev

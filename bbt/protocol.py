@@ -293,6 +293,10 @@ class ModelInfo(_Model):
         default=0, ge=0, description="index of the first prompt vector: the number of leading special tokens "
         "(0 for a tokenizer that adds none, as SmolLM2's: then the prompt comes first, as PEFT places it)",
     )
+    engine: str = Field(
+        default="bbt", description="what runs the layers: 'bbt' (this server's own engine), or the engine a bbt server "
+        "relays to or a client talks to, e.g. 'vllm 0.32.0' (prompt embeddings: input prompts only, modes ['bbt'])",
+    )
 
 
 class ModelList(_Model):

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from bbt import __version__, cache, checkpoint, export, metrics, verbalizers
 from bbt.backends.base import Backend
 from bbt.budget import Budget, Ledger
-from bbt.config import TuneConfig, with_family_defaults
+from bbt.config import TuneConfig, check_mode, with_family_defaults
 from bbt.data import Split, TaskData
 from bbt.errors import ConfigError
 from bbt.protocol import EvaluateRequest, Example, ProjectionSpec, TaskSpec, Usage
@@ -144,9 +144,10 @@ def run_tune(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, 
     wall_start = time.perf_counter()
     out = Path(out)
     saved = None
-    family = backend.model_info(cfg.model).family
-    task = for_family(task, family)  # a built-in task's causal-LM template on a causal LM
-    cfg = with_family_defaults(cfg, family)  # e.g. a causal LM's prompt length, where cfg does not say
+    info = backend.model_info(cfg.model)
+    task = for_family(task, info.family)  # a built-in task's causal-LM template on a causal LM
+    cfg = with_family_defaults(cfg, info.family, info.modes)  # e.g. a causal LM's prompt length, where cfg does not say
+    check_mode(cfg, info)  # before anything is written or spent
     if resume:
         if not (out / "config.json").exists():
             raise ConfigError(f"{out} is not a run folder (no config.json): nothing to resume")
@@ -167,7 +168,7 @@ def run_tune(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, 
         run_id = uuid.uuid4().hex  # tags what this run pays for in a shared evaluation cache
         (out / "config.json").write_text(json.dumps(
             {"bbt_version": __version__, "run_id": run_id, "config": cfg.model_dump(), "task": task.model_dump(),
-             **(context or {})}, indent=2))
+             "engine": info.engine, **(context or {})}, indent=2))
     ledger = Ledger(cfg.budget, out / "ledger.jsonl", run_id=run_id)
     try:
         return _run(cfg, task, data, backend, out, ledger, saved, progress=progress, log=log, wall_start=wall_start,
@@ -446,7 +447,9 @@ def run_ensemble(cfg: TuneConfig, n: int, task: TaskSpec, data: TaskData, backen
     from bbt import ensemble
 
     out = Path(out)
-    cfg = with_family_defaults(cfg, backend.model_info(cfg.model).family)
+    info = backend.model_info(cfg.model)
+    cfg = with_family_defaults(cfg, info.family, info.modes)
+    check_mode(cfg, info)
     if not resume and (out / ensemble.INDEX_FILE).exists():
         raise ConfigError(f"{out} already holds an ensemble: continue it with bbt tune --resume {out}, or pick another --out")
     out.mkdir(parents=True, exist_ok=True)

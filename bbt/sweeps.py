@@ -170,9 +170,9 @@ def _backend(spec: SweepSpec, cell_index: int):
     from bbt.cache import CachedBackend, EvaluationCache, default_cache_path
 
     if spec.endpoints:
-        from bbt.backends.http import HTTPBackend
+        from bbt.backends.endpoints import open_endpoint
 
-        backend = HTTPBackend(spec.endpoints[cell_index % len(spec.endpoints)], api_key=spec.api_key)
+        backend = open_endpoint(spec.endpoints[cell_index % len(spec.endpoints)], api_key=spec.api_key)
     else:
         from bbt.backends.local import LocalBackend
 

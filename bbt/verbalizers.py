@@ -209,7 +209,15 @@ def _scores(backend, model, family, task, split, ledger, names, tokens: int) -> 
     probe = TaskSpec(name=f"{task.name}-words", labels=placeholders, template=task.template, pair=task.pair,
                      verbalizer=placeholders if family == "encoder" else names, label_texts=names)
     resp = _query(backend, model, probe, split, ledger, tokens, labels=False)
-    return None if resp is None else resp.logits.to_numpy()[0]
+    if resp is None:
+        return None
+    scores = resp.logits.to_numpy()[0]
+    if family != "encoder":
+        # An LM's logits for one input carry an offset, the log of its softmax normaliser, that no
+        # class decision sees but `rank`'s means across inputs would; an engine answering only
+        # log-probabilities (vLLM) reports them without it. Centred rows are the same either way.
+        scores = scores - scores.mean(1, keepdims=True)
+    return scores
 
 
 def _columns(words: list[list[tuple[str, float]]], names: list[str]) -> np.ndarray:

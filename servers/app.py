@@ -83,12 +83,15 @@ def create_app(service: ModelService, *, api_keys: Iterable[str] | None = None, 
 def serve(models: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_keys_file: str | Path | None = None,
           max_candidates: int = 256, max_examples: int = 10000, max_body_mb: float = 64.0,
           quota: int | None = None, quota_window: float = 86400.0, rate_limit: float | None = None,
-          device: str = "auto", compile: bool = False) -> None:
+          device: str = "auto", compile: bool = False, upstream: str | None = None) -> None:
     """Validate the settings, load the models, then serve until interrupted (blocking).
 
     Every setting is checked before the (slow) model loading, and a bad one raises ConfigError
     that names it, so `bbt serve` fails fast with a clear message instead of a traceback.
     API keys come from `api_keys_file`, else from the BBT_SERVER_API_KEYS environment variable.
+    `upstream`: a vLLM URL whose engine runs the layers (`servers.upstream`): each model is then
+    NAME=PATH, vLLM's served name and where its tokenizer and input embeddings are (its key, if it
+    has one, in BBT_UPSTREAM_API_KEY).
     """
     import uvicorn
 
@@ -97,7 +100,7 @@ def serve(models: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_k
         logging.getLogger(name).setLevel(logging.INFO)
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port {port} is not a TCP port (0 to 65535; 0 picks a free one)")
-    if not models:
+    if not models and not upstream:
         raise ConfigError("no model to serve: pass --model minilm or --model PATH")
     try:
         limits = Limits(max_candidates=max_candidates, max_examples=max_examples,
@@ -127,9 +130,18 @@ def serve(models: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_k
     start = time.perf_counter()
     if compile:
         log.info("compiling the models' layer blocks with torch.compile (up to a minute)")
-    service = ModelService(models, limits=limits, lazy=False, device=device, compile=compile)
-    log.info("loaded %s on %s%s in %.1f s", ", ".join(service.names), service.device,
-             ", compiled" if compile else "", time.perf_counter() - start)
+    engine = None
+    if upstream:
+        from servers.upstream import VLLMEngine
+
+        # a short wait: a client retrying this server's 503 decides how long the engine may take to come back
+        engine = VLLMEngine(upstream, api_key=os.environ.get("BBT_UPSTREAM_API_KEY"), wait=30.0)
+        log.info("relaying to %s at %s", engine.name, engine.url)
+        models = models or list(engine.cards)  # what vLLM serves, each name its own model files (smollm2)
+    service = ModelService(models, limits=limits, lazy=False, device=device, compile=compile, upstream=engine)
+    log.info("loaded %s %s%s in %.1f s", ", ".join(service.names),
+             f"in front of {engine.name}" if engine else f"on {service.device}", ", compiled" if compile else "",
+             time.perf_counter() - start)
     app = create_app(service, api_keys=[f"sha256:{d}" for d in digests], quotas=quotas)
     # one worker process: the models live in this process; keep-alive so clients reuse connections
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_keep_alive=75)

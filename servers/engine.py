@@ -28,7 +28,7 @@ from bbt.errors import ConfigError, ModelNotFound
 from bbt.protocol import Example, ModelInfo, TaskSpec
 from servers import batching, calibration, fastpaths, reuse
 from servers.decoder import DecoderStack
-from servers.families import FAMILY_CLASSES, Encoded, Family, Head
+from servers.families import FAMILY_CLASSES, Encoded, Family, Head, class_means
 from servers.loading import load_pretrained
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,21 @@ class PromptModel:
         if self.use_decoder:
             return self.decoder.scores(enc, prompts, head, start)
         return self._hooked_scores(enc, prompts, head, start)
+
+    def top_words(self, task: TaskSpec, enc: Encoded, prompts: torch.Tensor | None, layer: int | None,
+                  n: int) -> tuple[np.ndarray, list]:
+        """Class logits [1, N, C] of one candidate and each input's `n` likeliest words at the read
+        position, as (word, log-probability) pairs, from one pass over the vocabulary."""
+        vocab = self.logits(task, enc, prompts, layer, vocabulary=True)[0]  # (N, vocabulary)
+        ids, classes = self.family.verbalizer_ids(task)
+        words = vocab[:, ids]
+        means = class_means(classes, len(task.labels), words.device)
+        logits = (words if means is None else words @ means)[None].numpy()
+        word_ids, names = self.family.word_tokens(task)
+        logprobs = torch.log_softmax(vocab.double(), dim=-1)[:, word_ids]  # (N, words)
+        top = torch.topk(logprobs, min(n, logprobs.shape[1]), dim=-1)
+        return logits, [[(names[j], round(float(v), 6)) for v, j in zip(vals.tolist(), idx.tolist())]
+                        for vals, idx in zip(top.values, top.indices)]
 
     def _hooked_scores(self, enc: Encoded, prompts: torch.Tensor | None, head: Head, start: int) -> torch.Tensor:
         n = len(enc.ids)

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from bbt.errors import ConfigError, ModelNotFound
+from bbt.errors import BackendError, ConfigError, ModelNotFound, ServerUnavailable
 from bbt.protocol import ErrorBody
 from servers.auth import Unauthorized
 from servers.faults import InjectedFault
@@ -107,6 +107,15 @@ async def _injected(request: Request, exc: InjectedFault) -> JSONResponse:
     return error_response(exc.status, kind, f"injected by the test fault switch ({exc.status})", headers=headers)
 
 
+async def _upstream(request: Request, exc: BackendError) -> JSONResponse:
+    """The engine this server relays to (`bbt serve --upstream`) failed: down (503, worth a retry)
+    or refusing (422, with its reason)."""
+    if isinstance(exc, ServerUnavailable):
+        return error_response(503, "upstream_unavailable", f"the engine behind this server: {exc}",
+                              headers={"Retry-After": "5"})
+    return error_response(422, "upstream_refused", f"the engine behind this server refused: {exc}")
+
+
 def _internal(scope: Scope, exc: Exception) -> JSONResponse:
     account = scope.get("state", {}).get("account", "?")  # request.state lives in the scope
     log.error("unexpected %s on %s %s (account %s)", type(exc).__name__, scope.get("method"), scope.get("path"),
@@ -127,6 +136,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(QuotaExhausted, _too_many)
     app.add_exception_handler(RateLimited, _too_many)
     app.add_exception_handler(KeyReused, _key_reused)
+    app.add_exception_handler(BackendError, _upstream)
     # Anything else is caught by RequestGuard: Starlette's own catch-all re-raises into uvicorn,
     # which then drops the keep-alive connection under the client's next request.
 

@@ -62,7 +62,7 @@ def running_server(*args: str, env: dict[str, str] | None = None, timeout: float
     log_file = tempfile.NamedTemporaryFile(prefix="bbt-serve-", suffix=".log", delete=False)
     cmd = [sys.executable, "-m", "bbt.cli", "serve", *args, "--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **(env or {})}, stdout=log_file, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                            stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
     server = ServerProcess(url=f"http://127.0.0.1:{port}", port=port, proc=proc, log_path=Path(log_file.name))
     try:
         wait_healthy(server, timeout)
@@ -93,7 +93,7 @@ def wait_healthy(server: ServerProcess, timeout: float = START_TIMEOUT) -> None:
     raise BackendError(f"bbt serve did not answer /v1/health within {timeout} s:\n{server.log()[-3000:]}")
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child: get SIGTERM when the parent dies, even by SIGKILL (Linux), so no server is orphaned."""
     try:
         import ctypes

@@ -15,7 +15,6 @@ import threading
 from collections import OrderedDict
 
 import numpy as np
-import torch
 from pydantic import BaseModel, Field
 
 from bbt import metrics
@@ -32,7 +31,7 @@ from bbt.protocol import (
     Usage,
 )
 from servers.engine import PromptModel, as_tensor, load_model
-from servers.families import Encoded, class_means
+from servers.families import Encoded
 from servers.loading import DEFAULT_MODEL, resolve_device
 
 log = logging.getLogger(__name__)
@@ -61,8 +60,9 @@ class ModelService:
     """
 
     def __init__(self, models: list[str], *, limits: Limits | None = None, lazy: bool = True,
-                 device: str = "auto", compile: bool = False):
+                 device: str = "auto", compile: bool = False, upstream=None):
         self.limits = limits or Limits()
+        self.upstream = upstream  # a servers.upstream.VLLMEngine that runs the layers; None: run them here
         self.compile = compile
         self.lazy = lazy
         self.device = str(resolve_device(device))  # a bad device fails here, before any model loads
@@ -74,7 +74,12 @@ class ModelService:
 
     def add(self, spec: str) -> PromptModel:
         name, _, path = spec.partition("=") if "=" in spec else (spec, "", spec)
-        model = _shared_model(path, name, self.device, self.compile)
+        if self.upstream is not None:
+            from servers import upstream
+
+            model = upstream.load(name, path, self.upstream)
+        else:
+            model = _shared_model(path, name, self.device, self.compile)
         self._models[name] = model
         return model
 
@@ -115,14 +120,15 @@ class ModelService:
         if req.top_words:
             if k != 1:
                 raise ConfigError(f"top_words reads the vocabulary for one candidate; this request has K = {k}")
-            ids, _ = model.family.verbalizer_ids(req.task)  # a bad verbalizer fails before the pass
+            model.family.verbalizer_ids(req.task)  # a bad verbalizer fails before the pass
             with model.lock:
-                vocab = model.logits(req.task, enc, None if prompts is None else as_tensor(prompts), layer,
-                                     vocabulary=True)[0]  # (N, vocabulary)
-            logits, words = _from_vocabulary(model, req.task, vocab, req.top_words)
+                logits, words = model.top_words(req.task, enc, None if prompts is None else as_tensor(prompts), layer,
+                                                req.top_words)
+                reported = getattr(model, "reported_tokens", None)
         else:
             with model.lock:  # one pass at a time per model, whichever service or thread asks
                 logits = model.logits(req.task, enc, None if prompts is None else as_tensor(prompts), layer).numpy()
+                reported = getattr(model, "reported_tokens", None)  # an upstream engine's own count
         if not np.isfinite(logits).all():
             raise ConfigError("the model produced non-finite scores for these prompts; their values are too large")
         losses = None
@@ -135,7 +141,8 @@ class ModelService:
             logits=Tensor.from_numpy(logits) if req.return_logits else None,
             prompts=Tensor.from_numpy(prompts) if req.return_prompts and prompts is not None else None,
             words=words,
-            usage=Usage(queries=k, requests=1, examples=k * n, tokens=k * (sum(enc.tokens) + n * length)),
+            usage=Usage(queries=k, requests=1, examples=k * n,
+                        tokens=k * (sum(enc.tokens) + n * length) if reported is None else reported),
         )
 
     # ---- helpers --------------------------------------------------------------------------
@@ -224,19 +231,6 @@ def _shared_model(path: str, name: str, device: str, compile: bool = False) -> P
                 model.compile()
             _LOADED[key] = model
         return _LOADED[key]
-
-
-def _from_vocabulary(model: PromptModel, task, vocab: torch.Tensor, n: int) -> tuple[np.ndarray, list]:
-    """Class logits [1, N, C] and each input's `n` likeliest words, from vocabulary logits [N, V]."""
-    ids, classes = model.family.verbalizer_ids(task)
-    words = vocab[:, ids]
-    means = class_means(classes, len(task.labels), words.device)
-    logits = (words if means is None else words @ means)[None].numpy()
-    word_ids, names = model.family.word_tokens(task)
-    logprobs = torch.log_softmax(vocab.double(), dim=-1)[:, word_ids]  # (N, words)
-    top = torch.topk(logprobs, min(n, logprobs.shape[1]), dim=-1)
-    return logits, [[(names[j], round(float(v), 6)) for v, j in zip(vals.tolist(), idx.tolist())]
-                    for vals, idx in zip(top.values, top.indices)]
 
 
 def _check_k_l(k: int, length: int, max_k: int, max_l: int) -> None:

@@ -25,7 +25,7 @@ from bbt.tasks import BUILTIN_TASKS
 
 def test_import_bbt_loads_no_torch():
     """The client installs numpy, cma, httpx, pydantic: importing it must not pull in the model side."""
-    code = ("import sys, bbt, bbt.cli, bbt.tuner, bbt.runs\n"
+    code = ("import sys, bbt, bbt.cli, bbt.tuner, bbt.runs, bbt.backends, bbt.backends.vllm, bbt.backends.endpoints\n"
             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'servers', 'tokenizers'))\n"
             "print(','.join(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)

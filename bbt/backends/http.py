@@ -119,7 +119,7 @@ class HTTPBackend:
     def model_info(self, model: str) -> ModelInfo:
         """The model's info; with several endpoints, all must describe it the same way."""
         path = f"/v1/models/{urllib.parse.quote(model, safe='')}"  # a model served under a path name has '/'
-        infos = self._each(lambda i: self._call(i, "GET", path, None, ModelInfo), range(len(self._clients)))
+        infos = self._each(lambda i: self.call(i, "GET", path, None, ModelInfo), range(len(self._clients)))
         for url, info in zip(self.endpoints[1:], infos[1:]):
             if info != infos[0]:
                 raise ConfigError(f"{url} serves a different {model!r} than {self.endpoints[0]} "
@@ -127,12 +127,12 @@ class HTTPBackend:
         return infos[0]
 
     def stats(self, request: StatsRequest) -> StatsResponse:
-        return self._call(0, "POST", "/v1/stats", request.model_dump_json(), StatsResponse)
+        return self.call(0, "POST", "/v1/stats", request.model_dump_json(), StatsResponse)
 
     def evaluate(self, request: EvaluateRequest) -> EvaluateResponse:
         """Score a population; K candidates are split in contiguous parts over the endpoints."""
         parts = _split(request, len(self._clients))
-        answers = self._each(lambda i: self._call(i, "POST", "/v1/evaluate", parts[i].model_dump_json(), EvaluateResponse),
+        answers = self._each(lambda i: self.call(i, "POST", "/v1/evaluate", parts[i].model_dump_json(), EvaluateResponse),
                              range(len(parts)))
         return answers[0] if len(answers) == 1 else _merge(answers)
 
@@ -156,8 +156,9 @@ class HTTPBackend:
             return [fn(i) for i in indices]
         return list(self._pool.map(fn, indices))  # re-raises the first failure, in order
 
-    def _call(self, i: int, method: str, path: str, body: str | None, answer: type[BaseModel]):
-        """One request to endpoint i, retried on transient failures; the answer parsed as `answer`."""
+    def call(self, i: int, method: str, path: str, body: str | None, answer: type[BaseModel]):
+        """One request to endpoint i, retried on transient failures; the answer parsed as `answer`
+        (a pydantic model: bbt's protocol, or another engine's wire format, `servers.upstream`)."""
         client, url = self._clients[i], self.endpoints[i] + path
         content = None if body is None else body.encode()
         headers = None if content is None else {"Idempotency-Key": hashlib.sha256(content).hexdigest()}
@@ -181,7 +182,7 @@ class HTTPBackend:
                         return answer.model_validate_json(resp.content)
                     except ValidationError as exc:
                         err = exc.errors()[0]
-                        raise BackendError(f"{url} answered 200 with something that is not a protocol v1 "
+                        raise BackendError(f"{url} answered 200 with something that is not a "
                                            f"{answer.__name__}: {err['msg']} at {err['loc']}") from exc
                 detail = _detail(resp)
                 if resp.status_code in (401, 403):
@@ -276,9 +277,16 @@ def _detail(resp: httpx.Response) -> str:
         body = ErrorBody.model_validate_json(resp.content)
         return f"{body.error}: {body.detail}"
     except ValidationError:
-        text = resp.text.strip().replace("\n", " ")[:300]
-        hint = " (is this URL a bbt server?)" if resp.status_code == 404 else ""
-        return f"{resp.reason_phrase or 'error'}{': ' + text if text else ''}{hint}"
+        pass
+    try:  # OpenAI-style engines (vLLM): {"error": {"message": ..., "type": ...}}
+        error = resp.json().get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return f"{error.get('type') or 'error'}: {error['message'][:1000]}"
+    except (ValueError, AttributeError):
+        pass
+    text = resp.text.strip().replace("\n", " ")[:300]
+    hint = " (is this URL a bbt server?)" if resp.status_code == 404 else ""
+    return f"{resp.reason_phrase or 'error'}{': ' + text if text else ''}{hint}"
 
 
 def _retry_after(resp: httpx.Response) -> float | None:

@@ -1,0 +1,63 @@
+"""One factory for a backend behind a URL: a bbt server, or an engine bbt talks to directly (vLLM).
+
+    backend = open_endpoint(["http://127.0.0.1:8001"])           # the engine recognised from its answers
+    backend = open_endpoint(url, engine="vllm", model_files="/models/smollm2")
+"""
+
+from __future__ import annotations
+
+import httpx
+
+from bbt.errors import ConfigError
+
+ENGINES = ("auto", "bbt", "vllm")
+
+
+def detect_engine(url: str, api_key: str | None = None, timeout: float = 10.0) -> str | None:
+    """'bbt' or 'vllm' by what the server at `url` answers (two GETs, free); None when it does not
+    answer or is neither, and the bbt client's own errors and retries take over."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    base = url.strip().rstrip("/").removesuffix("/v1")
+    try:
+        with httpx.Client(base_url=base, headers=headers, timeout=timeout) as client:
+            health = client.get("/v1/health")
+            if health.status_code == 200 and "protocol" in _json(health):
+                return "bbt"
+            version = client.get("/version")
+            if version.status_code == 200 and "version" in _json(version):
+                return "vllm"
+    except httpx.TransportError:
+        return None
+    return None
+
+
+def _json(resp: httpx.Response) -> dict:
+    try:
+        body = resp.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def open_endpoint(urls: list[str] | str, *, engine: str = "auto", model_files: str | None = None,
+                  api_key: str | None = None, timeout: float = 120.0, wait: float = 300.0, retries: int | None = None):
+    """The backend for `urls`: `HTTPBackend` for bbt servers, `VLLMBackend` for a vLLM server
+    (`engine` 'auto' asks the first URL which it is)."""
+    urls = [urls] if isinstance(urls, str) else list(urls)
+    if engine not in ENGINES:
+        raise ConfigError(f"--engine {engine!r}: choose {', '.join(ENGINES)}")
+    if engine == "auto" and urls:
+        engine = detect_engine(urls[0], api_key) or "bbt"
+    if engine == "vllm":
+        from bbt.backends.vllm import VLLMBackend
+
+        if len(urls) != 1:
+            raise ConfigError("give one vLLM URL: vLLM spreads work over its own replicas (put a router in front)")
+        return VLLMBackend(urls[0], model_files=model_files, api_key=api_key, timeout=max(timeout, 600.0), wait=wait,
+                           retries=retries)
+    if model_files:
+        raise ConfigError("--model-files is for an engine bbt writes embeddings for (vLLM); a bbt server has its "
+                          "own model files")
+    from bbt.backends.http import HTTPBackend
+
+    return HTTPBackend(urls, api_key=api_key, timeout=timeout, wait=wait, retries=retries)
