@@ -40,7 +40,8 @@ def _query_limit(value: str) -> int | None:
 def _add_backend_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("where the model runs")
     g.add_argument("--endpoint", action="append", metavar="URL",
-                   help="a bbt server (repeat to split each population across several); default: in this process")
+                   help="a bbt server (repeat to split each population across several) or a vLLM server; default: in "
+                   "this process")
     g.add_argument("--api-key", metavar="KEY", help="API key for the endpoint (or set BBT_API_KEY)")
     g.add_argument("--engine", choices=["auto", "bbt", "vllm"], default="auto",
                    help="what serves --endpoint: a bbt server, or vLLM (started with --enable-prompt-embeds); auto: "
