@@ -22,7 +22,7 @@ from pathlib import Path
 
 from bbt.backends.base import Backend
 from bbt.budget import Budget
-from bbt.config import GRADIENT_METHODS, TuneConfig
+from bbt.config import DEFAULT_MODEL, GRADIENT_METHODS, TuneConfig
 from bbt.errors import ConfigError, DataError
 
 
@@ -66,7 +66,7 @@ def run(task: str, data: str | Path, *, out: str | Path, budget: int | None = 50
 
     cfg = TuneConfig(seed=seed, budget=Budget(queries=budget), **settings)
     spec = resolve_task(task, data)
-    split = load_task_folder(data, spec, seed=seed, k=cfg.k_shot)
+    split = load_task_folder(data, spec, seed=seed, k=cfg.k_shot, skip_bad_rows=cfg.skip_bad_rows)
     context = {"data": str(Path(data).resolve()), "endpoint": None}
     log = print if progress else (lambda *a: None)
     with _backend(backend) as b:
@@ -87,48 +87,55 @@ def _split_of(run: Path, task, split: str, data: str | Path | None):
     if not folder:
         raise DataError(f"{run} does not record its data folder: pass data=")
     cfg = saved.get("config", {})
-    loaded = load_task_folder(folder, task, seed=cfg.get("seed", 42), k=cfg.get("k_shot", 16))
+    loaded = load_task_folder(folder, task, seed=cfg.get("seed", 42), k=cfg.get("k_shot", 16),
+                              skip_bad_rows=cfg.get("skip_bad_rows", False))
     chosen = {"train": loaded.train, "dev": loaded.dev, "test": loaded.test}[split]
     return chosen, loaded.test_name if split == "test" else split
 
 
 def evaluate(runs: str | Path | list, *, split: str = "test", data: str | Path | None = None, vote: str = "majority",
-             backend: Backend | None = None) -> dict:
+             backend: Backend | None = None, progress: bool = False) -> dict:
     """Scores on a split of a run's data: the tuned prompt beside its untuned start (z = 0) and the
     model without a prompt; several runs (or an ensemble folder): the ensemble, every member (one
     request per batch of inputs for all of them), their mean and the best; a gradient baseline:
-    its adapter, in process."""
+    its adapter, in process. `progress`: a progress bar on stderr for each scoring pass."""
     from bbt import ensemble as ens
-    from bbt.runs import evaluate_split, is_gradient_run, load_artifact
+    from bbt.runs import _scoring, evaluate_split, is_gradient_run, load_artifact
 
     if split not in ("train", "dev", "test"):
         raise ConfigError(f"split {split!r}: train, dev or test")
     members = ens.member_runs(runs if isinstance(runs, list) else [runs])
     with _backend(backend) as b:
         if len(members) == 1 and is_gradient_run(members[0]):
-            return _evaluate_gradient(members[0], split, data, b)
+            return _evaluate_gradient(members[0], split, data, b, progress)
         artifacts = [load_artifact(r) for r in members]
         ens.check_compatible(artifacts)
         first = artifacts[0]
         chosen, name = _split_of(members[0], first.task, split, data)
         key = first.task.metric
-        plain, _ = evaluate_split(b, first.model, first.plain_task or first.task, chosen, None)
+        n = len(chosen)
+        with _scoring(f"scoring {name}: no prompt", n, progress) as tick:
+            plain, _ = evaluate_split(b, first.model, first.plain_task or first.task, chosen, None, on_chunk=tick)
         if len(members) == 1:
             prompt = first.prompt()
-            tuned, _ = evaluate_split(b, first.model, first.task, chosen, prompt)
-            zero, _ = evaluate_split(b, first.model, first.task, chosen, prompt.untuned())
+            with _scoring(f"scoring {name}: tuned, z = 0", 2 * n, progress) as tick:
+                tuned, _ = evaluate_split(b, first.model, first.task, chosen, prompt, on_chunk=tick)
+                zero, _ = evaluate_split(b, first.model, first.task, chosen, prompt.untuned(), on_chunk=tick)
             result = {"split": name, "examples": len(chosen), "acc": tuned.accuracy, "loss": tuned.loss,
                       "zero_prompt_acc": zero.accuracy, "no_prompt_acc": plain.accuracy}
             if key == "f1":
                 result.update(f1=tuned.metric, zero_prompt_f1=zero.metric, no_prompt_f1=plain.metric)
             if first.plain_task is not None:  # what the chosen words alone buy, as metrics.json reports it
-                words, _ = evaluate_split(b, first.model, first.task, chosen, None)
+                with _scoring(f"scoring {name}: no prompt, chosen words", n, progress) as tick:
+                    words, _ = evaluate_split(b, first.model, first.task, chosen, None, on_chunk=tick)
                 result["no_prompt_verbalizer_acc"] = words.accuracy
             return result
         from bbt.budget import Ledger
 
         ledger = Ledger(Budget())
-        scores, _ = ens.evaluate(b, first.model, first.task, chosen, [a.prompt() for a in artifacts], vote, ledger)
+        prompts = [a.prompt() for a in artifacts]
+        with _scoring(f"scoring {name}: {len(prompts)} members", ens.passes(prompts) * n, progress) as tick:
+            scores, _ = ens.evaluate(b, first.model, first.task, chosen, prompts, vote, ledger, on_chunk=tick)
     result = {
         "split": name, "examples": len(chosen), "vote": vote, f"ensemble_{key}": scores.ensemble,
         "members": [{"run": str(r), key: m} for r, m in zip(members, scores.members)],
@@ -141,16 +148,17 @@ def evaluate(runs: str | Path | list, *, split: str = "test", data: str | Path |
     return result
 
 
-def _evaluate_gradient(run: Path, split: str, data, backend: Backend) -> dict:
+def _evaluate_gradient(run: Path, split: str, data, backend: Backend, progress: bool = False) -> dict:
     from bbt.protocol import TaskSpec
-    from bbt.runs import evaluate_split, gradient_logits, load_run_config
+    from bbt.runs import _scoring, evaluate_split, gradient_logits, load_run_config
     from bbt.tuner import Evaluation
 
     saved = load_run_config(run)
     task = TaskSpec.model_validate(saved["task"])
     chosen, name = _split_of(run, task, split, data)
     task, logits = gradient_logits(backend, run, chosen.examples)
-    plain, _ = evaluate_split(backend, saved["config"]["model"], task, chosen, None)
+    with _scoring(f"scoring {name}: no prompt", len(chosen), progress) as tick:
+        plain, _ = evaluate_split(backend, saved["config"]["model"], task, chosen, None, on_chunk=tick)
     tuned = Evaluation.of(logits, chosen.labels, task.metric)
     result = {"split": name, "examples": len(chosen), "method": saved["config"]["method"],
               "acc": tuned.accuracy, "loss": tuned.loss, "no_prompt_acc": plain.accuracy}
@@ -187,7 +195,7 @@ def predict(runs: str | Path | list, texts: list[str], *, pairs: list[str] | Non
 
 
 def sweep(tasks: list[str], data_root: str | Path, *, out: str | Path, seeds: list[int] = (13, 42, 87),
-          budgets: list[int] = (500,), methods: list[str] = ("bbt",), model: str = "minilm", workers: int = 1,
+          budgets: list[int] = (500,), methods: list[str] = ("bbt",), model: str = DEFAULT_MODEL, workers: int = 1,
           test_limit: int | None = 500, grid: dict | None = None, **settings) -> list[dict]:
     """Run (or finish) a sweep into `out` and return its table: one dict per task, method,
     settings and budget with `test`, `test_se`, `no_prompt`, `gap`, `gap_se` (points) and `seeds`.

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from bbt import __version__
 from bbt.budget import Budget
-from bbt.config import GRADIENT_METHODS, TuneConfig
+from bbt.config import DEFAULT_MODEL, GRADIENT_METHODS, TuneConfig
 from bbt.errors import BackendError, BBTError, ConfigError
 
 EXAMPLES = """examples:
@@ -22,9 +22,27 @@ EXAMPLES = """examples:
   bbt tune --resume runs/http          (a run that was killed or failed: continue where it stopped)
   bbt evaluate --run runs/sst2-42 --split test
   bbt predict --run runs/sst2-42 "a gripping, well acted film" "a dull mess"
-  bbt serve --model minilm --port 8000
+  bbt predict runs/sst2-42 - < reviews.txt          (one text a line)
+  bbt serve --model smollm2 --port 8000
   bbt demo
 """
+
+
+# which bundled model suits what (--help of tune, sweep and serve; figures: docs/models.md)
+MODEL_CHOICE = (f"{DEFAULT_MODEL} (the default; SmolLM2-135M-Instruct, a 135M causal LM, where tuning gains most: "
+                "+5.9 points on SST-2 and +11.5 on AG News at 500 queries; BBT and BBTv2) or minilm (all-MiniLM-L6-v2, "
+                "a small sentence encoder: fast, with less to gain from tuning, +0.5 points on SST-2)")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to an option's help only where the help does not already say its
+    default, and never for None or an on/off flag (an absent option)."""
+
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default is None or isinstance(action.default, bool):
+            return text
+        return super()._get_help_string(action)
 
 
 def _query_limit(value: str) -> int | None:
@@ -51,7 +69,9 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
                    "default: --model itself (a folder, or a name bbt knows: smollm2)")
     g.add_argument("--timeout", type=float, default=120.0, metavar="S", help="seconds to wait for one answer (default 120)")
     g.add_argument("--wait", type=float, default=300.0, metavar="S",
-                   help="seconds to keep retrying a server that is down or failing, e.g. while it restarts (default 300)")
+                   help="seconds to keep retrying a server that has answered and is now down or failing, e.g. while it "
+                   "restarts (default 300); an address where no bbt server has answered yet gets at most 10 s, so a "
+                   "wrong --endpoint fails fast")
     g.add_argument("--retries", type=int, default=None, metavar="N", help="also give up after N retries of one request")
     g.add_argument("--device", metavar="DEV", help="where a model run in this process runs: auto (a GPU if torch sees "
                    "one, else the CPU), cpu, cuda, cuda:N or mps (default: auto); a server's is set by bbt serve --device")
@@ -72,19 +92,27 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tune", help="tune a soft prompt for a few-shot task", description=(
         "Tune a soft prompt with CMA-ES within a query budget, then score it on the test split. "
         "Writes config.json, log.jsonl, prompt.json and metrics.json to --out."),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_Help)
     g = t.add_argument_group("task and data")
     g.add_argument("--task", help="built-in task (sst2 yelpp agnews dbpedia mrpc rte snli) or a .json/.yaml task file; "
                    "default: DATA/task.json")
     g.add_argument("--data", metavar="DIR",
-                   help="(required) task folder: task.json, 16shot/seedS/{train,dev}.jsonl, test.jsonl (or a pool.jsonl to sample from)")
-    g.add_argument("--seed", type=int, default=d.seed, help="picks the 16-shot split and p0, and seeds the search")
+                   help="(required) task folder: task.json, 16shot/seedS/{train,dev}.jsonl, test.jsonl; or your own "
+                   "train.jsonl and dev.jsonl (used as given); or a pool.jsonl to sample from")
+    g.add_argument("--seed", type=int, default=d.seed, help="picks the 16-shot split and p0 (the soft prompt the "
+                   "search starts from), and seeds the search")
     g.add_argument("--search-seed", type=int, default=None, metavar="S",
                    help="seeds the projections and CMA-ES apart from the split (default: --seed)")
     g.add_argument("--ensemble", type=int, default=None, metavar="N",
                    help="tune N prompts on the split with search seeds S, S+1, ... in turn and score them together "
                    "(OUT/member-i, OUT/ensemble.json); the budget is the whole ensemble's, 1/N per member")
     g.add_argument("--k-shot", type=int, default=d.k_shot, help="examples per class when sampling from a pool")
+    g.add_argument("--skip-bad-rows", action="store_true",
+                   help="leave out data rows whose text is missing, empty or too long (and say how many per file) "
+                   "instead of stopping at the first one")
+    g.add_argument("--test-limit", type=int, default=None, metavar="N",
+                   help="score at most N test examples, a seeded sample (the same for every run; as bbt sweep's "
+                   "--test-limit); default, or 0: all")
     g.add_argument("--out", metavar="DIR", help="(required) run folder to write")
     g.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN where it stopped (killed, failed or "
                    "out of quota), with the settings in RUN/config.json; only the options of the model's location, "
@@ -94,17 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bbt: input prompt; bbtv2: deep prompt, layer by layer; prompt-tuning, p-tuning, prefix-tuning, "
                    "p-tuning-v2: the gradient baselines through PEFT (in process only; --lr, --epochs, --batch-size). "
                    f"Default: {d.method} (causal LMs: bbtv2; bbt with --local)")
-    m.add_argument("--model", default=d.model, help="minilm, smollm2, a local model directory or a .gguf file (in "
+    m.add_argument("--model", default=d.model, help=f"{MODEL_CHOICE}; or a local model directory or a .gguf file (in "
                    "process); with --endpoint, a model the server serves")
     m.add_argument("--prompt-length", type=int, default=None, metavar="L",
                    help=f"soft-prompt tokens (default: {d.prompt_length}; causal LMs: 10)")
-    m.add_argument("--intrinsic-dim", type=int, default=d.intrinsic_dim, metavar="D", help="dimension of z")
+    m.add_argument("--intrinsic-dim", type=int, default=d.intrinsic_dim, metavar="D",
+                   help="size of z, the small vector CMA-ES searches; the soft prompt is p0 + A z, A a fixed random matrix")
     m.add_argument("--popsize", type=int, default=d.popsize, help="CMA-ES population (queries per generation)")
-    m.add_argument("--sigma", type=float, default=d.sigma, help="CMA-ES initial step size")
-    m.add_argument("--loss", choices=["ce", "hinge", "perf"], default=d.loss, help="loss CMA-ES minimises")
-    m.add_argument("--projection", choices=["normal", "uniform"], default=d.projection, help="random projection A")
+    m.add_argument("--sigma", type=float, default=d.sigma, help="CMA-ES initial step size, in units of z")
+    m.add_argument("--loss", choices=["ce", "hinge", "perf"], default=d.loss,
+                   help="what CMA-ES minimises on train: ce cross-entropy, hinge a margin loss, perf minus accuracy")
+    m.add_argument("--projection", choices=["normal", "uniform"], default=d.projection,
+                   help="how the random matrix A (z to prompt) is drawn")
     m.add_argument("--alpha", type=float, default=None,
-                   help=f"scale of the normal projection (default: {d.alpha}; causal LMs: 0.5)")
+                   help=f"scale of a normal A (default: {d.alpha}; causal LMs: 0.5)")
     m.add_argument("--init", choices=["zero", "vocab", "instruction", "demos"], default=None,
                    help="p0, where the search starts: zeros; embeddings of random vocabulary tokens (BBT); of an "
                    "instruction (--init-text, or the task's default); of training examples written out with the "
@@ -114,16 +145,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the instruction p0 is made from (implies --init instruction)")
     m.add_argument("--verbalizer", choices=["manual", "auto"], default=None,
                    help="auto: several label words per class (sentence encoders: label texts), chosen on the training "
-                   "split, their number on held-out train folds + dev (2 queries of the budget; an LM: 3); manual: the "
-                   f"task's own. Default: {d.verbalizer} (gradient methods: manual)")
+                   "split, how many by accuracy on train examples left out of the choice and on dev (2 queries of the "
+                   f"budget; an LM: 3); manual: the task's own. Default: {d.verbalizer} (gradient methods: manual)")
     m.add_argument("--label-words", type=int, default=None, metavar="K",
-                   help="with --verbalizer auto: words per class (default: chosen from 1, 2, 3, 5, 8 on held-out train folds + dev)")
+                   help="with --verbalizer auto: words per class (default: 1, 2, 3, 5 or 8, the best on train examples "
+                   "left out of the choice and on dev)")
     m.add_argument("--select", choices=["dev-metric", "dev-loss", "train-dev"], default=None,
                    help="the prompt a run returns: best on dev by the task's metric (ties: dev loss), by dev loss, "
                    f"or by the metric on train + dev together (ties: their loss). Default: {d.select}")
     m.add_argument("--folds", type=int, choices=[1, 2], default=None,
                    help="2: train and dev swap roles halfway through the query budget (the second half searches on dev "
-                   f"from z = 0 and checks on train); the better of the two by its held-out score is returned. Default: {d.folds}")
+                   "from z = 0, the starting prompt p0, and checks on train); the better of the two by its score on the "
+                   f"split it did not search on is returned. Default: {d.folds}")
     m.add_argument("--local", choices=["none", "cobyla"], default=None,
                    help="bbt: a second search stage, COBYLA from CMA-ES's best point in the --local-dim principal "
                    f"directions of its covariance, for the last --local-share of the query budget. Default: {d.local}")
@@ -144,17 +177,22 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--patience", type=int, default=None, metavar="G",
                    help="stop early after G generations in a row without a better dev score (default: never)")
     m.add_argument("--encoding", choices=["intrinsic", "float32", "float16"], default=d.encoding,
-                   help="candidates on the wire: z + projection seed, or prompts as float32/float16")
+                   help="how candidates travel to the model: intrinsic sends z and A's seed (the server rebuilds the "
+                   "prompt: the smallest requests); float32/float16 send the prompts themselves")
     b = t.add_argument_group("budget (tuning: train and dev queries; never exceeded)")
     b.add_argument("--budget", type=_query_limit, default=d.budget.queries, metavar="QUERIES",
-                   help="queries (candidates scored); 'none' for no query limit, with one of the limits below")
+                   help="queries (candidates scored); 'none' for no query limit, with one of the limits below. Default "
+                   f"{d.budget.queries}, the papers' budget: SmolLM2 tunes about 200 SST-2 queries in 3 minutes on 2 "
+                   "CPU cores, so that is about two hours there, more on longer inputs (try 500 first); --dry-run "
+                   "estimates the time")
     b.add_argument("--max-requests", type=int, metavar="N", help="round trips")
     b.add_argument("--max-examples", type=int, metavar="N", help="examples scored (queries x batch)")
     b.add_argument("--max-tokens", type=int, metavar="N", help="tokens billed")
     b.add_argument("--max-cost", type=float, metavar="X", help="money, with --price-per-1k-tokens")
     b.add_argument("--price-per-1k-tokens", type=float, default=0.0, metavar="X", help="price of 1000 tokens")
-    t.add_argument("--dry-run", action="store_true", help="print what the run would spend and exit")
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--dry-run", action="store_true", help="print what the run would spend and about how long it "
+                   "takes (a model in this process is timed on three unbilled requests on train), then exit")
+    t.add_argument("--quiet", action="store_true", help="no progress bars (the model's loading bar included)")
     c = t.add_argument_group("evaluation cache (an answer already paid for is not paid again)")
     c.add_argument("--cache", metavar="FILE", help="SQLite file to keep answers in, shared by runs "
                    "(default: $BBT_CACHE, else ~/.cache/bbt/evaluations.sqlite)")
@@ -163,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="score a tuned prompt on a split", description=(
         "Score a run's prompt, its untuned start (z = 0) and the model without a prompt on a split of its data folder."),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_Help)
     e.add_argument("--run", required=True, action="append", metavar="DIR",
                    help="run folder written by bbt tune; give it several times (or an --ensemble folder) to score "
                    "an ensemble, every member in the same request")
@@ -172,21 +210,30 @@ def build_parser() -> argparse.ArgumentParser:
                    "mean of class probabilities")
     e.add_argument("--split", choices=["train", "dev", "test"], default="test", help="which split")
     e.add_argument("--data", metavar="DIR", help="data folder (default: the one the run used)")
+    e.add_argument("--in-process", action="store_true",
+                   help="run the model in this process even when the run was tuned through a server (without "
+                   "--endpoint, such a run is scored by the server it names)")
+    e.add_argument("--quiet", action="store_true", help="no progress bars (the model's loading bar included)")
     _add_backend_args(e)
 
     p = sub.add_parser("predict", help="label texts with a tuned prompt",
                        description="Print the predicted label and class probabilities of each text as JSON lines.")
-    p.add_argument("--run", required=True, action="append", metavar="DIR",
-                   help="run folder written by bbt tune; several (or an --ensemble folder): an ensemble")
+    p.add_argument("--run", action="append", metavar="DIR",
+                   help="run folder written by bbt tune; several (or an --ensemble folder): an ensemble. Without "
+                   "--run, the first argument is the run folder: bbt predict RUN TEXT ...")
     p.add_argument("--vote", choices=["majority", "mean"], default="majority", help="how an ensemble combines its members")
-    p.add_argument("texts", nargs="+", metavar="TEXT", help="texts to label (pair tasks: TEXT and PAIR joined by ' ||| ')")
+    p.add_argument("texts", nargs="+", metavar="TEXT", help="texts to label (pair tasks: TEXT and PAIR joined by ' ||| '); "
+                   "- reads them from standard input, one per line")
+    p.add_argument("--in-process", action="store_true",
+                   help="run the model in this process even when the run was tuned through a server (without "
+                   "--endpoint, such a run is scored by the server it names)")
     _add_backend_args(p)
 
     x = sub.add_parser("export", help="write a tuned prompt for other tools (a PEFT adapter, bbt's deep-prompt file)",
                        description="Write a run's prompt as a PEFT PROMPT_TUNING adapter (--format peft; BBT runs on "
                        "models without leading special tokens) or as bbt's own per-layer prompt file (--format bbt; "
                        "BBT and BBTv2). An ensemble folder exports each member to OUT/member-i.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     x.add_argument("--run", required=True, metavar="DIR", help="run (or ensemble) folder written by bbt tune")
     x.add_argument("--format", choices=["peft", "bbt"], default="peft", help="what to write")
     x.add_argument("--out", required=True, metavar="DIR", help="folder to write (existing files are never overwritten)")
@@ -196,14 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run every cell of a grid into OUT/cells/NAME (run folders, as bbt tune writes), "
                        "each once to the largest budget and scored at every --budgets value from the prompt it had "
                        "then. Rerun the same command to finish a sweep: done cells are skipped, a cut cell resumes. "
-                       "`bbt sweep report OUT` prints the table.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       "`bbt sweep report OUT` prints the table.", formatter_class=_Help)
     w.add_argument("--tasks", nargs="+", metavar="TASK", help="task folders under --data-root (built-in names or not)")
     w.add_argument("--data-root", metavar="DIR", help="folder holding one folder per task")
     w.add_argument("--seeds", nargs="+", type=int, default=[13, 42, 87], help="split seeds")
     w.add_argument("--methods", nargs="+", default=["bbt"], choices=["bbt", "bbtv2", *GRADIENT_METHODS],
                    help="each cell names its method, so a sweep does not take a model family's default (default: bbt)")
     w.add_argument("--budgets", nargs="+", type=int, default=[500], metavar="Q", help="queries at which to score")
-    w.add_argument("--model", default=d.model, help="the model (a server's name with --endpoint)")
+    w.add_argument("--model", default=d.model, help=f"the model (a server's name with --endpoint): {MODEL_CHOICE}")
     w.add_argument("--prompt-length", type=int, default=None, metavar="L", help="soft-prompt tokens (default: bbt's)")
     w.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="a tune setting for every cell (e.g. init=vocab alpha=0.5); KEY=V1,V2 makes it an axis of the grid")
@@ -216,22 +263,26 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--ray", nargs="?", const=True, default=None, metavar="ADDRESS",
                    help="run cells as Ray tasks: on a local Ray, or on the cluster at ADDRESS (pip install 'bbt[ray]')")
     w.add_argument("--endpoint", nargs="+", default=[], metavar="URL", help="servers to run cells against (round robin)")
-    w.add_argument("--api-key", default=os.environ.get("BBT_API_KEY"), help="API key for --endpoint")
+    w.add_argument("--api-key", default=os.environ.get("BBT_API_KEY"),
+                   help="API key for --endpoint (default: $BBT_API_KEY; --help never prints it)")
 
     v = sub.add_parser("watch", help="a live view of a run or sweep folder",
-                       description="Show a run's loss and dev score against queries, the budget spent and left and "
-                       "queries per second (a sweep: one line per cell), redrawn as its log grows; returns when it "
-                       "ends. A folder that does not exist yet is waited for.")
+                       description="Show a run's loss and dev score against queries, the budget spent and left, "
+                       "queries per second and when tuning should end at that speed (a sweep: one line per cell), "
+                       "redrawn as its log grows; returns when it ends. A folder where no run has started yet is "
+                       "waited for up to --wait seconds; a folder that holds something else is refused at once.")
     v.add_argument("folder", metavar="RUN_OR_SWEEP")
     v.add_argument("--interval", type=float, default=1.0, metavar="S", help="seconds between redraws")
     v.add_argument("--once", action="store_true", help="draw once and return")
+    v.add_argument("--wait", type=float, default=60.0, metavar="S",
+                   help="seconds to wait for a run to start in a folder that is not one yet (default 60)")
 
     s = sub.add_parser("serve", help="start the bundled inference server", description=(
         "Serve models over HTTP (protocol v1, OpenAPI page at /docs)."),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_Help)
     s.add_argument("--model", action="append", metavar="[NAME=]PATH",
-                   help="model to serve: minilm, smollm2, a local directory or .gguf file, or NAME=PATH (repeat for "
-                   "several); default: minilm")
+                   help=f"model to serve: {MODEL_CHOICE}; or a local directory or .gguf file, or NAME=PATH (repeat "
+                   "for several)")
     s.add_argument("--host", default="127.0.0.1", help="interface to listen on")
     s.add_argument("--device", default="auto", metavar="DEV",
                    help="where the models run: auto (a GPU if torch sees one, else the CPU), cpu, cuda, cuda:N or mps")
@@ -256,24 +307,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="a short tuning run on the bundled demo task through a local server",
                           description="Start the bundled server on a free loopback port, tune the demo task through it, "
-                          "and print accuracy before and after.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                          "and print accuracy before and after.", formatter_class=_Help)
     demo.add_argument("--budget", type=int, default=300, help="queries")
     demo.add_argument("--out", default="runs/demo", help="run folder")
     demo.add_argument("--in-process", action="store_true", help="skip the server; run the model in this process")
     return parser
 
 
-def make_backend(args):
+def make_backend(args, *, answered_before: bool = False):
+    """The backend the options name: --endpoint's server(s), else the model in this process.
+    `answered_before`: the server is known to have answered (a resumed run's): it gets the whole
+    --wait from the first request, where a new address gets a few seconds."""
     device = getattr(args, "device", None)
     if getattr(args, "endpoint", None):
         if device is not None:
             raise ConfigError("--device sets where a model in this process runs; with --endpoint the server decides "
                               "(start it with bbt serve --device DEV)")
         from bbt.backends.endpoints import open_endpoint
+        from bbt.backends.http import FIRST_CONTACT_WAIT
 
         return open_endpoint(args.endpoint, engine=getattr(args, "engine", "auto"), api_key=args.api_key,
                              model_files=getattr(args, "model_files", None), timeout=args.timeout, wait=args.wait,
-                             retries=args.retries)
+                             retries=args.retries, first_contact_wait=None if answered_before else FIRST_CONTACT_WAIT)
     from bbt.backends.local import LocalBackend
 
     return LocalBackend(device=device or "auto")
@@ -323,15 +378,20 @@ def cmd_tune(args) -> int:
         data_dir, out = saved.get("data"), Path(args.resume)
         if not data_dir:
             raise ConfigError(f"{args.resume}/config.json does not say which data folder the run used")
-        args.endpoint = args.endpoint or saved.get("endpoint")
-        args.model_files = args.model_files or saved.get("model_files")
+        answered_before = bool(saved.get("endpoint")) and args.endpoint in (None, saved.get("endpoint"))
+        _use_saved_endpoint(args, saved)
+        args.test_limit = saved.get("test_limit")
     else:
         for flag in ("data", "out"):
             if getattr(args, flag) is None:
                 raise ConfigError(f"--{flag} is required (or continue a run with --resume RUN)")
         cfg, task, data_dir, out = _tune_config(args), resolve_task(args.task, args.data), args.data, Path(args.out)
-    data = load_task_folder(data_dir, task, seed=cfg.seed, k=cfg.k_shot)
-    backend = make_backend(args)
+        answered_before = False
+    data = load_task_folder(data_dir, task, seed=cfg.seed, k=cfg.k_shot, skip_bad_rows=cfg.skip_bad_rows)
+    data = _limit_test(data, args.test_limit)
+    if args.quiet and not args.endpoint:
+        _hide_loading_bars()
+    backend = make_backend(args, answered_before=answered_before)
     try:
         if args.dry_run:
             from bbt.estimate import estimate
@@ -342,6 +402,8 @@ def cmd_tune(args) -> int:
         context = {"data": str(Path(data_dir).resolve()), "endpoint": args.endpoint}
         if args.model_files:
             context["model_files"] = args.model_files
+        if args.test_limit:
+            context["test_limit"] = args.test_limit
         try:
             if cfg.method in GRADIENT_METHODS:
                 if args.resume or args.ensemble:
@@ -354,10 +416,51 @@ def cmd_tune(args) -> int:
                 run_tune(cfg, task, data, backend, out, context=context, progress=not args.quiet, resume=bool(args.resume),
                          report_to=args.report_to)
         except BackendError as exc:
-            raise BackendError(f"{exc}\nwhat was spent is recorded in {out}; continue with: bbt tune --resume {out}") from exc
+            raise BackendError(f"{exc}\n{_after_failure(out, cfg)}") from exc
+        except KeyboardInterrupt:
+            print(f"bbt tune: interrupted; {_after_failure(out, cfg)}", file=sys.stderr)
+            return 130
     finally:
         backend.close()
     return 0
+
+
+def _after_failure(out: Path, cfg: TuneConfig) -> str:
+    """What a failed or interrupted `bbt tune` leaves behind, and the way on: resume advice only
+    where a run folder holds something to resume (a run that spent nothing removes its folder)."""
+    from bbt.ensemble import INDEX_FILE
+
+    if not ((out / "config.json").exists() or (out / INDEX_FILE).exists()):
+        return f"nothing was spent, and no run folder is left at {out}: the same command starts afresh"
+    if cfg.method in GRADIENT_METHODS:
+        return f"what was spent is recorded in {out}; a gradient method does not resume: run it again with another --out"
+    return f"what was spent is recorded in {out}; continue with: bbt tune --resume {out}"
+
+
+def _limit_test(data, limit: int | None):
+    """The task data with at most `limit` test examples, a seeded sample as bbt sweep draws it (None, 0: all)."""
+    if limit is not None and limit < 0:
+        raise ConfigError(f"--test-limit {limit}: give a number of test examples, or 0 for all")
+    if not limit:
+        return data
+    import dataclasses
+
+    return dataclasses.replace(data, test=data.test.sample(limit))
+
+
+def _hide_loading_bars() -> None:
+    """--quiet: no bars from loading a model in this process either (transformers' weight loading,
+    its GGUF conversion, which draws a plain tqdm bar)."""
+    import importlib
+
+    if "tqdm" not in sys.modules:  # tqdm reads TQDM_* into its defaults when it is imported
+        os.environ["TQDM_DISABLE"] = "1"
+    if "huggingface_hub" not in sys.modules:  # read when it is imported, by transformers too
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    else:
+        importlib.import_module("huggingface_hub.utils").disable_progress_bars()
+    if "transformers" in sys.modules:
+        importlib.import_module("transformers.utils.logging").disable_progress_bar()
 
 
 def _tune_config(args) -> TuneConfig:
@@ -382,7 +485,7 @@ def _tune_config(args) -> TuneConfig:
                           projection=args.projection, bound=args.bound, init_text=args.init_text,
                           search_seed=args.search_seed, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
                           diagonal=args.diagonal, rounds=args.rounds, patience=args.patience, encoding=args.encoding,
-                          k_shot=args.k_shot, budget=budget)
+                          k_shot=args.k_shot, skip_bad_rows=args.skip_bad_rows, budget=budget)
     except ValidationError as exc:  # e.g. --popsize 1, --budget 0: one line naming the option, no traceback
         raise ConfigError(_option_errors(exc)) from None
 
@@ -410,11 +513,18 @@ def _with_cache(backend, args):
 
 
 def cmd_evaluate(args) -> int:
-    from bbt import api
+    from bbt import api, ensemble
 
+    if args.in_process and args.endpoint:
+        raise ConfigError("--in-process runs the model here and --endpoint asks a server: give one of them")
+    if not args.endpoint and not args.in_process:
+        _tuned_through(args, ensemble.member_runs(args.run)[0], "evaluate")
+    if args.quiet and not args.endpoint:
+        _hide_loading_bars()
     backend = make_backend(args)
     try:
-        result = api.evaluate(args.run, split=args.split, data=args.data, vote=args.vote, backend=backend)
+        result = api.evaluate(args.run, split=args.split, data=args.data, vote=args.vote, backend=backend,
+                              progress=not args.quiet)
     finally:
         backend.close()
     print(json.dumps(result, indent=2))
@@ -426,24 +536,74 @@ def cmd_predict(args) -> int:
     from bbt.runs import is_gradient_run, load_artifact, load_run_config
     from bbt.protocol import TaskSpec
 
-    runs = ensemble.member_runs(args.run)
+    run_dirs, given = args.run, list(args.texts)
+    if not run_dirs:  # bbt predict RUN TEXT ...
+        if len(given) < 2:
+            raise ConfigError("give a run folder and texts: bbt predict RUN TEXT ... (or --run RUN; - reads the texts "
+                              "from standard input)")
+        run_dirs, given = [given[0]], given[1:]
+    runs = ensemble.member_runs(run_dirs)
     if len(runs) == 1 and is_gradient_run(runs[0]):
         task = TaskSpec.model_validate(load_run_config(runs[0])["task"])
     else:
         task = load_artifact(runs[0]).task
-    texts, pairs = args.texts, None
+    all_texts = _read_texts(given)
+    texts, pairs = all_texts, None
     if task.pair:
-        split = [t.split(" ||| ", 1) for t in args.texts]
+        split = [t.split(" ||| ", 1) for t in all_texts]
         if any(len(s) != 2 for s in split):
             raise BBTError(f"task {task.name!r} takes pairs: write each as 'TEXT ||| PAIR'")
         texts, pairs = [s[0] for s in split], [s[1] for s in split]
+    if not texts:
+        raise ConfigError("no texts to label: standard input was empty")
+    for i, text in enumerate(texts):  # refused as the data loader refuses such a row
+        empty = "text" if not text.strip() else "text_pair" if pairs and not pairs[i].strip() else None
+        if empty:
+            raise ConfigError(f"text {i + 1}: '{empty}' is missing or empty; the model has nothing to read")
+    if args.in_process and args.endpoint:
+        raise ConfigError("--in-process runs the model here and --endpoint asks a server: give one of them")
+    if not args.endpoint and not args.in_process:
+        _tuned_through(args, runs[0], "predict")
     backend = make_backend(args)
     try:
-        for text, row in zip(args.texts, api.predict(args.run, texts, pairs=pairs, vote=args.vote, backend=backend)):
+        for text, row in zip(all_texts, api.predict(run_dirs, texts, pairs=pairs, vote=args.vote, backend=backend)):
             print(json.dumps({**row, "text": text}))
     finally:
         backend.close()
     return 0
+
+
+def _read_texts(given: list[str]) -> list[str]:
+    """The texts of `bbt predict`: `-` stands for standard input, one text a line."""
+    if given.count("-") > 1:
+        raise ConfigError("give - once: it reads every text from standard input")
+    if "-" not in given:
+        return given
+    at = given.index("-")
+    return given[:at] + sys.stdin.read().splitlines() + given[at + 1 :]
+
+
+def _tuned_through(args, run: Path, command: str) -> None:
+    """Point `args` at the server a run was tuned through (its config.json: endpoint, engine and
+    model files), said on stderr; left alone for a run tuned in process (or a folder with a
+    prompt.json alone, which does not say)."""
+    from bbt.runs import load_run_config
+
+    saved = load_run_config(run) if (Path(run) / "config.json").exists() else {}
+    if not saved.get("endpoint"):
+        return
+    print(f"bbt {command}: {run} was tuned through {', '.join(saved['endpoint'])}: asking it there (give --endpoint "
+          "URL for another server, or --in-process to load the model here)", file=sys.stderr)
+    _use_saved_endpoint(args, saved)
+
+
+def _use_saved_endpoint(args, saved: dict) -> None:
+    """The endpoint, engine and model files a run folder's config.json recorded, where the options
+    leave them open: a run tuned on vLLM stays on vLLM even while the engine is down."""
+    args.endpoint = args.endpoint or saved.get("endpoint")
+    args.model_files = args.model_files or saved.get("model_files")
+    if args.engine == "auto" and str(saved.get("engine", "")).startswith("vllm"):
+        args.engine = "vllm"
 
 
 def cmd_export(args) -> int:
@@ -547,7 +707,7 @@ def cmd_sweep_report(argv: list[str]) -> int:
 def cmd_watch(args) -> int:
     from bbt import watch
 
-    watch.watch(args.folder, interval=args.interval, once=args.once)
+    watch.watch(args.folder, interval=args.interval, once=args.once, wait=args.wait)
     return 0
 
 
@@ -556,7 +716,7 @@ def cmd_serve(args) -> int:
         from servers.app import serve
     except ImportError as exc:
         raise BBTError(f"bbt serve needs the server extra ({exc.name} is missing): pip install 'bbt[server]'") from None
-    serve(models=args.model or ([] if args.upstream else ["minilm"]), host=args.host, port=args.port, api_keys_file=args.api_keys,
+    serve(models=args.model or ([] if args.upstream else [DEFAULT_MODEL]), host=args.host, port=args.port, api_keys_file=args.api_keys,
           max_candidates=args.max_candidates, max_examples=args.max_examples, max_body_mb=args.max_body_mb,
           quota=args.quota, quota_window=args.quota_window, rate_limit=args.rate_limit, device=args.device,
           compile=args.compile, upstream=args.upstream)
@@ -595,7 +755,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bbt {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"bbt {args.command}: interrupted; the run folder keeps what was spent so far", file=sys.stderr)
+        more = "; the run folders keep what was spent so far: rerun the same command to finish" if args.command == "sweep" else ""
+        print(f"bbt {args.command}: interrupted{more}", file=sys.stderr)
         return 130
 
 

@@ -32,13 +32,19 @@ def _p0_key(p: Prompt) -> tuple:
     return p.init_seed, p.init_text, p.z.shape[0], p.prompt_length, p.projections[0].D
 
 
+def passes(prompts: list[Prompt]) -> int:
+    """How many times `score_prompts` goes through a split: once per group of prompts sharing p0."""
+    return len({_p0_key(p) for p in prompts})
+
+
 def score_prompts(backend: Backend, model: str, task: TaskSpec, split: Split, prompts: list[Prompt],
-                  ledger: Ledger | None = None) -> np.ndarray:
+                  ledger: Ledger | None = None, on_chunk=None) -> np.ndarray:
     """Class scores of every prompt on a split: logits [M, N, C].
 
     Prompts that share a starting point p0 (members of one `--ensemble` do) and a shape travel as
     one population, materialized (p = A z) on this side since each member has its own projection:
     one request per batch of `runs.EVAL_CHUNK` inputs for all of them. Spending is booked as evaluation.
+    `on_chunk(n)`: called after each request with its number of inputs (`passes` of them cover the split).
     """
     if not prompts:
         raise ConfigError("no prompts to score")
@@ -50,7 +56,8 @@ def score_prompts(backend: Backend, model: str, task: TaskSpec, split: Split, pr
         first = prompts[members[0]]
         tensor = np.concatenate([prompts[i].materialize() for i in members])  # (M, layers, L, H)
         candidates = PromptTensor(prompts=Tensor.from_numpy(tensor), init_seed=first.init_seed, init_text=first.init_text)
-        logits, _ = runs.score_candidates(backend, model, task, split, candidates, len(members), ledger)  # (M, N, C)
+        logits, _ = runs.score_candidates(backend, model, task, split, candidates, len(members), ledger,  # (M, N, C)
+                                          on_chunk=on_chunk)
         for j, i in enumerate(members):
             out[i] = logits[j]
     return np.stack(out)
@@ -102,9 +109,9 @@ class EnsembleScores:
 
 
 def evaluate(backend: Backend, model: str, task: TaskSpec, split: Split, prompts: list[Prompt], vote: Vote = "majority",
-             ledger: Ledger | None = None) -> tuple[EnsembleScores, np.ndarray]:
+             ledger: Ledger | None = None, on_chunk=None) -> tuple[EnsembleScores, np.ndarray]:
     """The ensemble's and each member's metric on a split, and the members' logits [M, N, C]."""
-    logits = score_prompts(backend, model, task, split, prompts, ledger)
+    logits = score_prompts(backend, model, task, split, prompts, ledger, on_chunk)
     labels = np.asarray(split.labels)
     combined = combine(logits, vote)[None]
     scores = EnsembleScores(

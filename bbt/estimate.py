@@ -14,18 +14,25 @@ with the run's `Budget` (the same `Ledger.affordable` decides what fits, so ever
 replay where it ends the run) for the two extremes: a new best in *every* generation (the most dev
 queries and requests) and in the first generation only (the first always beats "no best yet").
 Each unit's upper bound is the larger of the two, its lower bound the smaller.
+Time: a model in this process is timed on requests of 1 and 3 random prompts of the run's length
+on the train split (no query is billed); a line through the two gives seconds per request and per
+token billed, and the run's requests and tokens at those rates give its time. A model behind an
+endpoint is not timed, since timing it would cost queries.
 With `--verbalizer auto` the words are chosen first, inside the budget: plain-model queries on
 train (and one on dev unless K is given) as `bbt.verbalizers.choose` sends them; the dev one only
 in the upper bound, since a choice with one option left skips it.
 Evaluation is what `bbt.runs.run_tune` spends outside the budget: the plain model (no prompt), the
-untuned prompt (z = 0) and the tuned prompt on the test split, in chunks of EVAL_CHUNK examples,
-one query each; it is exact, but for `--verbalizer auto`'s pass of the plain model through the
+untuned prompt (z = 0) and the tuned prompt on the test split, and the plain model on dev (where
+the folder has a test set), in chunks of EVAL_CHUNK examples, one query each; it is exact, but for `--verbalizer auto`'s pass of the plain model through the
 chosen words, counted though it is skipped when they are the task's own.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from bbt import verbalizers
 from bbt.backends.base import Backend
@@ -34,8 +41,9 @@ from bbt.config import TuneConfig, check_mode, with_family_defaults
 from bbt.data import Split, TaskData
 from bbt.errors import ConfigError
 from bbt.tasks import for_family
-from bbt.protocol import StatsRequest, TaskSpec, Usage
-from bbt.runs import EVAL_CHUNK
+from bbt.projection import uniform_spec
+from bbt.protocol import EvaluateRequest, IntrinsicPrompts, ModelInfo, StatsRequest, TaskSpec, Tensor, Usage
+from bbt.runs import EVAL_CHUNK, _local_service
 
 _FLAGS = {"queries": "--budget", "requests": "--max-requests", "examples": "--max-examples",
           "tokens": "--max-tokens", "cost": "--max-cost"}
@@ -60,12 +68,14 @@ class Estimate:
     generations: tuple[int, int]  # (least, most): a new best every generation leaves room for fewer
     dev_queries: tuple[int, int]  # (least, most)
     evaluation: Spent  # no prompt, zero prompt and tuned prompt on the test split, exact (auto words: at most)
+    plain_dev_examples: int = 0  # the plain model on dev, in `evaluation` (0: dev is the test split)
     choice_queries: tuple[int, int] = (0, 0)  # (least, most) spent choosing words (--verbalizer auto)
     notes: list[str] = field(default_factory=list)  # what the replay leaves out
     ends_by: list[str] = field(default_factory=list)  # the limits that end the run, or ROUNDS
     rounds: int | None = None
     patience: int | None = None
     stats_requests: int = 0  # what the estimate itself sent (no queries; a server may bill their tokens)
+    speed: Speed | None = None  # measured on the model in this process; None: not timed (an endpoint)
 
     def describe(self) -> str:
         """A few lines for the terminal."""
@@ -103,14 +113,39 @@ class Estimate:
                              "generations if dev never improves after the first")
         lines += [
             f"evaluation, outside the budget (no prompt, zero prompt and tuned prompt on {self.test_examples} {self.test_name} "
-            f"examples, in chunks of up to {EVAL_CHUNK}; "
+            f"examples" + (f", no prompt on {self.plain_dev_examples} dev examples" if self.plain_dev_examples else "")
+            + f", in chunks of up to {EVAL_CHUNK}; "
             + ("and the plain model through the chosen words, unless they are the task's own; at most):"
                if self.choice_queries[1] else "exact):"),
             f"  {_spent(self.evaluation, money)}",
         ]
         lines.append(f"whole run, upper bound: {_spent(_add(self.tuning, self.evaluation), money)}")
+        lines.append(self.describe_time())
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+    def describe_time(self) -> str:
+        """How long the run takes, roughly: its tokens at the measured seconds per token."""
+        if self.speed is None:
+            return ("time: not estimated for a model behind an endpoint (timing it would cost queries); the progress "
+                    "bar and bbt watch show its queries per second once the run goes")
+        lo, hi = self.speed.seconds(self.tuning_min), self.speed.seconds(self.tuning)
+        scoring = self.speed.seconds(self.evaluation)
+        return (f"time, roughly: {_span(lo + scoring, hi + scoring)}: tuning {_span(lo, hi)}, scoring the "
+                f"{self.test_examples} {self.test_name} examples {_duration(scoring)} (the model in this process, timed "
+                f"here on 3 unbilled requests on the train split: {self.speed.per_request:.2g} s per request and "
+                f"{self.speed.per_token * 1000:.2g} ms per token)")
+
+
+@dataclass(frozen=True)
+class Speed:
+    """How fast the model in this process scores: seconds per request plus seconds per token billed."""
+
+    per_request: float
+    per_token: float
+
+    def seconds(self, spent: Spent) -> float:
+        return spent.requests * self.per_request + spent.tokens * self.per_token
 
 
 @dataclass(frozen=True)
@@ -150,7 +185,8 @@ def estimate(backend: Backend, cfg: TuneConfig, task: TaskSpec, data: TaskData) 
 
     L = cfg.prompt_length
     plain_train = _PerQuery(len(data.train), sum(tokens(data.train)))  # the plain model: no prompt tokens
-    plain_dev = _PerQuery(len(data.dev), sum(tokens(data.dev)))
+    dev_tokens = tokens(data.dev)
+    plain_dev = _PerQuery(len(data.dev), sum(dev_tokens))
     train = _PerQuery(plain_train.examples, plain_train.tokens + plain_train.examples * L)  # as tuner.Scorer counts
     dev = _PerQuery(plain_dev.examples, plain_dev.tokens + plain_dev.examples * L)
     # --verbalizer auto: bbt.verbalizers.choose's plain-model queries, in order, each sent only if affordable
@@ -167,6 +203,10 @@ def estimate(backend: Backend, cfg: TuneConfig, task: TaskSpec, data: TaskData) 
         for start in range(0, len(test), EVAL_CHUNK):
             chunk = test_tokens[start : start + EVAL_CHUNK]
             _PerQuery(len(chunk), sum(chunk) + len(chunk) * prompt_tokens).book(evaluation, 1, tuning=False)
+    plain_dev_examples = 0 if test is data.dev else len(data.dev)  # then the plain model on dev
+    for start in range(0, plain_dev_examples, EVAL_CHUNK):
+        chunk = dev_tokens[start : start + EVAL_CHUNK]
+        _PerQuery(len(chunk), sum(chunk)).book(evaluation, 1, tuning=False)
 
     layers = 1 if cfg.method == "bbt" else info.num_layers
     most = None if cfg.rounds is None else cfg.rounds * layers  # generations
@@ -175,6 +215,7 @@ def estimate(backend: Backend, cfg: TuneConfig, task: TaskSpec, data: TaskData) 
     first = _replay(cfg.budget, cfg.popsize, train, dev, every_generation_improves=False, most=most,
                     before=[sizes[s] for s in planned if s != "dev"])  # the dev probe may be skipped
     pair = (every.ledger.tuning, first.ledger.tuning)
+    speed = measure_speed(backend, cfg, info, task, data.train)
     return Estimate(
         budget=cfg.budget, popsize=cfg.popsize, train_examples=train.examples, dev_examples=dev.examples,
         test_examples=len(test), test_name=data.test_name, train_tokens_per_query=train.tokens,
@@ -182,10 +223,36 @@ def estimate(backend: Backend, cfg: TuneConfig, task: TaskSpec, data: TaskData) 
         tuning=Spent(**{u: max(getattr(x, u) for x in pair) for u in LIMITS}),
         tuning_min=Spent(**{u: min(getattr(x, u) for x in pair) for u in LIMITS}),
         generations=(every.generations, first.generations), dev_queries=(first.dev_queries, every.dev_queries),
-        evaluation=evaluation.evaluation, ends_by=every.ends_by + [u for u in first.ends_by if u not in every.ends_by],
+        evaluation=evaluation.evaluation, plain_dev_examples=plain_dev_examples, ends_by=every.ends_by + [u for u in first.ends_by if u not in every.ends_by],
         stats_requests=stats_requests, rounds=cfg.rounds, patience=cfg.patience,
         choice_queries=(first.choice_queries, every.choice_queries), notes=_unreplayed(cfg),
+        speed=speed,
     )
+
+
+def measure_speed(backend: Backend, cfg: TuneConfig, info: ModelInfo, task: TaskSpec, split: Split) -> Speed | None:
+    """The speed of the model in this process, from requests of 1 prompt (the faster of two: the
+    first also pays one-time costs) and of 3 prompts of cfg.prompt_length on `split`, each a random
+    input prompt; None for a model behind an endpoint, which would bill them."""
+    if _local_service(backend) is None:
+        return None
+    spec = uniform_spec(seed=0, d=cfg.intrinsic_dim, D=cfg.prompt_length * info.hidden_size)
+    rng = np.random.default_rng(0)
+
+    def timed(k: int) -> tuple[float, int]:
+        z = Tensor.from_numpy(rng.standard_normal((k, 1, cfg.intrinsic_dim)))  # (K, layers, d)
+        request = EvaluateRequest(model=cfg.model, task=task, inputs=split.examples, labels=split.labels,
+                                  candidates=IntrinsicPrompts(z=z, projections=[spec], prompt_length=cfg.prompt_length))
+        start = time.perf_counter()
+        tokens = backend.evaluate(request).usage.tokens
+        return time.perf_counter() - start, max(1, tokens)
+
+    (t1, n1), (t3, n3), (again, _) = timed(1), timed(3), timed(1)
+    t1 = min(t1, again)
+    per_token = (t3 - t1) / (n3 - n1)
+    if per_token <= 0:  # timing noise: all of it taken as cost per token
+        return Speed(per_request=0.0, per_token=t3 / n3)
+    return Speed(per_request=max(0.0, t1 - n1 * per_token), per_token=per_token)
 
 
 def _unreplayed(cfg: TuneConfig) -> list[str]:
@@ -301,6 +368,23 @@ def _fmt(x) -> str:
 
 def _range(lo: int, hi: int) -> str:
     return f"{lo:,}" if lo == hi else f"{lo:,} to {hi:,}"
+
+
+def _duration(seconds: float) -> str:
+    """"40 s", "12 min", "2 h 5 min": a rough time, rounded to its leading unit."""
+    if seconds < 1:
+        return "under a second"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    hours, minutes = divmod(round(seconds / 60), 60)
+    return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+
+
+def _span(lo: float, hi: float) -> str:
+    a, b = _duration(lo), _duration(hi)
+    return a if a == b else f"{a} to {b}"
 
 
 def _spent(s: Spent, money: bool) -> str:

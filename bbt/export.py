@@ -29,10 +29,16 @@ DEEP_PROMPT_VERSION = 1
 
 def save_prompts(path: Path, prompts: np.ndarray, **meta: str | int | None) -> None:
     """[layers, L, H] float32 as a safetensors file, tensor "prompts", `meta` as its string metadata."""
-    from safetensors.numpy import save_file
+    _save_tensors(path, {"prompts": np.ascontiguousarray(prompts, dtype=np.float32)},
+                  {k: str(v) for k, v in meta.items() if v is not None})
 
-    save_file({"prompts": np.ascontiguousarray(prompts, dtype=np.float32)}, str(path),
-              metadata={k: str(v) for k, v in meta.items() if v is not None})
+
+def _save_tensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+    """A safetensors file written as any other file (mode 0666 less the umask; safetensors' own
+    save_file makes it 0600, which other users and tools cannot read)."""
+    from safetensors.numpy import save
+
+    Path(path).write_bytes(save(tensors, metadata=metadata))
 
 
 def load_prompts(run: str | Path) -> np.ndarray:
@@ -64,13 +70,12 @@ def to_peft(run: str | Path, out: str | Path, base_model: str | None = None) -> 
         raise ConfigError(
             f"{run}'s prompt sits after {artifact.prompt_position} leading special token(s) of {artifact.model!r} "
             "(or the run does not say where); PEFT puts virtual tokens before every input token, so the adapter "
-            "would not reproduce bbt's scores. Only models without leading special tokens (e.g. smollm2) export to PEFT")
+            "would not reproduce bbt's scores. Only models without leading special tokens (e.g. smollm2) export to "
+            "PEFT; --format bbt writes this prompt as bbt's own file (prompts.safetensors and bbt_prompt.json)")
     prompts = load_prompts(run)
     out = Path(out)
     _refuse_existing(out, ("adapter_config.json", "adapter_model.safetensors"))
     out.mkdir(parents=True, exist_ok=True)
-    from safetensors.numpy import save_file
-
     length, hidden = prompts.shape[1:]
     config = {
         "peft_type": "PROMPT_TUNING",
@@ -89,8 +94,8 @@ def to_peft(run: str | Path, out: str | Path, base_model: str | None = None) -> 
         "auto_mapping": None,
         "modules_to_save": None,
     }
-    save_file({"prompt_embeddings": np.ascontiguousarray(prompts[0], dtype=np.float32)},
-              str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    embeddings = np.ascontiguousarray(prompts[0], dtype=np.float32)  # (L, H)
+    _save_tensors(out / "adapter_model.safetensors", {"prompt_embeddings": embeddings}, {"format": "pt"})
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return out
 

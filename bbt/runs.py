@@ -20,6 +20,7 @@ twice.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -30,10 +31,10 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from bbt import __version__, cache, checkpoint, export, metrics, verbalizers
+from bbt import __version__, cache, checkpoint, export, jsonfile, metrics, verbalizers
 from bbt.backends.base import Backend
 from bbt.budget import Budget, Ledger
-from bbt.config import TuneConfig, check_mode, with_family_defaults
+from bbt.config import GRADIENT_METHODS, TuneConfig, check_mode, with_family_defaults
 from bbt.data import Split, TaskData
 from bbt.errors import ConfigError
 from bbt.protocol import EvaluateRequest, Example, ProjectionSpec, TaskSpec, Usage
@@ -86,27 +87,29 @@ class RunState:
 
 
 def evaluate_split(backend: Backend, model: str, task: TaskSpec, split: Split, prompt: Prompt | None,
-                   ledger: Ledger | None = None, loss: str = "ce") -> tuple[Evaluation, np.ndarray]:
+                   ledger: Ledger | None = None, loss: str = "ce", on_chunk=None) -> tuple[Evaluation, np.ndarray]:
     """Scores of one prompt (None: the model without a soft prompt) on a whole split; logits [N, C].
 
     Large splits go out in chunks of EVAL_CHUNK examples; spending is booked as evaluation.
+    `on_chunk(n)` is called with each chunk's number of examples once it is scored (a progress bar).
     """
-    ev, logits, _ = _score_split(backend, model, task, split, prompt, ledger, loss)
+    ev, logits, _ = _score_split(backend, model, task, split, prompt, ledger, loss, on_chunk=on_chunk)
     return ev, logits
 
 
 def evaluate_materialized(backend: Backend, model: str, task: TaskSpec, split: Split, prompt: Prompt,
-                          ledger: Ledger | None = None) -> tuple[Evaluation, np.ndarray, np.ndarray]:
+                          ledger: Ledger | None = None, on_chunk=None) -> tuple[Evaluation, np.ndarray, np.ndarray]:
     """`evaluate_split`, and the prompt as the model received it (p0 + A z, [layers, L, H]) from the
     same requests: only the server knows p0, and asking it separately would cost a query."""
-    return _score_split(backend, model, task, split, prompt, ledger, "ce", return_prompts=True)
+    return _score_split(backend, model, task, split, prompt, ledger, "ce", return_prompts=True, on_chunk=on_chunk)
 
 
 def score_candidates(backend, model: str, task: TaskSpec, split: Split, candidates, k: int,
-                     ledger: Ledger | None, loss: str = "ce", return_prompts: bool = False):
+                     ledger: Ledger | None, loss: str = "ce", return_prompts: bool = False, on_chunk=None):
     """Class logits [K, N, C] of `k` candidates (a request's `candidates`, None: no soft prompt) on
     a split, one request per EVAL_CHUNK inputs, each booked as evaluation (k queries); with
-    `return_prompts`, also the prompts [K, layers, L, H] the server received."""
+    `return_prompts`, also the prompts [K, layers, L, H] the server received. `on_chunk(n)`: called
+    after each request with its number of inputs."""
     chunks, received = [], None
     for start in range(0, len(split), EVAL_CHUNK):
         inputs = split.examples[start : start + EVAL_CHUNK]
@@ -122,12 +125,15 @@ def score_candidates(backend, model: str, task: TaskSpec, split: Split, candidat
                 raise ConfigError("the server did not return the prompts it received (return_prompts): it runs an "
                                   "older bbt")
             received = resp.prompts.to_numpy()
+        if on_chunk is not None:
+            on_chunk(len(inputs))
     return np.concatenate(chunks, axis=1), received
 
 
-def _score_split(backend, model, task, split, prompt, ledger, loss, return_prompts: bool = False):
+def _score_split(backend, model, task, split, prompt, ledger, loss, return_prompts: bool = False, on_chunk=None):
     candidates = None if prompt is None else prompt.candidates()
-    logits, received = score_candidates(backend, model, task, split, candidates, 1, ledger, loss, return_prompts)
+    logits, received = score_candidates(backend, model, task, split, candidates, 1, ledger, loss, return_prompts,
+                                        on_chunk)
     return Evaluation.of(logits[0], split.labels, task.metric, loss), logits[0], None if received is None else received[0]
 
 
@@ -152,11 +158,15 @@ def run_tune(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, 
         if not (out / "config.json").exists():
             raise ConfigError(f"{out} is not a run folder (no config.json): nothing to resume")
         if (out / "metrics.json").exists():
+            finished = json.loads((out / "metrics.json").read_text())
             log(f"{out} is already finished; its metrics:")
-            return json.loads((out / "metrics.json").read_text())
-        saved = checkpoint.load(out / STATE_FILE)
+            log(jsonfile.dumps(finished, indent=2))
+            return finished
+        saved = _load_state(out)
         run_id = json.loads((out / "config.json").read_text()).get("run_id")  # None in folders from before run ids
+        undo = contextlib.nullcontext()
     else:
+        check_budget(cfg, info.family, log)
         if replace:
             for name in RUN_FILES:
                 (out / name).unlink(missing_ok=True)
@@ -164,17 +174,97 @@ def run_tune(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, 
         if (out / "ledger.jsonl").exists():
             raise ConfigError(f"{out} already holds a run: continue it with bbt tune --resume {out}, "
                               "or pick another --out")
-        out.mkdir(parents=True, exist_ok=True)
+        undo = _undone_unless_spent(out)
         run_id = uuid.uuid4().hex  # tags what this run pays for in a shared evaluation cache
-        (out / "config.json").write_text(json.dumps(
-            {"bbt_version": __version__, "run_id": run_id, "config": cfg.model_dump(), "task": task.model_dump(),
-             "engine": info.engine, **(context or {})}, indent=2))
-    ledger = Ledger(cfg.budget, out / "ledger.jsonl", run_id=run_id)
+    with undo:
+        if not resume:
+            jsonfile.write(out / "config.json", {
+                "bbt_version": __version__, "run_id": run_id, "config": cfg.model_dump(), "task": task.model_dump(),
+                "engine": info.engine, **(context or {})}, indent=2)
+        ledger = Ledger(cfg.budget, out / "ledger.jsonl", run_id=run_id)
+        try:
+            return _run(cfg, task, data, backend, out, ledger, saved, progress=progress, log=log,
+                        wall_start=wall_start, report_to=report_to)
+        finally:
+            ledger.close()
+
+
+def check_budget(cfg: TuneConfig, family: str, log=print) -> None:
+    """Refuse, before anything is spent, a query budget that runs no generation: --verbalizer auto
+    spends its queries (`bbt.verbalizers.queries`) before the search. One that runs less than a
+    whole generation is said plainly: CMA-ES learns only from a whole one (a cut one is scored, not told)."""
+    q = cfg.budget.queries
+    if q is None or cfg.method in GRADIENT_METHODS:
+        return
+    before = len(verbalizers.queries(family, cfg.label_words)) if cfg.verbalizer == "auto" else 0
+    whole = before + cfg.popsize
+    if q <= before:
+        raise ConfigError(
+            f"--budget {q} runs no generation: --verbalizer auto spends {before} queries choosing the label words "
+            f"first, so the smallest budget that runs one generation is {before + 1}, and a whole generation of "
+            f"--popsize {cfg.popsize} (the first CMA-ES learns from) takes {whole}; or choose --verbalizer manual")
+    if q < whole:
+        log(f"note: --budget {q} leaves {q - before} queries for the search, less than one whole generation of "
+            f"--popsize {cfg.popsize}: they are scored, but CMA-ES learns from none of them (--budget {whole} runs "
+            "one whole generation)")
+
+
+def _load_state(out: Path) -> RunState | None:
+    """RUN/state.pkl, or None before the first checkpoint; a damaged one is refused with the way on."""
+    path = out / STATE_FILE
     try:
-        return _run(cfg, task, data, backend, out, ledger, saved, progress=progress, log=log, wall_start=wall_start,
-                    report_to=report_to)
-    finally:
-        ledger.close()
+        return checkpoint.load(path)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"{exc}\nto start this run's search over in the same folder, delete {path} and "
+            f"{checkpoint.parts_dir(path)}, then run bbt tune --resume {out} again (what was paid stays in its "
+            "ledger; an evaluation cache answers the repeated requests at no cost); or tune again with another "
+            "--out") from None
+
+
+def below_plain(m: dict) -> str | None:
+    """The warning a run's metrics call for when the tuned prompt scores below the plain model (no
+    soft prompt) on dev or test (`no_prompt_dev_acc`, `no_prompt_test_acc`; F1 too where the task is
+    scored by it), or None. A split without a plain score (a gradient run's dev) is not compared."""
+    test = m.get("test_split", "test")
+    splits = [("test", test)] + ([("dev", "dev")] if test != "dev" else [])
+    below = []
+    for key, name in (("acc", "accuracy"), ("f1", "F1")):
+        for split, shown in splits:
+            tuned, plain = m.get(f"{split}_{key}"), m.get(f"no_prompt_{split}_{key}")
+            if tuned is not None and plain is not None and tuned < plain:
+                below.append(f"{shown} {name} {tuned:.4f}, plain model {plain:.4f}")
+    if not below:
+        return None
+    return ("warning: the tuned prompt scores below the plain model (no soft prompt): " + "; ".join(below)
+            + ". As it stands the plain model is the better choice for this task (a larger --budget, another --seed "
+            "or another model may change that)")
+
+
+@contextlib.contextmanager
+def _undone_unless_spent(out: Path, files: tuple[str, ...] = RUN_FILES, spent=None):
+    """Make `out` for a new run; if the run fails (Ctrl-C included) before it has spent anything,
+    remove `files` from it, and the folder if this made it: there is nothing to resume, and the
+    same --out can be used again. `spent()` says whether it has (default: its ledger holds an answer)."""
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        if not (spent() if spent is not None else _ledger_written(out)):
+            for name in files:
+                (out / name).unlink(missing_ok=True)
+            checkpoint.remove(out / STATE_FILE)
+            if made:
+                with contextlib.suppress(OSError):
+                    out.rmdir()
+        raise
+
+
+def _ledger_written(out: Path) -> bool:
+    """Whether RUN/ledger.jsonl holds a line: a request answered and booked."""
+    ledger = out / "ledger.jsonl"
+    return ledger.exists() and ledger.stat().st_size > 0
 
 
 def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out: Path, ledger: Ledger,
@@ -183,7 +273,8 @@ def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out:
         log(f"note: {note}")
     if saved is None:
         ledger.rewind(0)  # killed before its first checkpoint: start over (what it paid stays in the ledger)
-        plain, _ = evaluate_split(backend, cfg.model, task, data.test, None, ledger)
+        with _scoring(f"scoring {data.test_name}: no prompt", len(data.test), progress) as tick:
+            plain, _ = evaluate_split(backend, cfg.model, task, data.test, None, ledger, on_chunk=tick)
         saved = RunState(plain=plain, ledger_step=ledger.step)
         checkpoint.save(out / STATE_FILE, saved)
     else:
@@ -197,7 +288,9 @@ def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out:
     if cfg.verbalizer == "auto" and saved.choice is None and saved.tuning is None:
         saved.choice = verbalizers.choose(backend, cfg.model, family, task, data.train, data.dev, ledger, cfg.label_words)
         if saved.choice.task != task:
-            saved.chosen_plain, _ = evaluate_split(backend, cfg.model, saved.choice.task, data.test, None, ledger)
+            with _scoring(f"scoring {data.test_name}: no prompt, chosen words", len(data.test), progress) as tick:
+                saved.chosen_plain, _ = evaluate_split(backend, cfg.model, saved.choice.task, data.test, None, ledger,
+                                                       on_chunk=tick)
         saved.ledger_step = ledger.step
         checkpoint.save(out / STATE_FILE, saved)
     own_words = task
@@ -214,12 +307,12 @@ def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out:
         bar.update(ledger.tuning.queries)
     history = [] if saved.tuning is None else saved.tuning.history
     log_file = (out / "log.jsonl").open("w")  # rewritten up to the checkpoint: generations after it are redone
-    log_file.writelines(json.dumps(record) + "\n" for record in history)
+    log_file.writelines(jsonfile.dumps(record) + "\n" for record in history)
 
     board = _tensorboard(out) if report_to == "tensorboard" else None
 
     def on_generation(record: dict) -> None:
-        log_file.write(json.dumps(record) + "\n")
+        log_file.write(jsonfile.dumps(record) + "\n")
         log_file.flush()
         if board is not None:
             step = record["queries_used"]  # x axis: queries paid for, as every bbt curve
@@ -245,6 +338,9 @@ def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out:
             bar.close()
         if board is not None:
             board.close()
+    if result.generations == 0:
+        log("warning: the budget ran out before the search began, so no generation ran: the prompt is its untuned "
+            "start (z = 0); give a larger budget")
     prompt = result.prompt
     info = backend.model_info(cfg.model)
     artifact = PromptArtifact(method=cfg.method, model=cfg.model, task=task, prompt_length=cfg.prompt_length,
@@ -253,19 +349,24 @@ def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out:
                               prompt_placement=info.prompt_placement, prompt_position=info.prompt_position,
                               plain_task=own_words if own_words != task else None)
     (out / "prompt.json").write_text(artifact.model_dump_json(indent=1))
-    (out / PATH_FILE).write_text(json.dumps({"version": 1, "points": [
-        {"queries": q, "z": z.tolist()} for q, z in result.path]}))
-    zero, _ = evaluate_split(backend, cfg.model, task, data.test, prompt.untuned(), ledger)
-    tuned, _, received = evaluate_materialized(backend, cfg.model, task, data.test, prompt, ledger)
+    jsonfile.write(out / PATH_FILE, {"version": 1, "points": [{"queries": q, "z": z.tolist()} for q, z in result.path]})
+    # the plain model on dev too, so that a prompt below it there is said (a folder without a test set: the same split)
+    plain_dev = plain if data.test is data.dev else evaluate_split(backend, cfg.model, own_words, data.dev, None,
+                                                                   ledger)[0]
+    with _scoring(f"scoring {data.test_name}: z = 0, tuned", 2 * len(data.test), progress) as tick:
+        zero, _ = evaluate_split(backend, cfg.model, task, data.test, prompt.untuned(), ledger, on_chunk=tick)
+        tuned, _, received = evaluate_materialized(backend, cfg.model, task, data.test, prompt, ledger, on_chunk=tick)
     export.save_prompts(out / export.PROMPT_FILE, received, method=cfg.method, model=cfg.model,
                         prompt_placement=info.prompt_placement, prompt_position=info.prompt_position)
     dev = result.dev
+    search_queries = ledger.tuning.queries - (saved.choice.queries if saved.choice is not None else 0)
     out_metrics = {
-        "train_acc": result.train.accuracy,
+        "train_acc": result.train.accuracy if result.generations else None,  # nothing was scored on train
         "dev_acc": dev.accuracy if dev else None,
         "test_acc": tuned.accuracy,
         "zero_prompt_test_acc": zero.accuracy,  # the untuned prompt, z = 0: where the search started
         "no_prompt_test_acc": plain.accuracy,  # the model without a soft prompt, the task's own words
+        "no_prompt_dev_acc": plain_dev.accuracy,
         "test_split": data.test_name,
         "train_loss": result.train.loss,
         "dev_loss": dev.loss if dev else None,
@@ -276,7 +377,9 @@ def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out:
         "stop_reason": result.stop_reason,  # "budget", "rounds" or "patience"
         **({} if result.fold is None else {"fold": result.fold}),  # two folds: 1 if the prompt was fitted to dev
         "tuning_seconds": round(result.seconds, 3),
-        "queries_per_second": round(ledger.tuning.queries / result.seconds, 3) if result.seconds > 0 else None,
+        # the search's own queries over its own time (the verbalizer's are spent before it); none without a generation
+        "queries_per_second": (round(search_queries / result.seconds, 3) if result.generations and result.seconds > 0
+                               else None),
         "spending": ledger.summary(),
     }
     if result.above_chance is not None:
@@ -287,7 +390,8 @@ def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out:
                                          "passed": bool(t >= metrics.CHANCE_MARGIN)}
     if task.metric == "f1":
         out_metrics.update(train_f1=result.train.metric, dev_f1=dev.metric if dev else None,
-                           test_f1=tuned.metric, zero_prompt_test_f1=zero.metric, no_prompt_test_f1=plain.metric)
+                           test_f1=tuned.metric, zero_prompt_test_f1=zero.metric, no_prompt_test_f1=plain.metric,
+                           no_prompt_dev_f1=plain_dev.metric)
     if saved.choice is not None:
         c = saved.choice
         out_metrics["verbalizer"] = {
@@ -297,7 +401,7 @@ def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out:
         # what the chosen words alone buy, before any soft prompt
         out_metrics["no_prompt_verbalizer_test_acc"] = (saved.chosen_plain or plain).accuracy
     out_metrics["wall_seconds"] = round(time.perf_counter() - wall_start, 3)
-    (out / "metrics.json").write_text(json.dumps(out_metrics, indent=2))
+    jsonfile.write(out / "metrics.json", out_metrics, indent=2)
     log(f"tuned {data.test_name} accuracy: {tuned.accuracy:.4f} (zero prompt z = 0: {zero.accuracy:.4f}, "
         f"no prompt: {plain.accuracy:.4f})"
         + (f", F1 {tuned.metric:.4f} (zero prompt {zero.metric:.4f}, no prompt {plain.metric:.4f})" if task.metric == "f1" else ""))
@@ -309,6 +413,9 @@ def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out:
             f"that guess's, ln {len(task.labels)} on balanced classes; {metrics.CHANCE_MARGIN} below are needed): its "
             "gain over the plain model is not to be trusted, and the plain model (no soft prompt) may be the safer "
             "choice for this task")
+    below = below_plain(out_metrics)
+    if below is not None:
+        log(below)
     log(ledger.describe())
     if ledger.mismatches:
         log(f"warning: the server's usage differed from the client's count {len(ledger.mismatches)} times; see metrics.json")
@@ -349,21 +456,21 @@ def run_gradient(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backe
     gradient.check(pm, cfg.method, cfg.prompt_length)
     if (out / "config.json").exists():
         raise ConfigError(f"{out} already holds a run: pick another --out (nothing was overwritten)")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(
-        {"bbt_version": __version__, "config": cfg.model_dump(), "task": task.model_dump(), **(context or {})}, indent=2))
-    ledger = Ledger(cfg.budget, out / "ledger.jsonl")  # the no-prompt baseline is scored like any run's
-    try:
-        plain, _ = evaluate_split(backend, cfg.model, task, data.test, None, ledger)
-    finally:
-        ledger.close()
+    with _undone_unless_spent(out):
+        jsonfile.write(out / "config.json", {"bbt_version": __version__, "config": cfg.model_dump(),
+                                             "task": task.model_dump(), **(context or {})}, indent=2)
+        ledger = Ledger(cfg.budget, out / "ledger.jsonl")  # the no-prompt baseline is scored like any run's
+        try:
+            plain, _ = evaluate_split(backend, cfg.model, task, data.test, None, ledger)
+        finally:
+            ledger.close()
     log(f"no-prompt {data.test_name} accuracy: {plain.accuracy:.4f}")
     opt, lr, source = gradient.DEFAULTS[cfg.method]
     log(f"{cfg.method}: {opt}, learning rate {cfg.lr or lr} ({'given' if cfg.lr else source}), up to {cfg.epochs} "
         f"epochs of batches of {cfg.batch_size}")
     with (out / "log.jsonl").open("w") as log_file:
         def on_epoch(record: dict) -> None:
-            log_file.write(json.dumps(record) + "\n")
+            log_file.write(jsonfile.dumps(record) + "\n")
             log_file.flush()
 
         result = gradient.train(pm, task, data.train.examples, data.train.labels, data.dev.examples, data.dev.labels,
@@ -390,10 +497,13 @@ def run_gradient(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backe
         out_metrics.update(train_f1=result.train.metric, dev_f1=result.dev.metric, test_f1=test.metric,
                            no_prompt_test_f1=plain.metric)
     out_metrics["wall_seconds"] = round(time.perf_counter() - wall_start, 3)
-    (out / "metrics.json").write_text(json.dumps(out_metrics, indent=2))
+    jsonfile.write(out / "metrics.json", out_metrics, indent=2)
     log(f"{cfg.method} {data.test_name} accuracy: {test.accuracy:.4f} (no prompt: {plain.accuracy:.4f}); "
         f"{result.epochs} epochs, best {result.best_epoch}, {result.backward_passes} backward passes, "
         f"{result.trainable_parameters} trainable parameters")
+    below = below_plain(out_metrics)
+    if below is not None:
+        log(below)
     log(f"run folder: {out}")
     return out_metrics
 
@@ -452,17 +562,22 @@ def run_ensemble(cfg: TuneConfig, n: int, task: TaskSpec, data: TaskData, backen
     check_mode(cfg, info)
     if not resume and (out / ensemble.INDEX_FILE).exists():
         raise ConfigError(f"{out} already holds an ensemble: continue it with bbt tune --resume {out}, or pick another --out")
-    out.mkdir(parents=True, exist_ok=True)
     names = [f"member-{i + 1}" for i in range(n)]
-    ensemble.write_index(out, names, config=cfg.model_dump(), task=task.model_dump(), **(context or {}))
     member_cfg = cfg.model_copy(update={"budget": share_budget(cfg.budget, n)})
+    if not resume:
+        check_budget(member_cfg, info.family, log=lambda *a: None)  # each member says what a small budget runs
+    undo = contextlib.nullcontext() if resume else _undone_unless_spent(
+        out, files=(ensemble.INDEX_FILE,), spent=lambda: any((out / name / "config.json").exists() for name in names))
     results = []
-    for i, name in enumerate(names):
-        log(f"member {i + 1} of {n} (search seed {cfg.search + i})")
-        mc = member_cfg.model_copy(update={"search_seed": cfg.search + i})
-        started = (out / name / "config.json").exists()
-        results.append(run_tune(mc, task, data, backend, out / name, context=context, progress=progress, log=log,
-                                resume=started))
+    with undo:
+        out.mkdir(parents=True, exist_ok=True)
+        ensemble.write_index(out, names, config=cfg.model_dump(), task=task.model_dump(), **(context or {}))
+        for i, name in enumerate(names):
+            log(f"member {i + 1} of {n} (search seed {cfg.search + i})")
+            mc = member_cfg.model_copy(update={"search_seed": cfg.search + i})
+            started = (out / name / "config.json").exists()
+            results.append(run_tune(mc, task, data, backend, out / name, context=context, progress=progress, log=log,
+                                    resume=started))
     artifacts = [load_artifact(out / name) for name in names]
     # the members read the task through the words they chose (--verbalizer auto): the same split
     # and model choose the same words, whatever the search seed
@@ -497,7 +612,7 @@ def run_ensemble(cfg: TuneConfig, n: int, task: TaskSpec, data: TaskData, backen
         "tuning_seconds": round(sum(r["tuning_seconds"] for r in results), 3),
     }
     out_metrics["test_acc"] = votes["majority"].accuracy
-    (out / "metrics.json").write_text(json.dumps(out_metrics, indent=2))
+    jsonfile.write(out / "metrics.json", out_metrics, indent=2)
     key = "acc" if task.metric == "acc" else "f1"
     log(f"ensemble of {n}, {data.test_name} {key}: majority {out_metrics[f'test_{key}_majority_vote']:.4f}, "
         f"mean vote {out_metrics[f'test_{key}_mean_vote']:.4f}; members {', '.join(f'{m:.4f}' for m in members)} "
@@ -521,8 +636,8 @@ def load_artifact(run: str | Path) -> PromptArtifact:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{run} is not a run folder: {path} is missing (run bbt tune --out {run} first)") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc}): {_rebuild_hint(Path(run))}") from exc
     if isinstance(data, dict) and data.get("version", 0) > ARTIFACT_VERSION:
         import warnings
 
@@ -531,7 +646,16 @@ def load_artifact(run: str | Path) -> PromptArtifact:
     try:
         return PromptArtifact.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{path} is not a bbt prompt artifact: {exc.errors()[0]['msg']} at {exc.errors()[0]['loc']}") from exc
+        raise ConfigError(f"{path} is not a bbt prompt artifact ({exc.errors()[0]['msg']} at {exc.errors()[0]['loc']}): "
+                          f"{_rebuild_hint(Path(run))}") from exc
+
+
+def _rebuild_hint(run: Path) -> str:
+    """The way on from a damaged RUN/prompt.json: write it again from the run's last checkpoint, or tune again."""
+    if (run / STATE_FILE).exists():
+        return (f"delete it and {run / 'metrics.json'}, then bbt tune --resume {run} writes both again from the run's "
+                "last checkpoint (no tuning query is spent again; the test split is scored again)")
+    return "the run keeps no checkpoint to write it again from: tune again, with another --out"
 
 
 def prompt_at(run: str | Path, queries: int) -> Prompt:
@@ -579,3 +703,16 @@ def _progress_bar(total: int | None, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, unit="query", desc="tuning", dynamic_ncols=True)
+
+
+@contextlib.contextmanager
+def _scoring(what: str, examples: int, enabled: bool):
+    """A progress bar over the `examples` a scoring pass sends (it moves once per request of up to
+    EVAL_CHUNK); yields its `on_chunk` callback, None when bars are off. Gone once the pass ends."""
+    if not enabled:
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=examples, unit="example", desc=what, dynamic_ncols=True, leave=False) as bar:
+        yield bar.update

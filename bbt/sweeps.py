@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bbt import metrics
+from bbt import jsonfile, metrics
 from bbt.budget import Budget
-from bbt.config import GRADIENT_METHODS, TuneConfig
+from bbt.config import DEFAULT_MODEL, GRADIENT_METHODS, TuneConfig
 from bbt.errors import ConfigError
 
 SWEEP_FILE = "sweep.json"
@@ -63,7 +63,7 @@ class SweepSpec:
     methods: list[str] = field(default_factory=lambda: ["bbt"])
     budgets: list[int] = field(default_factory=lambda: [500])
     data_root: str = ""
-    model: str = "minilm"
+    model: str = DEFAULT_MODEL
     settings: dict = field(default_factory=dict)  # fixed TuneConfig fields for every cell
     grid: dict = field(default_factory=dict)  # field -> list of values
     test_limit: int | None = 500
@@ -200,7 +200,7 @@ def run_cell(spec: SweepSpec, cell: Cell, out: Path, backend, log=lambda *a: Non
         # a built-in name takes bbt's template; any other folder brings its own task.json
         task = resolve_task(cell.task if cell.task in BUILTIN_TASKS else None, data_dir)
         task = for_family(task, backend.model_info(cfg.model).family)
-        data = load_task_folder(data_dir, task, seed=cell.seed, k=cfg.k_shot)
+        data = load_task_folder(data_dir, task, seed=cell.seed, k=cfg.k_shot, skip_bad_rows=cfg.skip_bad_rows)
         if data.test is not None and spec.test_limit:
             data = TaskData(data.train, data.dev, data.test.sample(spec.test_limit), data.test_name, data.notes)
         context = {"data": str(data_dir.resolve()), "endpoint": None, "sweep": str(out), "cell": cell.name}
@@ -234,7 +234,7 @@ def run_cell(spec: SweepSpec, cell: Cell, out: Path, backend, log=lambda *a: Non
         for r in rows:
             r["queries_paid"] = m.get("queries_paid", 0)
         tmp = folder / (SCORES_FILE + ".tmp")
-        tmp.write_text(json.dumps(rows, indent=1))
+        tmp.write_text(jsonfile.dumps(rows, indent=1))
         tmp.replace(folder / SCORES_FILE)
         return rows
     finally:

@@ -2,15 +2,20 @@
 
 A run folder says everything a view needs: config.json (the budget), log.jsonl (one line per
 generation or epoch) and metrics.json (written last, when the run ends). The view shows the
-loss and dev score against queries, the budget spent and left, and queries per second; it
-redraws as the log grows and returns when the run ends. A sweep folder shows one line per cell.
+loss and dev score against queries, the budget spent and left, queries per second and when
+tuning should end at that speed; it redraws as the log grows and returns when the run ends. A
+sweep folder shows one line per cell. A folder where no run has started yet is waited for a while
+(`wait` seconds); one that holds something else is refused.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import time
 from pathlib import Path
+
+from bbt.errors import ConfigError
 
 _BLOCKS = "▁▂▃▄▅▆▇█"
 
@@ -62,6 +67,9 @@ def run_snapshot(run: str | Path) -> dict:
         "metrics": metrics, "unit": "epoch" if gradient else "generation",
     }
     snap["qps"] = snap["queries_used"] / snap["seconds"] if snap["seconds"] else None
+    left = (snap["budget"] or 0) - snap["queries_used"]
+    # seconds of tuning left at the speed so far (the test split is scored after it)
+    snap["eta"] = left / snap["qps"] if snap["status"] == "running" and snap["qps"] and left > 0 else None
     return snap
 
 
@@ -104,6 +112,8 @@ def _run_view(snap: dict):
             t.add_row("spent", "█" * done + "░" * (30 - done))
     if snap.get("qps"):
         t.add_row("queries/s", f"{snap['qps']:.2f}")
+    if snap.get("eta") is not None:
+        t.add_row("ETA", f"{_clock(snap['eta'])}  (tuning ends at this speed; the test split is scored after)")
     if snap.get("best_loss") is not None:
         t.add_row("best train loss", f"{snap['best_loss']:.4f}")
     if snap.get("best_dev") is not None:
@@ -129,18 +139,69 @@ def _sweep_view(cells: list[dict]):
     return t
 
 
-def watch(path: str | Path, *, interval: float = 1.0, once: bool = False, console=None) -> dict | list[dict]:
-    """Draw the view of a run or sweep folder until it ends (or once); returns the last snapshot."""
+def _clock(seconds: float) -> str:
+    """h:mm:ss (m:ss under an hour)."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def folder_kind(path: Path) -> str | None:
+    """'run' or 'sweep' by the files in `path`; None where nothing has started yet (no folder, or an
+    empty one); a ConfigError for a folder that holds something else."""
+    from bbt import ensemble, sweeps
+
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path} is a file, not a run or sweep folder")
+    if (path / sweeps.SWEEP_FILE).exists():
+        return "sweep"
+    if (path / "config.json").exists():
+        return "run"
+    if (path / ensemble.INDEX_FILE).exists():
+        raise ConfigError(f"{path} is an ensemble folder: watch its members, e.g. bbt watch {path / 'member-1'}")
+    if path.is_dir() and any(path.iterdir()):
+        runs = sorted(p.name for p in path.iterdir() if any((p / f).exists() for f in ("config.json", sweeps.SWEEP_FILE)))
+        inside = f"; runs in it: {', '.join(runs[:5])}{', ...' if len(runs) > 5 else ''}" if runs else ""
+        raise ConfigError(f"{path} is not a run or sweep folder: it has no config.json or sweep.json{inside}")
+    return None
+
+
+def _no_run(path: Path, why: str) -> ConfigError:
+    names = [p.name for p in path.parent.iterdir() if p.is_dir()] if path.parent.is_dir() else []
+    near = difflib.get_close_matches(path.name, names, n=3)
+    hint = f" (did you mean {' or '.join(str(path.parent / n) for n in near)}?)" if near else ""
+    return ConfigError(f"no run at {path}: {why}{hint}")
+
+
+def _wait_for_run(path: Path, wait: float, interval: float, console) -> str:
+    """The folder's kind once a run or sweep is there, waiting up to `wait` seconds for one to start."""
+    kind = folder_kind(path)
+    if kind is not None:
+        return kind
+    if wait <= 0:
+        raise _no_run(path, "the folder does not exist" if not path.exists() else "the folder is empty")
+    console.print(f"waiting up to {wait:.0f} s for a run to start in {path} (--wait)")
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+        kind = folder_kind(path)
+        if kind is not None:
+            return kind
+    raise _no_run(path, f"none started there within {wait:.0f} s; is the path right?")
+
+
+def watch(path: str | Path, *, interval: float = 1.0, once: bool = False, console=None,
+          wait: float = 60.0) -> dict | list[dict]:
+    """Draw the view of a run or sweep folder until it ends (or once); returns the last snapshot.
+
+    A folder where no run has started yet is waited for up to `wait` seconds (not with `once`);
+    then, or for a folder that holds something else, a ConfigError."""
     from rich.console import Console
     from rich.live import Live
 
-    from bbt import sweeps
-    from bbt.errors import ConfigError
-
     path = Path(path)
-    is_sweep = (path / sweeps.SWEEP_FILE).exists()
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{path} is a file, not a run or sweep folder")
+    console = console or Console()
+    is_sweep = _wait_for_run(path, 0 if once else wait, interval, console) == "sweep"
 
     def take():
         return sweep_snapshot(path) if is_sweep else run_snapshot(path)
@@ -150,7 +211,6 @@ def watch(path: str | Path, *, interval: float = 1.0, once: bool = False, consol
             return all(c["status"] in ("done", "failed") for c in snap)
         return snap["status"] == "done"
 
-    console = console or Console()
     snap = take()
     view = _sweep_view if is_sweep else _run_view
     if once:
@@ -160,5 +220,7 @@ def watch(path: str | Path, *, interval: float = 1.0, once: bool = False, consol
         while not ended(snap):
             time.sleep(interval)
             snap = take()
+            if not is_sweep and not (path / "config.json").exists():  # removed: it failed before spending anything
+                raise ConfigError(f"the run at {path} is gone: it stopped before it spent anything")
             live.update(view(snap))
     return snap

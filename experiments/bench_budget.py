@@ -85,7 +85,7 @@ def sweep_one(backend, preset: str, settings: dict, budget: int, task_name: str,
 def _resolved(settings: dict) -> dict:
     """Every setting a preset runs with, defaults filled in (seed and budget aside): a row stays
     tied to what ran even if bbt's defaults change later."""
-    return TuneConfig(**settings).model_dump(mode="json", exclude={"seed", "budget"})
+    return TuneConfig(**{"model": "minilm", **settings}).model_dump(mode="json", exclude={"seed", "budget"})  # as sweep_one
 
 
 def _matches(row: dict, preset: str, config: dict, budget: int, task: str, seed: int) -> bool:

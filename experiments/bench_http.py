@@ -129,7 +129,7 @@ def main() -> int:
     with running_server("--model", "minilm") as server, tempfile.TemporaryDirectory() as tmp:
         http = HTTPBackend([server.url])
         for encoding in args.encodings:
-            cfg = TuneConfig(seed=args.seed, prompt_length=args.prompt_length, intrinsic_dim=args.intrinsic_dim,
+            cfg = TuneConfig(model="minilm", seed=args.seed, prompt_length=args.prompt_length, intrinsic_dim=args.intrinsic_dim,
                              popsize=args.popsize, encoding=encoding, budget=Budget(queries=args.budget),
                              verbalizer="manual")  # the search alone, as measured
             times = {"local": [], "http": []}

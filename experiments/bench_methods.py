@@ -195,7 +195,7 @@ def main() -> None:
     ap.add_argument("--data-root", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "bench-methods")
     ap.add_argument("--results", type=Path, default=REPO / "experiments" / "results" / "methods.jsonl")
-    ap.add_argument("--plot", type=Path, default=REPO / "experiments" / "results" / "methods.png")
+    ap.add_argument("--plot", type=Path, default=REPO / "docs" / "results" / "methods.png")
     ap.add_argument("--reuse", type=Path, default=REPO / "experiments" / "results" / "budget.jsonl",
                     help="bench_budget.py's results: BBT and BBTv2 cells found there are not run again")
     ap.add_argument("--device-rows", type=Path, default=REPO / "experiments" / "results" / "smollm2_gpu.jsonl",

@@ -33,7 +33,8 @@ from bbt import sweeps  # noqa: E402
 
 
 def _command(args, executor: str, out: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "bbt.cli", "sweep", "--tasks", *args.tasks, "--data-root", str(args.data_root),
+    cmd = [sys.executable, "-m", "bbt.cli", "sweep", "--model", "minilm", "--tasks", *args.tasks,
+           "--data-root", str(args.data_root),
            "--seeds", *map(str, args.seeds), "--methods", *args.methods, "--budgets", *map(str, args.budgets),
            "--prompt-length", str(args.prompt_length), "--test-limit", str(args.test_limit), "--out", str(out)]
     return cmd + (["--ray"] if executor == "ray" else ["--workers", executor])

@@ -2,7 +2,7 @@
 
 Each remedy is a `bbt sweep` with one setting changed, for example on MiniLM:
 
-    bbt sweep --tasks sst2 agnews --data-root ../shared/data --seeds 42 13 87 --budgets 500 \\
+    bbt sweep --model minilm --tasks sst2 agnews --data-root ../shared/data --seeds 42 13 87 --budgets 500 \\
         --set folds=2 --out runs/rem-folds-minilm
     python experiments/remedies.py collect runs/rem-folds-minilm   # adds its cells to the results file
     python experiments/remedies.py report                          # the table

@@ -2,7 +2,7 @@
 
     cd /work/main && . .venv/bin/activate
     python experiments/user_tasks.py                     # writes the folders under runs/user-tasks/
-    bbt sweep --tasks film-reviews news-topics inference --data-root runs/user-tasks \
+    bbt sweep --model minilm --tasks film-reviews news-topics inference --data-root runs/user-tasks \
         --seeds 13 42 87 --budgets 200 500 --out runs/user-sweep
     bbt sweep report runs/user-sweep
 

@@ -101,7 +101,7 @@ def serve(models: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_k
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port {port} is not a TCP port (0 to 65535; 0 picks a free one)")
     if not models and not upstream:
-        raise ConfigError("no model to serve: pass --model minilm or --model PATH")
+        raise ConfigError("no model to serve: pass --model smollm2, --model minilm or --model PATH")
     try:
         limits = Limits(max_candidates=max_candidates, max_examples=max_examples,
                         max_body_bytes=int(max_body_mb * 2**20))
@@ -134,8 +134,9 @@ def serve(models: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_k
     if upstream:
         from servers.upstream import VLLMEngine
 
-        # a short wait: a client retrying this server's 503 decides how long the engine may take to come back
-        engine = VLLMEngine(upstream, api_key=os.environ.get("BBT_UPSTREAM_API_KEY"), wait=30.0)
+        # a short wait: a client retrying this server's 503 decides how long the engine may take to come back;
+        # at start-up the whole of it, as the engine may still be starting beside this server
+        engine = VLLMEngine(upstream, api_key=os.environ.get("BBT_UPSTREAM_API_KEY"), wait=30.0, first_contact_wait=None)
         log.info("relaying to %s at %s", engine.name, engine.url)
         models = models or list(engine.cards)  # what vLLM serves, each name its own model files (smollm2)
     service = ModelService(models, limits=limits, lazy=False, device=device, compile=compile, upstream=engine)

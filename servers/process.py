@@ -94,7 +94,9 @@ def wait_healthy(server: ServerProcess, timeout: float = START_TIMEOUT) -> None:
 
 
 def die_with_parent() -> None:
-    """In the child: get SIGTERM when the parent dies, even by SIGKILL (Linux), so no server is orphaned."""
+    """In the child: get SIGTERM when the parent dies, even by SIGKILL (Linux), so no server is orphaned.
+    Linux tracks the thread that forked, not the process: a child spawned from a thread that then
+    ends is stopped with it."""
     try:
         import ctypes
 

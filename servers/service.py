@@ -121,14 +121,13 @@ class ModelService:
             if k != 1:
                 raise ConfigError(f"top_words reads the vocabulary for one candidate; this request has K = {k}")
             model.family.verbalizer_ids(req.task)  # a bad verbalizer fails before the pass
-            with model.lock:
-                logits, words = model.top_words(req.task, enc, None if prompts is None else as_tensor(prompts), layer,
-                                                req.top_words)
-                reported = getattr(model, "reported_tokens", None)
-        else:
-            with model.lock:  # one pass at a time per model, whichever service or thread asks
-                logits = model.logits(req.task, enc, None if prompts is None else as_tensor(prompts), layer).numpy()
-                reported = getattr(model, "reported_tokens", None)  # an upstream engine's own count
+        tensor = None if prompts is None else as_tensor(prompts)
+        with model.lock:  # one pass at a time per model, whichever service or thread asks
+            if req.top_words:
+                logits, words = model.top_words(req.task, enc, tensor, layer, req.top_words)
+            else:
+                logits = model.logits(req.task, enc, tensor, layer).numpy()
+            reported = getattr(model, "reported_tokens", None)  # an upstream engine's own count
         if not np.isfinite(logits).all():
             raise ConfigError("the model produced non-finite scores for these prompts; their values are too large")
         losses = None

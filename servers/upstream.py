@@ -36,8 +36,9 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from bbt.backends.http import FIRST_CONTACT_WAIT, HTTPBackend
 from bbt.errors import ConfigError, ModelNotFound, RequestRejected
-from bbt.protocol import Example, ModelInfo, TaskSpec
+from bbt.protocol import ModelInfo, TaskSpec
 from servers import calibration
 from servers.engine import PromptModel
 from servers.families import CausalFamily, Encoded, class_means
@@ -105,16 +106,17 @@ class VLLMEngine:
     Args:
         url: the server's base URL ('http://host:8001').
         api_key: sent as a bearer token (vLLM's --api-key); None: none.
-        timeout, wait, retries: as `bbt.backends.http.HTTPBackend` (its retries and errors are used).
+        timeout, wait, retries, first_contact_wait: as `bbt.backends.http.HTTPBackend` (its retries
+            and errors are used).
         rows_per_request: prompt_embeds per /v1/completions request.
         in_flight: requests sent at once.
     """
 
     def __init__(self, url: str, *, api_key: str | None = None, timeout: float = 600.0, wait: float = 300.0,
-                 retries: int | None = None, rows_per_request: int = ROWS_PER_REQUEST, in_flight: int = IN_FLIGHT):
-        from bbt.backends.http import HTTPBackend
-
-        self.http = HTTPBackend(url, api_key=api_key or "", timeout=timeout, wait=wait, retries=retries)
+                 retries: int | None = None, first_contact_wait: float | None = FIRST_CONTACT_WAIT,
+                 rows_per_request: int = ROWS_PER_REQUEST, in_flight: int = IN_FLIGHT):
+        self.http = HTTPBackend(url, api_key=api_key or "", timeout=timeout, wait=wait, retries=retries,
+                                first_contact_wait=first_contact_wait)
         self.url = self.http.endpoints[0]
         self.rows_per_request, self.in_flight = rows_per_request, in_flight
         self.version = self.http.call(0, "GET", "/version", None, Version).version
@@ -134,34 +136,33 @@ class VLLMEngine:
         self._pool.shutdown(wait=False)
 
     # ---- scoring ------------------------------------------------------------------------------
-    def logprobs(self, model: str, rows: list[torch.Tensor], token_ids: list[int]) -> tuple[np.ndarray, int]:
-        """Log-probabilities [B, W] of `token_ids` as the next token after each row [T_b, H] of
-        embeddings, and the prompt tokens the engine reported. More than 128 ids take one pass per
-        128 (each billed by the engine)."""
+    def logprobs(self, model: str, payloads: list, token_ids: list[int], *,
+                 key: str = "prompt_embeds") -> tuple[np.ndarray, int]:
+        """Log-probabilities [B, W] of `token_ids` as the next token after each input, and the
+        prompt tokens the engine reported. Inputs are `serialize`d rows of embeddings (`key`
+        'prompt_embeds') or lists of token ids (`key` 'prompt'). More than 128 ids take one pass
+        per 128 (each billed by the engine)."""
         unique = list(dict.fromkeys(token_ids))
-        payloads = [_serialize(r) for r in rows]
         columns: dict[int, np.ndarray] = {}
         tokens = 0
         for start in range(0, len(unique), MAX_IDS):
             ids = unique[start : start + MAX_IDS]
-            extra = {"logprobs": len(ids), "logprob_token_ids": ids}
-            answers, billed = self._complete(model, payloads, extra)
+            answers, billed = self._complete(model, key, payloads, {"logprobs": len(ids), "logprob_token_ids": ids})
             tokens += billed
-            for j, t in enumerate(ids):
-                key = f"token_id:{t}"
+            for t in ids:
                 try:
-                    columns[t] = np.array([a[key] for a in answers], dtype=np.float64)
+                    columns[t] = np.array([a[f"token_id:{t}"] for a in answers], dtype=np.float64)
                 except KeyError:
                     raise ConfigError(f"{self.url} answered without the log-probability of token {t}: is it vLLM with "
                                       "logprob_token_ids (0.26 or newer)?") from None
         return np.stack([columns[t] for t in token_ids], axis=1), tokens
 
-    def top(self, model: str, rows: list[torch.Tensor]) -> tuple[list[list[tuple[int, float]]], int]:
-        """Per row, the engine's likeliest next tokens (up to `top_tokens`: its --max-logprobs) as
-        (token id, log-probability), likeliest first; and the prompt tokens it reported."""
-        payloads = [_serialize(r) for r in rows]
+    def top(self, model: str, payloads: list[str]) -> tuple[list[list[tuple[int, float]]], int]:
+        """Per `serialize`d row, the engine's likeliest next tokens (up to `top_tokens`: its
+        --max-logprobs) as (token id, log-probability), likeliest first; and the prompt tokens it
+        reported."""
         try:
-            answers, billed = self._complete(model, payloads, {"logprobs": self.top_tokens})
+            answers, billed = self._complete(model, "prompt_embeds", payloads, {"logprobs": self.top_tokens})
         except RequestRejected as exc:
             allowed = re.search(r"max allowed: (\d+)", str(exc))
             if exc.status != 400 or allowed is None or int(allowed.group(1)) >= self.top_tokens:
@@ -169,21 +170,21 @@ class VLLMEngine:
             self.top_tokens = int(allowed.group(1))
             log.warning("%s returns at most %d log-probabilities per token (--max-logprobs); the likeliest words "
                         "are drawn from that many tokens", self.url, self.top_tokens)
-            answers, billed = self._complete(model, payloads, {"logprobs": self.top_tokens})
+            answers, billed = self._complete(model, "prompt_embeds", payloads, {"logprobs": self.top_tokens})
         out = []
         for a in answers:
             pairs = [(int(k.removeprefix("token_id:")), v) for k, v in a.items()]
             out.append(sorted(pairs, key=lambda p: -p[1]))
         return out, billed
 
-    def _complete(self, model: str, payloads: list[str], extra: dict) -> tuple[list[dict[str, float]], int]:
-        """The first-position top_logprobs of every payload, in order, over as many requests as it
+    def _complete(self, model: str, key: str, inputs: list, extra: dict) -> tuple[list[dict[str, float]], int]:
+        """The first-position top_logprobs of every input, in order, over as many requests as it
         takes (`in_flight` at once); and the prompt tokens reported."""
-        parts = [payloads[i : i + self.rows_per_request] for i in range(0, len(payloads), self.rows_per_request)]
+        parts = [inputs[i : i + self.rows_per_request] for i in range(0, len(inputs), self.rows_per_request)]
 
-        def send(part: list[str]) -> Completion:
-            body = {"model": model, "prompt_embeds": part, "max_tokens": 1, "temperature": 0,
-                    "return_tokens_as_token_ids": True, **extra}
+        def send(part: list) -> Completion:
+            body = {"model": model, key: part, "max_tokens": 1, "temperature": 0, "return_tokens_as_token_ids": True,
+                    **extra}
             try:
                 answer = self.http.call(0, "POST", "/v1/completions", json.dumps(body), Completion)
             except RequestRejected as exc:
@@ -219,11 +220,9 @@ class VLLMEngine:
             raise ConfigError(f"{model!r} on {self.url} tokenizes text differently from the tokenizer in {source}: "
                               "pass --model-files with the served model's own folder")
         probe = sorted(set(ids))[:8]
-        as_embeds, _ = self.logprobs(model, [embeddings[ids]], probe)
-        body = json.dumps({"model": model, "prompt": ids, "max_tokens": 1, "temperature": 0, "logprobs": len(probe),
-                           "logprob_token_ids": probe, "return_tokens_as_token_ids": True})
-        as_tokens = self.http.call(0, "POST", "/v1/completions", body, Completion).choices[0].logprobs.top_logprobs[0]
-        gap = float(np.max(np.abs(as_embeds[0] - [as_tokens[f"token_id:{t}"] for t in probe])))
+        as_embeds, _ = self.logprobs(model, [serialize(embeddings[ids])], probe)
+        as_tokens, _ = self.logprobs(model, [ids], probe, key="prompt")
+        gap = float(np.max(np.abs(as_embeds - as_tokens)))
         if gap > CHECK_TOLERANCE:
             raise ConfigError(f"the input embeddings from {source} are not those of {model!r} on {self.url}: one sentence "
                               f"sent as embeddings and as tokens gives log-probabilities {gap:.3g} apart; pass "
@@ -236,7 +235,7 @@ def _version_tuple(version: str) -> tuple[int, int]:
     return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
-def _serialize(row: torch.Tensor) -> str:
+def serialize(row: torch.Tensor) -> str:
     """base64 of a `torch.save`d float32 tensor [T, H], the form vLLM's prompt_embeds takes (a clone:
     a view would carry its whole storage)."""
     buf = io.BytesIO()
@@ -270,10 +269,9 @@ class UpstreamModel:
         self.word_embeddings = torch.nn.Embedding.from_pretrained(embeddings, freeze=True)
         self.hidden_size, self.num_layers = int(embeddings.shape[1]), num_layers
         served = engine.cards[name].max_model_len if name in engine.cards else None
-        max_pos = min(max_positions, served or max_positions)
-        # bbt's engine's limits (`PromptModel`), within what the engine was started with
-        self.max_prompt_tokens = min(128, max_pos // 4)
-        self.max_input_tokens = min(256, max_pos - self.max_prompt_tokens)
+        # bbt's engine's limits, within what the engine was started with
+        self.max_prompt_tokens, self.max_input_tokens = calibration.prompt_limits(min(max_positions,
+                                                                                      served or max_positions))
         self.family = CausalFamily(tokenizer, self.word_embeddings, self.max_input_tokens)
         self.prompt_at = self.family.prompt_at
         self.lock = threading.Lock()
@@ -295,15 +293,7 @@ class UpstreamModel:
 
     def info(self) -> ModelInfo:
         if self._info is None:
-            sample = self.encode(TaskSpec(name="sample", labels=["a", "b"], verbalizer=["good", "bad"],
-                                          label_texts=["good", "bad"]), [Example(text=t) for t in calibration.SAMPLE_TEXT])
-            self._info = ModelInfo(
-                name=self.name, family="causal", hidden_size=self.hidden_size, num_layers=self.num_layers,
-                max_prompt_tokens=self.max_prompt_tokens, max_input_tokens=self.max_input_tokens,
-                embedding_std=float(self.word_embeddings.weight.detach().float().std()),
-                hidden_std=self.hidden_std(sample), modes=["bbt"], prompt_placement=calibration.PROMPT_PLACEMENT,
-                prompt_position=self.prompt_at, engine=self.engine.name,
-            )
+            self._info = calibration.model_info(self, modes=("bbt",), engine=self.engine.name)
         return self._info
 
     def rows(self, enc: Encoded, prompts: torch.Tensor | None) -> list[torch.Tensor]:
@@ -318,14 +308,18 @@ class UpstreamModel:
                 return embedded
             return [torch.cat([e[:a], p, e[a:]]) for p in prompts[:, 0].float() for e in embedded]
 
+    def payloads(self, enc: Encoded, prompts: torch.Tensor | None) -> list[str]:
+        """`rows`, serialized for the engine (about 4 bytes x T x H each)."""
+        return [serialize(r) for r in self.rows(enc, prompts)]
+
     def logits(self, task: TaskSpec, enc: Encoded, prompts: torch.Tensor | None, layer: int | None = None,
-               *, vocabulary: bool = False) -> torch.Tensor:
+               *, vocabulary: bool = False, payloads: list[str] | None = None) -> torch.Tensor:
         """Class scores [K, N, C] from the engine's log-probabilities of the verbalizer tokens."""
         if vocabulary:
             raise ConfigError("the engine answers log-probabilities of listed tokens, not the vocabulary: use top_words")
         ids, classes = self.family.verbalizer_ids(task)
         k = 1 if prompts is None else prompts.shape[0]
-        words, self.reported_tokens = self.engine.logprobs(self.name, self.rows(enc, prompts), ids)
+        words, self.reported_tokens = self.engine.logprobs(self.name, payloads or self.payloads(enc, prompts), ids)
         out = torch.from_numpy(words).float()
         means = class_means(classes, len(task.labels), self.device)
         return (out if means is None else out @ means).reshape(k, len(enc.ids), -1)
@@ -334,9 +328,10 @@ class UpstreamModel:
                   n: int) -> tuple[np.ndarray, list]:
         """Class scores [1, N, C] and each input's `n` likeliest words, read from the engine's
         likeliest tokens (its --max-logprobs of them; 1000 from `servers.vllm_launch`)."""
-        logits = self.logits(task, enc, prompts).numpy()
+        payloads = self.payloads(enc, prompts)
+        logits = self.logits(task, enc, prompts, payloads=payloads).numpy()
         billed = self.reported_tokens or 0
-        top, more = self.engine.top(self.name, self.rows(enc, prompts))
+        top, more = self.engine.top(self.name, payloads)
         self.reported_tokens = billed + more
         word_ids, names = self.family.word_tokens(task)
         spelt = dict(zip(word_ids.tolist(), names))

@@ -123,6 +123,23 @@ def start(model: str = "smollm2", port: int = 8001, *, name: str | None = None, 
           log=print) -> tuple[subprocess.Popen, str]:
     """Start vLLM in the background (its own process group) and wait until it answers: the
     process and its URL. Stop it with `stop(proc)`."""
+    proc, url = spawn(model, port, name=name, dtype=dtype, eager=eager, log_file=log_file, threads=threads, log=log)
+    try:
+        wait_ready(url, proc)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, url
+
+
+def spawn(model: str = "smollm2", port: int = 8001, *, name: str | None = None, dtype: str = "float32",
+          eager: bool = True, log_file: Path | None = None, threads: int | None = None,
+          log=print) -> tuple[subprocess.Popen, str]:
+    """`start` without the wait: the process (about a minute from answering) and its URL.
+
+    The engine gets SIGTERM when the *thread* that spawned it ends (Linux's parent-death signal
+    follows the thread), so spawn it from one that outlives it, such as the main thread.
+    """
     python = ensure_venv(log)
     folder = model_folder(model, log)
     url = f"http://127.0.0.1:{port}"
@@ -134,11 +151,6 @@ def start(model: str = "smollm2", port: int = 8001, *, name: str | None = None, 
     proc = subprocess.Popen(command(python, folder, name or model, port, dtype=dtype, eager=eager),
                             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                             preexec_fn=_own_group_dying_with_parent)
-    try:
-        wait_ready(url, proc)
-    except BaseException:
-        stop(proc)
-        raise
     return proc, url
 
 

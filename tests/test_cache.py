@@ -34,8 +34,8 @@ def test_a_repeated_run_pays_nothing_and_ends_the_same(tiny_encoder, data_dir, t
     assert main(tune_args(tiny_encoder, data_dir, second, "--cache", str(cache))) == 0
     m1, m2 = (json.loads((run / "metrics.json").read_text()) for run in (first, second))
     # the budget, then the test split: no prompt, zero and tuned prompt, and the plain model through the
-    # words the default --verbalizer auto chose where they are not the task's own
-    passes = 3 + (m1["verbalizer"]["label_words"] > 1)
+    # words the default --verbalizer auto chose where they are not the task's own; then no prompt on dev
+    passes = 4 + (m1["verbalizer"]["label_words"] > 1)
     assert m1["queries_paid"] == 48 + passes and m1["spending"]["cache_hits"] == 0
     assert m2["queries_paid"] == 0 and m2["spending"]["paid"]["tokens"] == 0
     assert m2["spending"]["cache_hits"] == m1["spending"]["tuning"]["requests"] + m1["spending"]["evaluation"]["requests"]

@@ -103,6 +103,69 @@ def test_family_defaults_fill_only_what_was_not_given():
     assert with_family_defaults(saved, "causal") == saved
 
 
+def _config_of_tune(argv: list[str], monkeypatch) -> "TuneConfig":
+    """The TuneConfig `bbt tune ARGV` builds, stopped before a backend opens (no model loads)."""
+    from bbt import cli
+    from bbt.errors import ConfigError
+
+    seen = []
+    build = cli._tune_config
+    monkeypatch.setattr(cli, "_tune_config", lambda args: seen.append(build(args)) or seen[-1])
+
+    def no_backend(*args, **kwargs):
+        raise ConfigError("stopped before the model loads")
+
+    monkeypatch.setattr(cli, "make_backend", no_backend)
+    assert main(argv) == 1
+    (cfg,) = seen
+    return cfg
+
+
+def test_without_model_tune_runs_exactly_what_model_smollm2_runs(data_dir, tmp_path, monkeypatch, capsys):
+    """The default model is SmolLM2, where tuning pays: no --model gives the very config --model smollm2
+    gives, so the same causal-LM defaults (BBTv2, L = 10, ...) follow; MiniLM is one flag away."""
+    from bbt.config import DEFAULT_MODEL, TuneConfig, with_family_defaults
+    from bbt.errors import ModelNotFound
+
+    base = ["tune", "--task", "sst2", "--data", str(data_dir), "--budget", "40", "--no-cache", "--out", str(tmp_path / "r")]
+    default = _config_of_tune(base, monkeypatch)
+    named = _config_of_tune([*base, "--model", "smollm2"], monkeypatch)
+    assert DEFAULT_MODEL == TuneConfig().model == default.model == "smollm2"
+    assert default == named and default.model_fields_set == named.model_fields_set
+    minilm = _config_of_tune([*base, "--model", "minilm"], monkeypatch)
+    assert minilm == default.model_copy(update={"model": "minilm"})
+    assert "stopped before the model loads" in capsys.readouterr().err
+
+    from servers.loading import detect_family, resolve_model_path  # reads a file name or config.json, loads nothing
+
+    try:
+        family, minilm_family = (detect_family(resolve_model_path(m)) for m in ("smollm2", "minilm"))
+    except ModelNotFound as exc:
+        pytest.skip(f"a bundled model is not installed: {exc}")
+    tuned = with_family_defaults(default, family)  # what run_tune and --dry-run apply
+    assert tuned == with_family_defaults(named, family)
+    assert (family, tuned.method, tuned.prompt_length, tuned.init, tuned.alpha) == ("causal", "bbtv2", 10, "instruction", 0.5)
+    kept = with_family_defaults(minilm, minilm_family)
+    assert (minilm_family, kept.method, kept.prompt_length, kept.init, kept.alpha) == ("encoder", "bbt", 50, "zero", 1.0)
+
+
+def test_serve_without_model_serves_the_default_model(monkeypatch):
+    app = pytest.importorskip("servers.app", reason="bbt serve needs the server extra")
+    served = []
+    monkeypatch.setattr(app, "serve", lambda models, **kwargs: served.append(models))
+    assert main(["serve"]) == 0 and main(["serve", "--model", "minilm"]) == 0
+    assert served == [["smollm2"], ["minilm"]]
+
+
+def test_help_says_which_model_suits_what(capsys):
+    for command in ("tune", "serve", "sweep"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split()).replace("- ", "-")  # argparse wraps at hyphens
+        assert "smollm2 (the default; SmolLM2-135M-Instruct, a 135M causal LM, where tuning gains most" in text, command
+        assert "minilm (all-MiniLM-L6-v2, a small sentence encoder: fast, with less to gain from tuning" in text, command
+
+
 # ---- a whole run on a tiny model ------------------------------------------------------------
 
 BUDGET = 45
@@ -132,9 +195,10 @@ def test_tune_writes_the_run_folder(tiny_run, tiny_encoder, data_dir):
     assert spending["tuning"]["queries"] == metrics["queries_used"]
     assert spending["usage_mismatches"] == []
     # no prompt, zero prompt (z = 0) and tuned prompt on the 12 test examples, and the plain model through the
-    # words the default --verbalizer auto chose where they are not the task's own: reported, not charged to the budget
+    # words the default --verbalizer auto chose where they are not the task's own, then the plain model on the
+    # 8 dev examples: reported, not charged to the budget
     passes = 3 + (metrics["verbalizer"]["label_words"] > 1)
-    assert spending["evaluation"]["queries"] == passes and spending["evaluation"]["examples"] == 12 * passes
+    assert spending["evaluation"]["queries"] == passes + 1 and spending["evaluation"]["examples"] == 12 * passes + 8
     assert json.loads((tiny_run / "config.json").read_text())["config"]["verbalizer"] == "auto"
     assert "test_f1" not in metrics  # sst2 is scored by accuracy
     log = [json.loads(line) for line in (tiny_run / "log.jsonl").read_text().splitlines()]

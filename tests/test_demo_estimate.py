@@ -252,7 +252,7 @@ def test_demo_in_process(smollm2, tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--in-process", "--budget", "40", "--out", str(out)]) == 0
     metrics = _check_demo_output(capsys.readouterr().out, out)
-    assert metrics["spending"]["evaluation"]["queries"] == 3  # no prompt, zero prompt, tuned
+    assert metrics["spending"]["evaluation"]["queries"] == 4  # no prompt, zero prompt, tuned; no prompt on dev
     # the demo again replaces its last run (a `bbt tune` would refuse the folder)
     assert main(["demo", "--in-process", "--budget", "20", "--out", str(out)]) == 0
     again = _check_demo_output(capsys.readouterr().out, out)

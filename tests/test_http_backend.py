@@ -60,8 +60,8 @@ TIMING = {"tuning_seconds", "wall_seconds", "queries_per_second", "seconds"}  # 
 
 def small_config(encoding: str = "intrinsic", queries: int = 40, method: str = "bbt", seed: int = 7,
                  init: str = "zero") -> TuneConfig:
-    return TuneConfig(seed=seed, prompt_length=10, intrinsic_dim=50, popsize=10, encoding=encoding, method=method,
-                      init=init, budget=Budget(queries=queries))
+    return TuneConfig(model="minilm", seed=seed, prompt_length=10, intrinsic_dim=50, popsize=10, encoding=encoding,
+                      method=method, init=init, budget=Budget(queries=queries))  # the shared server's model
 
 
 @pytest.fixture(scope="module")
@@ -353,3 +353,81 @@ def test_population_split_across_two_servers(server, http, tmp_path):
         after = count(server.url), count(second.url)
     # per encoding: 5 (one server alone) + 3 (first part) on the first, 2 (second part) on the second; zero prompt: 1
     assert after[0] - before[0] == 2 * (5 + 3) + 1 and after[1] - before[1] == 2 * 2
+
+
+# ---- first contact: a wrong address fails fast, a known server gets the whole wait ---------------
+
+HTML_PAGE = "<html><head><title>501 Not Implemented</title></head><body>" + "<p>nothing here</p>" * 2000 + "</body></html>"
+
+
+@pytest.fixture
+def fake_server():
+    """A loopback HTTP server answering every request with `fake_server.answer` = (status, content type, body)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def _reply(self) -> None:
+            status, kind, body = httpd.answer
+            data = body.encode()
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = _reply
+
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.answer = (501, "text/html", HTML_PAGE)
+    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_an_html_page_is_one_short_line_per_retry_and_a_short_window(fake_server, caplog):
+    with HTTPBackend(fake_server.url, wait=60, first_contact_wait=1.0, backoff=0.05, max_backoff=0.1) as backend:
+        start = time.monotonic()
+        with pytest.raises(ServerUnavailable) as info, caplog.at_level("WARNING", logger="bbt.backends.http"):
+            backend.model_info("minilm")
+        assert time.monotonic() - start < 5  # the short first-contact window, not --wait's 60 s
+        assert backend.attempts >= 2
+    message = str(info.value)
+    assert "does not answer as a bbt server" in message and "'501 Not Implemented'" in message
+    assert "nothing here" not in message and len(message) < 400
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == backend.attempts - 1  # one line per retry
+    for line in lines:
+        assert "nothing here" not in line and "\n" not in line and len(line) < 300, line
+
+
+def test_refused_at_first_contact_fails_fast_and_quietly(caplog):
+    url = f"http://127.0.0.1:{free_port()}"
+    with HTTPBackend(url, wait=60, first_contact_wait=1.0, backoff=0.05, max_backoff=0.1) as backend:
+        start = time.monotonic()
+        with pytest.raises(ServerUnavailable, match="nothing answers at .*check the address"), \
+                caplog.at_level("WARNING", logger="bbt.backends.http"):
+            backend.model_info("minilm")
+        assert time.monotonic() - start < 5 and backend.attempts >= 2
+    assert caplog.records == []  # the retries of a refused first connection say nothing; the error says it all
+
+
+def test_a_server_that_answered_before_gets_the_whole_wait(fake_server, caplog):
+    fake_server.answer = (503, "application/json", json.dumps({"error": "loading", "detail": "the model is loading"}))
+    with HTTPBackend(fake_server.url, wait=1.5, first_contact_wait=0.2, backoff=0.05, max_backoff=0.1) as backend:
+        start = time.monotonic()
+        with pytest.raises(ServerUnavailable, match="did not answer after"):
+            backend.model_info("minilm")  # bbt's JSON: a bbt server, restarting; patience
+        assert time.monotonic() - start > 1.0
+    url = f"http://127.0.0.1:{free_port()}"  # a resumed run: the run folder says its server answered before
+    with HTTPBackend(url, wait=1.5, first_contact_wait=None, backoff=0.05, max_backoff=0.1) as backend:
+        start = time.monotonic()
+        with pytest.raises(ServerUnavailable, match="did not answer after"):
+            backend.model_info("minilm")
+        assert time.monotonic() - start > 1.0

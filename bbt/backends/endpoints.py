@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import httpx
 
+from bbt.backends.http import FIRST_CONTACT_WAIT, HTTPBackend, base_url
 from bbt.errors import ConfigError
 
 ENGINES = ("auto", "bbt", "vllm")
@@ -17,7 +18,7 @@ def detect_engine(url: str, api_key: str | None = None, timeout: float = 10.0) -
     """'bbt' or 'vllm' by what the server at `url` answers (two GETs, free); None when it does not
     answer or is neither, and the bbt client's own errors and retries take over."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    base = url.strip().rstrip("/").removesuffix("/v1")
+    base = base_url(url)
     try:
         with httpx.Client(base_url=base, headers=headers, timeout=timeout) as client:
             health = client.get("/v1/health")
@@ -40,9 +41,11 @@ def _json(resp: httpx.Response) -> dict:
 
 
 def open_endpoint(urls: list[str] | str, *, engine: str = "auto", model_files: str | None = None,
-                  api_key: str | None = None, timeout: float = 120.0, wait: float = 300.0, retries: int | None = None):
+                  api_key: str | None = None, timeout: float = 120.0, wait: float = 300.0, retries: int | None = None,
+                  first_contact_wait: float | None = FIRST_CONTACT_WAIT):
     """The backend for `urls`: `HTTPBackend` for bbt servers, `VLLMBackend` for a vLLM server
-    (`engine` 'auto' asks the first URL which it is)."""
+    (`engine` 'auto' asks the first URL which it is). `first_contact_wait`: seconds of retries for a
+    server that has not answered yet (None: `wait`, for one known to have answered before)."""
     urls = [urls] if isinstance(urls, str) else list(urls)
     if engine not in ENGINES:
         raise ConfigError(f"--engine {engine!r}: choose {', '.join(ENGINES)}")
@@ -54,10 +57,9 @@ def open_endpoint(urls: list[str] | str, *, engine: str = "auto", model_files: s
         if len(urls) != 1:
             raise ConfigError("give one vLLM URL: vLLM spreads work over its own replicas (put a router in front)")
         return VLLMBackend(urls[0], model_files=model_files, api_key=api_key, timeout=max(timeout, 600.0), wait=wait,
-                           retries=retries)
+                           retries=retries, first_contact_wait=first_contact_wait)
     if model_files:
         raise ConfigError("--model-files is for an engine bbt writes embeddings for (vLLM); a bbt server has its "
                           "own model files")
-    from bbt.backends.http import HTTPBackend
-
-    return HTTPBackend(urls, api_key=api_key, timeout=timeout, wait=wait, retries=retries)
+    return HTTPBackend(urls, api_key=api_key, timeout=timeout, wait=wait, retries=retries,
+                       first_contact_wait=first_contact_wait)

@@ -8,8 +8,14 @@ Failures are turned into bbt errors at this boundary:
 - connection errors, timeouts, 5xx and 429 are retried, waiting a random time in
   [0, min(max_backoff, backoff * 2**attempt)] seconds ("full jitter"), or what the server's
   Retry-After says, for up to `wait` seconds (and `retries` attempts, if set): long enough by
-  default to ride out a server restart. Each wait is logged (logger "bbt.http", WARNING) with
-  what it waits for. Then `ServerUnavailable` names the URL and the last error.
+  default to ride out a server restart. Each wait is logged (logger "bbt.backends.http", WARNING) in one
+  short line (an HTML error page by its title, never its body). Then `ServerUnavailable` names the
+  URL and the last error.
+- an endpoint that has not yet answered as a bbt server would (its connection refused, or a page
+  that is not bbt's JSON) gets `first_contact_wait` seconds (10) instead: a wrong address is a
+  configuration problem, not an outage, and fails fast with one message. Retries of a refused
+  first connection are not logged. Once it has answered, it gets the whole `wait`; a resumed run
+  passes `first_contact_wait=None` for the server its run folder says answered before.
 - a 429 whose Retry-After is longer than the wait left (a spent quota) fails at once:
   `QuotaExhausted`, with the server's detail.
 - any other 4xx is the request's fault and is not retried: `RequestRejected(status, detail)`, or
@@ -36,6 +42,7 @@ import hashlib
 import logging
 import os
 import random
+import re
 import threading
 import time
 import urllib.parse
@@ -63,6 +70,7 @@ log = logging.getLogger(__name__)
 
 API_KEY_ENV = "BBT_API_KEY"
 MAX_RETRY_AFTER = 600.0  # seconds: a longer Retry-After is taken as this (a guard against nonsense)
+FIRST_CONTACT_WAIT = 10.0  # seconds of retries for an endpoint that has never answered as a bbt server
 _NP = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
 
 
@@ -77,6 +85,9 @@ class HTTPBackend:
         timeout: seconds to wait for one answer (connect, send, read each).
         wait: seconds to keep retrying a server that does not answer or fails (connection errors,
             timeouts, 5xx, 429), counted from the first failure of a request.
+        first_contact_wait: seconds of retries, at most `wait`, for an endpoint that has not yet
+            answered as a bbt server (refused connections, pages that are not bbt's JSON); None:
+            `wait` (a server known to have answered before, as a resumed run's).
         retries: if set, also stop after this many retries of one request.
         backoff: seconds; the first retry waits up to this, each later one up to twice as long.
         max_backoff: seconds; cap of one wait (except when the server sends Retry-After).
@@ -86,7 +97,8 @@ class HTTPBackend:
     """
 
     def __init__(self, endpoints: list[str] | str, *, api_key: str | None = None, timeout: float = 120.0,
-                 wait: float = 300.0, retries: int | None = None, backoff: float = 0.5, max_backoff: float = 10.0):
+                 wait: float = 300.0, retries: int | None = None, backoff: float = 0.5, max_backoff: float = 10.0,
+                 first_contact_wait: float | None = FIRST_CONTACT_WAIT):
         urls = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         if not urls:
             raise ConfigError("no endpoint given: pass --endpoint http://HOST:PORT")
@@ -98,8 +110,12 @@ class HTTPBackend:
             raise ConfigError(f"wait must be 0 or more seconds, got {wait}")
         if backoff < 0 or max_backoff < 0:
             raise ConfigError(f"backoff and max_backoff must be >= 0 seconds, got {backoff} and {max_backoff}")
-        self.endpoints = [_base_url(u) for u in urls]
+        if first_contact_wait is not None and not first_contact_wait >= 0:
+            raise ConfigError(f"first_contact_wait must be 0 or more seconds, got {first_contact_wait}")
+        self.endpoints = [base_url(u) for u in urls]
         self.wait, self.retries, self.backoff, self.max_backoff = wait, retries, backoff, max_backoff
+        self.first_contact_wait = wait if first_contact_wait is None else min(wait, first_contact_wait)
+        self._answered = [first_contact_wait is None] * len(urls)  # per endpoint: has it answered as bbt's?
         api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
         headers = {"User-Agent": f"bbt/{__version__}", "Content-Type": "application/json"}
         if api_key:
@@ -167,16 +183,18 @@ class HTTPBackend:
             with self._count:
                 self.attempts += 1
                 self.bytes_sent += 0 if content is None else len(content)
-            retry_after = None
+            retry_after, refused = None, False
             try:
                 resp = client.request(method, path, content=content, headers=headers)
             except httpx.TimeoutException as exc:
                 last = f"no answer within the timeout ({type(exc).__name__})"
             except httpx.TransportError as exc:
-                last = f"{type(exc).__name__}: {exc}"
+                last, refused = f"{type(exc).__name__}: {exc}", isinstance(exc, httpx.ConnectError)
             else:
                 with self._count:
                     self.bytes_received += len(resp.content)
+                if resp.status_code == 200 or _error_body(resp) is not None:
+                    self._answered[i] = True  # a bbt server (or an engine speaking JSON) is there
                 if resp.status_code == 200:
                     try:
                         return answer.model_validate_json(resp.content)
@@ -195,14 +213,16 @@ class HTTPBackend:
             first_failure = now if first_failure is None else first_failure
             waited = now - first_failure
             pause = self._pause(attempt, retry_after)
+            known = self._answered[i]
+            limit = self.wait if known else self.first_contact_wait
             if retry_after is not None and resp.status_code == 429 and retry_after > self.wait - waited:
                 raise QuotaExhausted(429, f"{detail} [{url}: Retry-After {retry_after:g} s is longer than the "
                                           f"{max(0.0, self.wait - waited):.0f} s left to wait (--wait)]")
-            if waited + pause > self.wait or (self.retries is not None and attempt >= self.retries):
-                raise ServerUnavailable(f"{url} did not answer after {attempt + 1} attempts over {waited:.0f} s; "
-                                        f"last error: {last}")
-            log.warning("waiting for %s: %s; retry %d in %.1f s (%.0f s of at most %.0f s waited)",
-                        url, last, attempt + 1, pause, waited, self.wait)
+            if waited + pause > limit or (self.retries is not None and attempt >= self.retries):
+                raise ServerUnavailable(_gave_up(url, self.endpoints[i], last, attempt + 1, waited, known, refused))
+            log.log(logging.DEBUG if refused and not known else logging.WARNING,
+                    "waiting for %s: %s; retry %d in %.1f s (%.0f s of at most %.0f s waited)",
+                    url, last, attempt + 1, pause, waited, limit)
             time.sleep(pause)
             attempt += 1
 
@@ -215,7 +235,8 @@ class HTTPBackend:
 
 # ---- splitting a population across endpoints ------------------------------------------------
 
-def _base_url(url: str) -> str:
+def base_url(url: str) -> str:
+    """`url` without a trailing slash or /v1: the root the client's paths are joined to."""
     url = url.strip().rstrip("/")
     if not url.startswith(("http://", "https://")):
         raise ConfigError(f"endpoint {url!r} is not an http(s) URL: write it as http://HOST:PORT")
@@ -271,8 +292,22 @@ def _merge(answers: list[EvaluateResponse]) -> EvaluateResponse:
 
 # ---- reading error answers --------------------------------------------------------------------
 
-def _detail(resp: httpx.Response) -> str:
-    """The server's ErrorBody detail, or a short excerpt of whatever it sent."""
+def _gave_up(url: str, base: str, last: str, attempts: int, waited: float, known: bool, refused: bool) -> str:
+    """The one message of a request to `url` (on endpoint `base`) that failed through its retries;
+    for an endpoint that never answered, what to check (the address), not how long it could have
+    been waited for."""
+    tried = f"{attempts} attempt{'s' * (attempts != 1)} over {waited:.0f} s"
+    if known:
+        return f"{url} did not answer after {tried}; last error: {last}"
+    if refused:
+        return (f"nothing answers at {base} ({last}; {tried}): check the address and that the server is running "
+                "(bbt serve prints its URL when it is ready)")
+    return (f"{base} does not answer as a bbt server ({last}; {tried}): check that this is the address of a bbt "
+            "server (bbt serve) or of a vLLM server")
+
+
+def _error_body(resp: httpx.Response) -> str | None:
+    """The detail of an error body in bbt's JSON (or an OpenAI-style engine's); None for anything else."""
     try:
         body = ErrorBody.model_validate_json(resp.content)
         return f"{body.error}: {body.detail}"
@@ -284,9 +319,36 @@ def _detail(resp: httpx.Response) -> str:
             return f"{error.get('type') or 'error'}: {error['message'][:1000]}"
     except (ValueError, AttributeError):
         pass
-    text = resp.text.strip().replace("\n", " ")[:300]
-    hint = " (is this URL a bbt server?)" if resp.status_code == 404 else ""
+    return None
+
+
+def _detail(resp: httpx.Response) -> str:
+    """The server's ErrorBody detail, or one short line about whatever else it sent."""
+    found = _error_body(resp)
+    if found is not None:
+        return found
+    text = _excerpt(resp)
+    hint = " (is this URL a bbt server?)" if resp.status_code == 404 or text.startswith("an HTML page") else ""
     return f"{resp.reason_phrase or 'error'}{': ' + text if text else ''}{hint}"
+
+
+_EXCERPT = 120  # characters of a body that is not bbt's JSON, in a message
+_HEADING = re.compile(r"<(title|h1)[^>]*>(.*?)</\1\s*>", re.IGNORECASE | re.DOTALL)
+
+
+def _excerpt(resp: httpx.Response) -> str:
+    """A body that is not bbt's JSON in a few words: an HTML page by its title (or first heading),
+    anything else by its first `_EXCERPT` characters on one line."""
+    text = resp.text.strip()
+    if "html" in resp.headers.get("content-type", "") or text[:1] == "<":
+        found = _HEADING.search(text)
+        heading = " ".join(re.sub(r"<[^>]+>", " ", found.group(2)).split()) if found else ""
+        return "an HTML page" + (f" titled {_cut(heading)!r}" if heading else "")
+    return _cut(" ".join(text.split()))
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= _EXCERPT else text[: _EXCERPT - 3] + "..."
 
 
 def _retry_after(resp: httpx.Response) -> float | None:

@@ -12,6 +12,7 @@ tunes through such a server with `HTTPBackend` instead.
 
 from __future__ import annotations
 
+from bbt.backends.http import FIRST_CONTACT_WAIT
 from bbt.errors import ConfigError
 from bbt.protocol import EvaluateRequest, EvaluateResponse, ModelInfo, StatsRequest, StatsResponse
 
@@ -24,12 +25,13 @@ class VLLMBackend:
         model_files: where the served model's tokenizer and input embeddings are (a folder, a
             .gguf file or a name bbt knows); None: the model's name is looked up as such (smollm2).
         api_key: vLLM's --api-key, if it has one.
-        timeout, wait, retries: as `HTTPBackend`.
+        timeout, wait, retries, first_contact_wait: as `HTTPBackend`.
         engine_options: `servers.upstream.VLLMEngine`'s request shape (rows_per_request, in_flight).
     """
 
     def __init__(self, url: str, *, model_files: str | None = None, api_key: str | None = None,
-                 timeout: float = 600.0, wait: float = 300.0, retries: int | None = None, **engine_options):
+                 timeout: float = 600.0, wait: float = 300.0, retries: int | None = None,
+                 first_contact_wait: float | None = FIRST_CONTACT_WAIT, **engine_options):
         try:
             from servers.service import ModelService
             from servers.upstream import VLLMEngine
@@ -39,7 +41,8 @@ class VLLMBackend:
                 "is missing): pip install 'bbt[server]'; or run bbt serve --upstream URL next to the engine and point "
                 "--endpoint at it"
             ) from None
-        self.engine = VLLMEngine(url, api_key=api_key, timeout=timeout, wait=wait, retries=retries, **engine_options)
+        self.engine = VLLMEngine(url, api_key=api_key, timeout=timeout, wait=wait, retries=retries,
+                                 first_contact_wait=first_contact_wait, **engine_options)
         self.model_files = model_files
         # private: runs._local_service takes a backend with `service` for one holding the weights
         self._service = ModelService([], upstream=self.engine)
