@@ -418,7 +418,9 @@ def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out:
         log(below)
     log(ledger.describe())
     if ledger.mismatches:
-        log(f"warning: the server's usage differed from the client's count {len(ledger.mismatches)} times; see metrics.json")
+        log(f"note: the server's usage differed from the client's count {len(ledger.mismatches)} times; the ledger books "
+            "the server's (metrics.json: usage_mismatches). An engine that reads a request in two passes bills both: "
+            "vLLM does for --verbalizer auto's likeliest words")
     log(f"run folder: {out}")
     return out_metrics
 
