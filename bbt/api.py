@@ -100,7 +100,7 @@ def evaluate(runs: str | Path | list, *, split: str = "test", data: str | Path |
     request per batch of inputs for all of them), their mean and the best; a gradient baseline:
     its adapter, in process. `progress`: a progress bar on stderr for each scoring pass."""
     from bbt import ensemble as ens
-    from bbt.runs import _scoring, evaluate_split, is_gradient_run, load_artifact
+    from bbt.runs import evaluate_split, is_gradient_run, load_artifact, scoring_bar
 
     if split not in ("train", "dev", "test"):
         raise ConfigError(f"split {split!r}: train, dev or test")
@@ -114,11 +114,11 @@ def evaluate(runs: str | Path | list, *, split: str = "test", data: str | Path |
         chosen, name = _split_of(members[0], first.task, split, data)
         key = first.task.metric
         n = len(chosen)
-        with _scoring(f"scoring {name}: no prompt", n, progress) as tick:
+        with scoring_bar(f"scoring {name}: no prompt", n, progress) as tick:
             plain, _ = evaluate_split(b, first.model, first.plain_task or first.task, chosen, None, on_chunk=tick)
         if len(members) == 1:
             prompt = first.prompt()
-            with _scoring(f"scoring {name}: tuned, z = 0", 2 * n, progress) as tick:
+            with scoring_bar(f"scoring {name}: tuned, z = 0", 2 * n, progress) as tick:
                 tuned, _ = evaluate_split(b, first.model, first.task, chosen, prompt, on_chunk=tick)
                 zero, _ = evaluate_split(b, first.model, first.task, chosen, prompt.untuned(), on_chunk=tick)
             result = {"split": name, "examples": len(chosen), "acc": tuned.accuracy, "loss": tuned.loss,
@@ -126,7 +126,7 @@ def evaluate(runs: str | Path | list, *, split: str = "test", data: str | Path |
             if key == "f1":
                 result.update(f1=tuned.metric, zero_prompt_f1=zero.metric, no_prompt_f1=plain.metric)
             if first.plain_task is not None:  # what the chosen words alone buy, as metrics.json reports it
-                with _scoring(f"scoring {name}: no prompt, chosen words", n, progress) as tick:
+                with scoring_bar(f"scoring {name}: no prompt, chosen words", n, progress) as tick:
                     words, _ = evaluate_split(b, first.model, first.task, chosen, None, on_chunk=tick)
                 result["no_prompt_verbalizer_acc"] = words.accuracy
             return result
@@ -134,7 +134,7 @@ def evaluate(runs: str | Path | list, *, split: str = "test", data: str | Path |
 
         ledger = Ledger(Budget())
         prompts = [a.prompt() for a in artifacts]
-        with _scoring(f"scoring {name}: {len(prompts)} members", ens.passes(prompts) * n, progress) as tick:
+        with scoring_bar(f"scoring {name}: {len(prompts)} members", ens.passes(prompts) * n, progress) as tick:
             scores, _ = ens.evaluate(b, first.model, first.task, chosen, prompts, vote, ledger, on_chunk=tick)
     result = {
         "split": name, "examples": len(chosen), "vote": vote, f"ensemble_{key}": scores.ensemble,
@@ -150,14 +150,14 @@ def evaluate(runs: str | Path | list, *, split: str = "test", data: str | Path |
 
 def _evaluate_gradient(run: Path, split: str, data, backend: Backend, progress: bool = False) -> dict:
     from bbt.protocol import TaskSpec
-    from bbt.runs import _scoring, evaluate_split, gradient_logits, load_run_config
+    from bbt.runs import evaluate_split, gradient_logits, load_run_config, scoring_bar
     from bbt.tuner import Evaluation
 
     saved = load_run_config(run)
     task = TaskSpec.model_validate(saved["task"])
     chosen, name = _split_of(run, task, split, data)
     task, logits = gradient_logits(backend, run, chosen.examples)
-    with _scoring(f"scoring {name}: no prompt", len(chosen), progress) as tick:
+    with scoring_bar(f"scoring {name}: no prompt", len(chosen), progress) as tick:
         plain, _ = evaluate_split(backend, saved["config"]["model"], task, chosen, None, on_chunk=tick)
     tuned = Evaluation.of(logits, chosen.labels, task.metric)
     result = {"split": name, "examples": len(chosen), "method": saved["config"]["method"],

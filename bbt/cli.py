@@ -356,7 +356,7 @@ _RESUME_OPTIONS = {"resume", "endpoint", "api_key", "timeout", "wait", "retries"
 
 def cmd_tune(args) -> int:
     from bbt import ensemble
-    from bbt.data import load_task_folder
+    from bbt.data import limit_test, load_task_folder
     from bbt.protocol import TaskSpec
     from bbt.runs import load_run_config, run_ensemble, run_gradient, run_tune
     from bbt.tasks import resolve_task
@@ -388,7 +388,7 @@ def cmd_tune(args) -> int:
         cfg, task, data_dir, out = _tune_config(args), resolve_task(args.task, args.data), args.data, Path(args.out)
         answered_before = False
     data = load_task_folder(data_dir, task, seed=cfg.seed, k=cfg.k_shot, skip_bad_rows=cfg.skip_bad_rows)
-    data = _limit_test(data, args.test_limit)
+    data = limit_test(data, args.test_limit)
     if args.quiet and not args.endpoint:
         _hide_loading_bars()
     backend = make_backend(args, answered_before=answered_before)
@@ -435,17 +435,6 @@ def _after_failure(out: Path, cfg: TuneConfig) -> str:
     if cfg.method in GRADIENT_METHODS:
         return f"what was spent is recorded in {out}; a gradient method does not resume: run it again with another --out"
     return f"what was spent is recorded in {out}; continue with: bbt tune --resume {out}"
-
-
-def _limit_test(data, limit: int | None):
-    """The task data with at most `limit` test examples, a seeded sample as bbt sweep draws it (None, 0: all)."""
-    if limit is not None and limit < 0:
-        raise ConfigError(f"--test-limit {limit}: give a number of test examples, or 0 for all")
-    if not limit:
-        return data
-    import dataclasses
-
-    return dataclasses.replace(data, test=data.test.sample(limit))
 
 
 def _hide_loading_bars() -> None:
@@ -515,10 +504,7 @@ def _with_cache(backend, args):
 def cmd_evaluate(args) -> int:
     from bbt import api, ensemble
 
-    if args.in_process and args.endpoint:
-        raise ConfigError("--in-process runs the model here and --endpoint asks a server: give one of them")
-    if not args.endpoint and not args.in_process:
-        _tuned_through(args, ensemble.member_runs(args.run)[0], "evaluate")
+    _tuned_through(args, ensemble.member_runs(args.run)[0], "evaluate")
     if args.quiet and not args.endpoint:
         _hide_loading_bars()
     backend = make_backend(args)
@@ -560,10 +546,7 @@ def cmd_predict(args) -> int:
         empty = "text" if not text.strip() else "text_pair" if pairs and not pairs[i].strip() else None
         if empty:
             raise ConfigError(f"text {i + 1}: '{empty}' is missing or empty; the model has nothing to read")
-    if args.in_process and args.endpoint:
-        raise ConfigError("--in-process runs the model here and --endpoint asks a server: give one of them")
-    if not args.endpoint and not args.in_process:
-        _tuned_through(args, runs[0], "predict")
+    _tuned_through(args, runs[0], "predict")
     backend = make_backend(args)
     try:
         for text, row in zip(all_texts, api.predict(run_dirs, texts, pairs=pairs, vote=args.vote, backend=backend)):
@@ -584,11 +567,15 @@ def _read_texts(given: list[str]) -> list[str]:
 
 
 def _tuned_through(args, run: Path, command: str) -> None:
-    """Point `args` at the server a run was tuned through (its config.json: endpoint, engine and
-    model files), said on stderr; left alone for a run tuned in process (or a folder with a
-    prompt.json alone, which does not say)."""
+    """Unless --endpoint or --in-process says where the model is, point `args` at the server a run
+    was tuned through (its config.json: endpoint, engine and model files), said on stderr; left
+    alone for a run tuned in process (or a folder with a prompt.json alone, which does not say)."""
     from bbt.runs import load_run_config
 
+    if args.in_process and args.endpoint:
+        raise ConfigError("--in-process runs the model here and --endpoint asks a server: give one of them")
+    if args.endpoint or args.in_process:
+        return
     saved = load_run_config(run) if (Path(run) / "config.json").exists() else {}
     if not saved.get("endpoint"):
         return

@@ -145,7 +145,7 @@ def with_family_defaults(cfg: TuneConfig, family: str, modes: list[str] | None =
     and the task's own words for a gradient method (its words are trained, not chosen by queries).
     `modes` (`ModelInfo.modes`): a default method the endpoint cannot run is not applied."""
     missing = {k: v for k, v in FAMILY_DEFAULTS.get(family, {}).items() if k not in cfg.model_fields_set}
-    if modes is not None and missing.get("method", cfg.method) not in modes and "method" in missing:
+    if modes is not None and "method" in missing and missing["method"] not in modes:
         missing.pop("method")  # e.g. vLLM takes input prompts only: its causal LM is tuned with BBT
     if cfg.method in GRADIENT_METHODS and "verbalizer" not in cfg.model_fields_set:
         missing["verbalizer"] = "manual"

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bbt.errors import DataError
+from bbt.errors import ConfigError, DataError
 from bbt.protocol import Example, TaskSpec
 
 log = logging.getLogger(__name__)
@@ -248,6 +248,16 @@ def load_task_folder(folder: str | Path, task: TaskSpec, *, seed: int, k: int = 
         return TaskData(train, dev, load(test_file), "test", notes)
     notes.append("no test set in the folder: test metrics are measured on the dev split")
     return TaskData(train, dev, dev, "dev", notes)
+
+
+def limit_test(data: TaskData, limit: int | None) -> TaskData:
+    """`data` with at most `limit` test examples, a seeded sample (`Split.sample`: the same for
+    every run and sweep cell); None or 0: all of them."""
+    if limit is not None and limit < 0:
+        raise ConfigError(f"--test-limit {limit}: give a number of test examples, or 0 for all")
+    if not limit or data.test is None:
+        return data
+    return TaskData(data.train, data.dev, data.test.sample(limit), data.test_name, data.notes)
 
 
 def _check_pool(pool: Split, k: int, task: TaskSpec, path: Path) -> None:

@@ -43,7 +43,7 @@ from bbt.errors import ConfigError
 from bbt.tasks import for_family
 from bbt.projection import uniform_spec
 from bbt.protocol import EvaluateRequest, IntrinsicPrompts, ModelInfo, StatsRequest, TaskSpec, Tensor, Usage
-from bbt.runs import EVAL_CHUNK, _local_service
+from bbt.runs import EVAL_CHUNK, local_service
 
 _FLAGS = {"queries": "--budget", "requests": "--max-requests", "examples": "--max-examples",
           "tokens": "--max-tokens", "cost": "--max-cost"}
@@ -234,7 +234,7 @@ def measure_speed(backend: Backend, cfg: TuneConfig, info: ModelInfo, task: Task
     """The speed of the model in this process, from requests of 1 prompt (the faster of two: the
     first also pays one-time costs) and of 3 prompts of cfg.prompt_length on `split`, each a random
     input prompt; None for a model behind an endpoint, which would bill them."""
-    if _local_service(backend) is None:
+    if local_service(backend) is None:
         return None
     spec = uniform_spec(seed=0, d=cfg.intrinsic_dim, D=cfg.prompt_length * info.hidden_size)
     rng = np.random.default_rng(0)

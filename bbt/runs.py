@@ -273,7 +273,7 @@ def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out:
         log(f"note: {note}")
     if saved is None:
         ledger.rewind(0)  # killed before its first checkpoint: start over (what it paid stays in the ledger)
-        with _scoring(f"scoring {data.test_name}: no prompt", len(data.test), progress) as tick:
+        with scoring_bar(f"scoring {data.test_name}: no prompt", len(data.test), progress) as tick:
             plain, _ = evaluate_split(backend, cfg.model, task, data.test, None, ledger, on_chunk=tick)
         saved = RunState(plain=plain, ledger_step=ledger.step)
         checkpoint.save(out / STATE_FILE, saved)
@@ -288,7 +288,7 @@ def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out:
     if cfg.verbalizer == "auto" and saved.choice is None and saved.tuning is None:
         saved.choice = verbalizers.choose(backend, cfg.model, family, task, data.train, data.dev, ledger, cfg.label_words)
         if saved.choice.task != task:
-            with _scoring(f"scoring {data.test_name}: no prompt, chosen words", len(data.test), progress) as tick:
+            with scoring_bar(f"scoring {data.test_name}: no prompt, chosen words", len(data.test), progress) as tick:
                 saved.chosen_plain, _ = evaluate_split(backend, cfg.model, saved.choice.task, data.test, None, ledger,
                                                        on_chunk=tick)
         saved.ledger_step = ledger.step
@@ -353,7 +353,7 @@ def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out:
     # the plain model on dev too, so that a prompt below it there is said (a folder without a test set: the same split)
     plain_dev = plain if data.test is data.dev else evaluate_split(backend, cfg.model, own_words, data.dev, None,
                                                                    ledger)[0]
-    with _scoring(f"scoring {data.test_name}: z = 0, tuned", 2 * len(data.test), progress) as tick:
+    with scoring_bar(f"scoring {data.test_name}: z = 0, tuned", 2 * len(data.test), progress) as tick:
         zero, _ = evaluate_split(backend, cfg.model, task, data.test, prompt.untuned(), ledger, on_chunk=tick)
         tuned, _, received = evaluate_materialized(backend, cfg.model, task, data.test, prompt, ledger, on_chunk=tick)
     export.save_prompts(out / export.PROMPT_FILE, received, method=cfg.method, model=cfg.model,
@@ -425,7 +425,7 @@ def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out:
     return out_metrics
 
 
-def _local_service(backend: Backend):
+def local_service(backend: Backend):
     """The in-process model side behind a backend (through caches), or None for a remote one."""
     while not hasattr(backend, "service"):
         inner = getattr(backend, "backend", None)
@@ -441,7 +441,7 @@ def run_gradient(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backe
     through PEFT on the in-process model, and write a run folder like `run_tune`'s: config.json,
     log.jsonl (one line per epoch), metrics.json (the same scores, plus passes and examples seen)
     and adapter/ (the PEFT adapter, best on dev). Needs the weights: a remote backend is refused."""
-    service = _local_service(backend)
+    service = local_service(backend)
     if service is None:
         raise ConfigError(f"--method {cfg.method} trains with the model's gradients, so it needs the weights: run it "
                           "in process (without --endpoint); against an API, use bbt or bbtv2")
@@ -514,7 +514,7 @@ def gradient_logits(backend: Backend, run: str | Path, examples: list[Example]) 
     """The task and class scores [N, C] of a gradient baseline's run folder (its PEFT adapter), in process."""
     saved = load_run_config(run)
     cfg, task = TuneConfig.model_validate(saved["config"]), TaskSpec.model_validate(saved["task"])
-    service = _local_service(backend)
+    service = local_service(backend)
     if service is None:
         raise ConfigError(f"{run} is a {cfg.method} run: scoring its PEFT adapter needs the weights, so it runs in "
                           "process (without --endpoint)")
@@ -708,7 +708,7 @@ def _progress_bar(total: int | None, enabled: bool):
 
 
 @contextlib.contextmanager
-def _scoring(what: str, examples: int, enabled: bool):
+def scoring_bar(what: str, examples: int, enabled: bool):
     """A progress bar over the `examples` a scoring pass sends (it moves once per request of up to
     EVAL_CHUNK); yields its `on_chunk` callback, None when bars are off. Gone once the pass ends."""
     if not enabled:

@@ -183,7 +183,7 @@ def _backend(spec: SweepSpec, cell_index: int):
 
 def run_cell(spec: SweepSpec, cell: Cell, out: Path, backend, log=lambda *a: None) -> list[dict] | None:
     """Run one cell (unless another worker holds it) and write its scores; its rows, or None if left to another."""
-    from bbt.data import TaskData, load_task_folder
+    from bbt.data import limit_test, load_task_folder
     from bbt.runs import evaluate_split, load_artifact, prompt_at, run_gradient, run_tune
     from bbt.tasks import BUILTIN_TASKS, for_family, resolve_task
 
@@ -201,8 +201,7 @@ def run_cell(spec: SweepSpec, cell: Cell, out: Path, backend, log=lambda *a: Non
         task = resolve_task(cell.task if cell.task in BUILTIN_TASKS else None, data_dir)
         task = for_family(task, backend.model_info(cfg.model).family)
         data = load_task_folder(data_dir, task, seed=cell.seed, k=cfg.k_shot, skip_bad_rows=cfg.skip_bad_rows)
-        if data.test is not None and spec.test_limit:
-            data = TaskData(data.train, data.dev, data.test.sample(spec.test_limit), data.test_name, data.notes)
+        data = limit_test(data, spec.test_limit)
         context = {"data": str(data_dir.resolve()), "endpoint": None, "sweep": str(out), "cell": cell.name}
         key = "test_acc" if task.metric == "acc" else "test_f1"
         plain_key = "no_prompt_test_acc" if task.metric == "acc" else "no_prompt_test_f1"

@@ -28,7 +28,7 @@ from bbt.errors import ConfigError, ModelNotFound
 from bbt.protocol import Example, ModelInfo, TaskSpec
 from servers import batching, calibration, fastpaths, reuse
 from servers.decoder import DecoderStack
-from servers.families import FAMILY_CLASSES, Encoded, Family, Head, class_means
+from servers.families import FAMILY_CLASSES, Encoded, Family, Head, class_scores
 from servers.loading import load_pretrained
 
 log = logging.getLogger(__name__)
@@ -133,9 +133,7 @@ class PromptModel:
         position, as (word, log-probability) pairs, from one pass over the vocabulary."""
         vocab = self.logits(task, enc, prompts, layer, vocabulary=True)[0]  # (N, vocabulary)
         ids, classes = self.family.verbalizer_ids(task)
-        words = vocab[:, ids]
-        means = class_means(classes, len(task.labels), words.device)
-        logits = (words if means is None else words @ means)[None].numpy()
+        logits = class_scores(vocab[:, ids], classes, len(task.labels))[None].numpy()
         word_ids, names = self.family.word_tokens(task)
         logprobs = torch.log_softmax(vocab.double(), dim=-1)[:, word_ids]  # (N, words)
         top = torch.topk(logprobs, min(n, logprobs.shape[1]), dim=-1)

@@ -260,6 +260,13 @@ def class_means(classes: list[int], n: int, device) -> torch.Tensor | None:
     return avg / avg.sum(0, keepdim=True)
 
 
+def class_scores(words: torch.Tensor, classes: list[int], n: int) -> torch.Tensor:
+    """Word logits [..., W] (word w of class classes[w]) as class logits [..., C]: each class the
+    mean of its words."""
+    means = class_means(classes, n, words.device)
+    return words if means is None else words @ means
+
+
 class _RowHead(Head):
     """Verbalizer logits of an LM head applied at one position per row (`words` None: every token's)."""
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from bbt.errors import ConfigError
 from bbt.protocol import Example, TaskSpec
 from servers.engine import PromptModel
-from servers.families import class_means
+from servers.families import class_scores
 
 # method -> (optimizer, learning rate, where the default comes from)
 DEFAULTS: dict[str, tuple[str, float, str]] = {
@@ -114,8 +114,7 @@ def class_logits(pm: PromptModel, peft_model, task: TaskSpec, examples: list[Exa
         return pm.family.head(task)(hidden, full, readout + shift, 0, shift)
     ids, classes = pm.family.verbalizer_ids(task)
     words = out.logits[rows, readout + shift][:, torch.tensor(ids, device=pm.device)]  # (B, W) at the read position
-    means = class_means(classes, len(task.labels), pm.device)
-    return words if means is None else words @ means  # (B, C)
+    return class_scores(words, classes, len(task.labels))  # (B, C)
 
 
 def _scores(logits: torch.Tensor, labels: torch.Tensor, metric: str) -> Scores:

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 
-from bbt.config import DEFAULT_MODEL  # noqa: F401  (smollm2: the model served when none is named)
 from bbt.errors import ConfigError, ModelNotFound
 
 log = logging.getLogger(__name__)

@@ -18,6 +18,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from bbt import metrics
+from bbt.config import DEFAULT_MODEL
 from bbt.errors import ConfigError, ModelNotFound
 from bbt.projection import project
 from bbt.protocol import (
@@ -32,7 +33,7 @@ from bbt.protocol import (
 )
 from servers.engine import PromptModel, as_tensor, load_model
 from servers.families import Encoded
-from servers.loading import DEFAULT_MODEL, resolve_device
+from servers.loading import resolve_device
 
 log = logging.getLogger(__name__)
 

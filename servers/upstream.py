@@ -41,7 +41,7 @@ from bbt.errors import ConfigError, ModelNotFound, RequestRejected
 from bbt.protocol import ModelInfo, TaskSpec
 from servers import calibration
 from servers.engine import PromptModel
-from servers.families import CausalFamily, Encoded, class_means
+from servers.families import CausalFamily, Encoded, class_scores
 
 log = logging.getLogger(__name__)
 
@@ -320,9 +320,7 @@ class UpstreamModel:
         ids, classes = self.family.verbalizer_ids(task)
         k = 1 if prompts is None else prompts.shape[0]
         words, self.reported_tokens = self.engine.logprobs(self.name, payloads or self.payloads(enc, prompts), ids)
-        out = torch.from_numpy(words).float()
-        means = class_means(classes, len(task.labels), self.device)
-        return (out if means is None else out @ means).reshape(k, len(enc.ids), -1)
+        return class_scores(torch.from_numpy(words).float(), classes, len(task.labels)).reshape(k, len(enc.ids), -1)
 
     def top_words(self, task: TaskSpec, enc: Encoded, prompts: torch.Tensor | None, layer: int | None,
                   n: int) -> tuple[np.ndarray, list]:

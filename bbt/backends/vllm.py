@@ -44,7 +44,7 @@ class VLLMBackend:
         self.engine = VLLMEngine(url, api_key=api_key, timeout=timeout, wait=wait, retries=retries,
                                  first_contact_wait=first_contact_wait, **engine_options)
         self.model_files = model_files
-        # private: runs._local_service takes a backend with `service` for one holding the weights
+        # private: runs.local_service takes a backend with `service` for one holding the weights
         self._service = ModelService([], upstream=self.engine)
 
     def __repr__(self) -> str:
