@@ -26,11 +26,12 @@ from bbt.config import DEFAULT_MODEL, GRADIENT_METHODS, TuneConfig
 from bbt.errors import ConfigError, DataError
 
 
-def local(models: list[str] | None = None, *, device: str = "auto"):
-    """A backend running the models in this process (needs `bbt[server]`); use it in a `with`."""
+def local(models: list[str] | None = None, *, device: str = "auto", dtype: str = "float32"):
+    """A backend running the models in this process (needs `bbt[server]`), in `dtype` (float32,
+    bfloat16 or auto); use it in a `with`."""
     from bbt.backends.local import LocalBackend
 
-    return LocalBackend(models, device=device)
+    return LocalBackend(models, device=device, dtype=dtype)
 
 
 def remote(url: str | list[str], *, api_key: str | None = None, timeout: float = 120.0, engine: str = "auto",

@@ -98,8 +98,11 @@ def request_key(kind: str, info: ModelInfo, request: EvaluateRequest | StatsRequ
     h = hashlib.sha256()
     # candidates.layer only tells the server where the candidates start to differ: same answer either way
     body = request.model_dump_json(exclude={"candidates": {"layer"}} if getattr(request, "candidates", None) else None)
-    # the engine joins the identity only where it is not bbt's own, so caches written before it still answer
-    identity = info.model_dump_json(exclude={"engine"} if info.engine == "bbt" else None)
+    # the engine and the precision join the identity only where they are not bbt's own engine in
+    # float32, so caches written before either existed still answer; a float32 answer never serves
+    # a bfloat16 question or the other way round
+    left_out = {name for name, default in (("engine", "bbt"), ("dtype", "float32")) if getattr(info, name) == default}
+    identity = info.model_dump_json(exclude=left_out or None)
     for part in (kind, identity, body):
         h.update(part.encode())
         h.update(b"\0")

@@ -75,6 +75,11 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--retries", type=int, default=None, metavar="N", help="also give up after N retries of one request")
     g.add_argument("--device", metavar="DEV", help="where a model run in this process runs: auto (a GPU if torch sees "
                    "one, else the CPU), cpu, cuda, cuda:N or mps (default: auto); a server's is set by bbt serve --device")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default=None,
+                   help="precision of a model run in this process: float32 (default), bfloat16 (twice the queries/s of "
+                   "SmolLM2 on a CPU with AVX-512 BF16; norms, softmax and read-out stay float32; answers move a little) "
+                   "or auto (bfloat16 only where measured to keep the accuracy: nowhere yet, so float32); a server's is "
+                   "set by bbt serve --dtype, and with --endpoint a --dtype given must be the server's")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -258,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "model, data_root, settings (fixed), grid (setting -> list of values); flags given override it")
     w.add_argument("--test-limit", type=int, default=500, help="test examples per cell (a seeded sample; 0: all)")
     w.add_argument("--out", metavar="DIR", help="(required) the sweep folder")
+    w.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="float32",
+                   help="precision of the model run in the sweep's processes (bbt tune --dtype); a server runs its own")
     w.add_argument("--workers", type=int, default=1, help="cells at a time, each in its own process (torch threads "
                    "split between them); 1: in this process")
     w.add_argument("--ray", nargs="?", const=True, default=None, metavar="ADDRESS",
@@ -286,6 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="interface to listen on")
     s.add_argument("--device", default="auto", metavar="DEV",
                    help="where the models run: auto (a GPU if torch sees one, else the CPU), cpu, cuda, cuda:N or mps")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="float32",
+                   help="precision of the models' layers: float32, bfloat16 (twice the queries/s of SmolLM2 on a CPU "
+                   "with AVX-512 BF16; norms, softmax and read-out stay float32; answers move a little) or auto "
+                   "(bfloat16 only where measured to keep the accuracy: nowhere yet, so float32); stated in /v1/models")
     s.add_argument("--compile", action="store_true",
                    help="torch.compile the models' layer blocks at start (up to a minute): 1.03x to 1.12x the "
                         "queries/s of MiniLM on a CPU after that; needs a C++ compiler on a CPU")
@@ -302,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quota", type=int, metavar="QUERIES",
                    help="queries (candidates scored) per API key per --quota-window; default: unlimited")
     s.add_argument("--quota-window", type=float, default=86400.0, metavar="SECONDS", help="length of a quota window")
+    s.add_argument("--state", metavar="FILE",
+                   help="SQLite file keeping each key's quota window and the answers to Idempotency-Key requests, so "
+                   "that a restart (kill -9 included) neither resets what a key spent nor charges a retried request "
+                   "twice; default: kept in memory, forgotten on restart")
     s.add_argument("--rate-limit", type=float, metavar="R",
                    help="requests per second per API key (bursts up to ceil(R)); default: unlimited")
 
@@ -331,7 +346,7 @@ def make_backend(args, *, answered_before: bool = False):
                              retries=args.retries, first_contact_wait=None if answered_before else FIRST_CONTACT_WAIT)
     from bbt.backends.local import LocalBackend
 
-    return LocalBackend(device=device or "auto")
+    return LocalBackend(device=device or "auto", dtype=getattr(args, "dtype", None) or "float32")
 
 
 _BUDGET_FLAGS = {"queries": "--budget", "requests": "--max-requests", "examples": "--max-examples",
@@ -381,6 +396,7 @@ def cmd_tune(args) -> int:
         answered_before = bool(saved.get("endpoint")) and args.endpoint in (None, saved.get("endpoint"))
         _use_saved_endpoint(args, saved)
         args.test_limit = saved.get("test_limit")
+        args.dtype = saved.get("dtype")  # a run continues in the precision it was paid in (None: before --dtype, float32)
     else:
         for flag in ("data", "out"):
             if getattr(args, flag) is None:
@@ -391,15 +407,21 @@ def cmd_tune(args) -> int:
     data = limit_test(data, args.test_limit)
     if args.quiet and not args.endpoint:
         _hide_loading_bars()
+    if cfg.method in GRADIENT_METHODS and args.dtype == "bfloat16":
+        raise ConfigError(f"--method {cfg.method} trains in float32: --dtype bfloat16 is for bbt and bbtv2")
+    if cfg.method in GRADIENT_METHODS:
+        args.dtype = None  # auto too: backpropagation through bfloat16 is not measured
     backend = make_backend(args, answered_before=answered_before)
     try:
+        # a gradient method trains in float32 in this process (run_gradient refuses an endpoint)
+        dtype = "float32" if cfg.method in GRADIENT_METHODS else _served_dtype(backend, cfg.model, args)
         if args.dry_run:
             from bbt.estimate import estimate
 
             print(estimate(backend, cfg, task, data).describe())
             return 0
         backend = _with_cache(backend, args)
-        context = {"data": str(Path(data_dir).resolve()), "endpoint": args.endpoint}
+        context = {"data": str(Path(data_dir).resolve()), "endpoint": args.endpoint, "dtype": dtype}
         if args.model_files:
             context["model_files"] = args.model_files
         if args.test_limit:
@@ -423,6 +445,17 @@ def cmd_tune(args) -> int:
     finally:
         backend.close()
     return 0
+
+
+def _served_dtype(backend, model: str, args) -> str | None:
+    """The precision `model` runs in behind `backend` (None: an upstream engine's own); a --dtype
+    the server does not run is refused before anything is spent."""
+    served = backend.model_info(model).dtype
+    if args.endpoint and args.dtype not in (None, "auto") and served != args.dtype:
+        runs = served or "its engine's own precision"
+        raise ConfigError(f"--dtype {args.dtype}: the server runs {model} in {runs}; "
+                          f"start it with bbt serve --dtype {args.dtype}, or leave --dtype out")
+    return served
 
 
 def _after_failure(out: Path, cfg: TuneConfig) -> str:
@@ -574,10 +607,10 @@ def _tuned_through(args, run: Path, command: str) -> None:
 
     if args.in_process and args.endpoint:
         raise ConfigError("--in-process runs the model here and --endpoint asks a server: give one of them")
-    if args.endpoint or args.in_process:
-        return
     saved = load_run_config(run) if (Path(run) / "config.json").exists() else {}
-    if not saved.get("endpoint"):
+    if args.dtype is None and not args.endpoint:
+        args.dtype = saved.get("dtype")  # scored in the precision it was tuned in
+    if args.endpoint or args.in_process or not saved.get("endpoint"):
         return
     print(f"bbt {command}: {run} was tuned through {', '.join(saved['endpoint'])}: asking it there (give --endpoint "
           "URL for another server, or --in-process to load the model here)", file=sys.stderr)
@@ -650,6 +683,8 @@ def cmd_sweep(args) -> int:
         else:
             settings[key] = values[0]
     spec_fields.update(settings=settings, grid=grid, endpoints=args.endpoint, api_key=args.api_key)
+    if args.dtype != defaults["dtype"] or "dtype" not in spec_fields:
+        spec_fields["dtype"] = args.dtype
     if not spec_fields.get("tasks") or not spec_fields.get("data_root"):
         raise ConfigError("a sweep needs --tasks and --data-root (or a --grid file with them)")
     spec_fields["test_limit"] = spec_fields.get("test_limit") or None
@@ -706,7 +741,7 @@ def cmd_serve(args) -> int:
     serve(models=args.model or ([] if args.upstream else [DEFAULT_MODEL]), host=args.host, port=args.port, api_keys_file=args.api_keys,
           max_candidates=args.max_candidates, max_examples=args.max_examples, max_body_mb=args.max_body_mb,
           quota=args.quota, quota_window=args.quota_window, rate_limit=args.rate_limit, device=args.device,
-          compile=args.compile, upstream=args.upstream)
+          compile=args.compile, upstream=args.upstream, dtype=args.dtype, state=args.state)
     return 0
 
 

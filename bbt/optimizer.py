@@ -7,9 +7,7 @@ that pickling the optimizer pickles the generator too: a resumed run continues e
 
 from __future__ import annotations
 
-import pickle
 import warnings
-from pathlib import Path
 
 import numpy as np
 
@@ -83,12 +81,3 @@ class CMAES:
     def stop(self) -> dict:
         """pycma's termination reasons (empty while it wants to go on)."""
         return dict(self.es.stop())
-
-    def save(self, path: str | Path) -> None:
-        """Pickle the whole state, sampler generator included, to a local file of your own."""
-        Path(path).write_bytes(pickle.dumps(self))
-
-    @staticmethod
-    def load(path: str | Path) -> CMAES:
-        """Restore a state written by `save` (only load files you wrote: this unpickles)."""
-        return pickle.loads(Path(path).read_bytes())

@@ -297,10 +297,23 @@ class ModelInfo(_Model):
         default="bbt", description="what runs the layers: 'bbt' (this server's own engine), or the engine a bbt server "
         "relays to or a client talks to, e.g. 'vllm 0.32.0' (prompt embeddings: input prompts only, modes ['bbt'])",
     )
+    dtype: Literal["float32", "bfloat16"] | None = Field(
+        default="float32", description="the precision the layers run in (bbt serve --dtype): float32, or bfloat16 "
+        "with norms, softmax and read-out in float32; null where an upstream engine runs them in its own",
+    )
 
 
 class ModelList(_Model):
     models: list[ModelInfo]
+
+
+class KeyUsage(_Model):
+    """GET /v1/usage: what the caller's API key has spent of its quota (bbt serve --quota)."""
+
+    queries_used: int = Field(description="queries charged to this key in its current quota window")
+    quota: int | None = Field(description="queries per window; null: no quota")
+    window_seconds: float = Field(description="length of a quota window")
+    resets_in: float | None = Field(description="seconds until the current window ends; null: no window open")
 
 
 class Health(_Model):

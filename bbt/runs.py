@@ -368,6 +368,7 @@ def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out:
         "no_prompt_test_acc": plain.accuracy,  # the model without a soft prompt, the task's own words
         "no_prompt_dev_acc": plain_dev.accuracy,
         "test_split": data.test_name,
+        "dtype": info.dtype,  # the precision the model ran in (None: an upstream engine's own)
         "train_loss": result.train.loss,
         "dev_loss": dev.loss if dev else None,
         "test_loss": tuned.loss,

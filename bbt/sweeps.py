@@ -69,6 +69,7 @@ class SweepSpec:
     test_limit: int | None = 500
     endpoints: list[str] = field(default_factory=list)
     api_key: str | None = None
+    dtype: str = "float32"  # the precision of a model run in the sweep's processes (an endpoint runs its own)
 
     def cells(self) -> list[Cell]:
         keys = sorted(self.grid)
@@ -105,7 +106,7 @@ def _upgraded(data: dict) -> dict:
     settings = data.get("settings", {})
     if data.get("version", 1) < 2 and "verbalizer" not in settings and "verbalizer" not in data.get("grid", {}):
         data = {**data, "settings": {**settings, "verbalizer": "manual"}}
-    return {**data, "version": SWEEP_VERSION}
+    return {"dtype": "float32", **data, "version": SWEEP_VERSION}  # sweeps from before --dtype ran in float32
 
 
 def _save_spec(out: Path, spec: SweepSpec) -> None:
@@ -176,7 +177,7 @@ def _backend(spec: SweepSpec, cell_index: int):
     else:
         from bbt.backends.local import LocalBackend
 
-        backend = LocalBackend()
+        backend = LocalBackend(dtype=spec.dtype)
     path = default_cache_path()
     return backend if path is None else CachedBackend(backend, EvaluationCache(path))
 
@@ -202,7 +203,8 @@ def run_cell(spec: SweepSpec, cell: Cell, out: Path, backend, log=lambda *a: Non
         task = for_family(task, backend.model_info(cfg.model).family)
         data = load_task_folder(data_dir, task, seed=cell.seed, k=cfg.k_shot, skip_bad_rows=cfg.skip_bad_rows)
         data = limit_test(data, spec.test_limit)
-        context = {"data": str(data_dir.resolve()), "endpoint": None, "sweep": str(out), "cell": cell.name}
+        context = {"data": str(data_dir.resolve()), "endpoint": None, "sweep": str(out), "cell": cell.name,
+                   "dtype": backend.model_info(cfg.model).dtype}
         key = "test_acc" if task.metric == "acc" else "test_f1"
         plain_key = "no_prompt_test_acc" if task.metric == "acc" else "no_prompt_test_f1"
         base = {"cell": cell.name, "task": cell.task, "seed": cell.seed, "method": cell.method,

@@ -122,11 +122,6 @@ class TuneResult:
     # metrics.above_chance of the returned prompt on the split it was checked on (dev; train if fold 1)
     above_chance: float | None = None
 
-    def prompt_at(self, queries: int) -> Prompt:
-        """The prompt this run would have returned with a budget of `queries` (z = 0 before any)."""
-        z = next((z for used, z in reversed(self.path) if used <= queries), np.zeros_like(self.prompt.z))
-        return replace(self.prompt, z=z.copy())
-
 
 class Scorer:
     """Sends populations for one split and books what they cost."""

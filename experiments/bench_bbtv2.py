@@ -4,6 +4,7 @@
     python experiments/bench_bbtv2.py reuse                       # MiniLM, SST-2 seed 42: speed only
     python experiments/bench_bbtv2.py reuse --layers 12           # the same shape with 12 layers (random weights)
     python experiments/bench_bbtv2.py reuse --model smollm2 --repeats 1   # 30 Llama layers (about 20 minutes)
+    python experiments/bench_bbtv2.py reuse --model smollm2 --repeats 1 --dtype float32 bfloat16   # issue 40
     python experiments/bench_bbtv2.py compare                     # sst2 agnews rte x seeds 13 42 87, 500 queries
     python experiments/bench_bbtv2.py compare --tasks sst2 --seeds 42 --budget 600
     python experiments/bench_bbtv2.py                             # both
@@ -18,7 +19,10 @@ requests (each lower pass then runs one layer). Prints queries/s per layer and f
 layers from the tuned one up per candidate, the tuned one without its query/key/value matmuls on
 BERT-style layers, and one lower layer once per generation), and the largest logit difference
 between the two modes. With `--layers N` the model is MiniLM's architecture with N layers and
-random weights (timings only: the ideal speedup grows with depth).
+random weights (timings only: the ideal speedup grows with depth). With `--dtype float32 bfloat16`
+the whole measurement runs once per precision (`servers/precision.py`), and the end compares a
+round's queries/s with layer reuse in each, beside each precision's matmul peak (2048 x 2048, best
+GFLOP/s) measured in the same run.
 
 compare: BBT and BBTv2 with bbt's default settings for each task and seed at the same query
 budget, in process: the runs of `bench_budget.py`'s bbt and bbtv2 presets, so runs already in its
@@ -66,12 +70,13 @@ def _deeper_minilm(layers: int, folder: Path) -> str:
     return str(folder)
 
 
-def bench_reuse(args) -> None:
+def bench_reuse(args, dtype: str = "float32") -> float:
+    """Prints the reuse table in `dtype`; returns a round's queries/s with layer reuse."""
     from servers.fastpaths import BertLayer as _BertLayer
 
     tmp = tempfile.TemporaryDirectory(prefix="bench-bbtv2-model-")
     model_name = args.model if args.layers is None else _deeper_minilm(args.layers, Path(tmp.name) / "model")
-    backend = LocalBackend()
+    backend = LocalBackend(dtype=dtype)
     cfg = TuneConfig(method="bbtv2", seed=42, model=model_name)
     info = backend.model_info(cfg.model)
     task = for_family(resolve_task("sst2", args.data / "sst2"), info.family)
@@ -99,7 +104,7 @@ def bench_reuse(args) -> None:
         return time.perf_counter() - start, logits
 
     label = cfg.model if args.layers is None else "MiniLM's shape with random weights"
-    print(f"layer reuse, {label} ({layers} layers), SST-2 seed 42: {len(train)} train examples, population "
+    print(f"layer reuse, {label} ({layers} layers) in {dtype}, SST-2 seed 42: {len(train)} train examples, population "
           f"{cfg.popsize}, L={cfg.prompt_length}, d={cfg.intrinsic_dim}; {args.repeats} rounds, each mode once "
           "per generation")
     timed(request(0), True)  # warm-up: label embeddings, projection matrices, allocator
@@ -155,6 +160,7 @@ def bench_reuse(args) -> None:
         print(f"(in both modes the top layer runs only at the rows the head reads: about {top:.2f} of a layer's work)")
     backend.close()
     tmp.cleanup()
+    return layers * cfg.popsize / total[True]
 
 
 def bench_compare(args) -> None:
@@ -197,6 +203,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3, help="reuse: rounds timed, each layer paired once per round "
                     "(medians are printed)")
     ap.add_argument("--model", default="minilm", help="reuse: the model timed (minilm, smollm2, a folder)")
+    ap.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                    help="reuse: the precisions timed, one after the other")
     ap.add_argument("--layers", type=int, default=None, help="reuse: time MiniLM's shape with this many layers instead")
     ap.add_argument("--tasks", nargs="+", default=["sst2", "agnews", "rte"], help="compare: task folders under --data")
     ap.add_argument("--seeds", nargs="+", type=int, default=[13, 42, 87], help="compare: 16-shot splits and search seeds")
@@ -209,7 +217,19 @@ def main() -> int:
     if not (args.data / "sst2" / "task.json").is_file():
         ap.error(f"no task folders under {args.data}: pass --data DIR")
     if args.part in ("reuse", "both"):
-        bench_reuse(args)
+        from bench_speed import matmul_peak  # beside this file
+        from servers.loading import resolve_device
+
+        rounds, peaks = {}, {}
+        for dtype in args.dtype:
+            peaks[dtype] = [matmul_peak(resolve_device("auto"), dtype=dtype)]
+            rounds[dtype] = bench_reuse(args, dtype)
+            peaks[dtype].append(matmul_peak(resolve_device("auto"), dtype=dtype))
+        if len(rounds) > 1:
+            print("\na round with layer reuse, by precision (matmul peak in GFLOP/s, best before and after):")
+            for dtype, qps in rounds.items():
+                print(f"  {dtype:<9} {qps:6.2f} queries/s  {qps / rounds[args.dtype[0]]:5.2f}x   peak "
+                      f"{min(peaks[dtype]):.0f} .. {max(peaks[dtype]):.0f}")
     if args.part in ("compare", "both"):
         if args.part == "both":
             print()

@@ -6,12 +6,15 @@
     python experiments/bench_speed.py --device cuda         # everything, the baseline too, on a GPU
     python experiments/bench_speed.py --compile             # adds bbt BBT with torch.compile'd layer blocks
     python experiments/bench_speed.py --model smollm2 --generations 2 --no-ablation --no-bbtv2   # the causal LM
+    python experiments/bench_speed.py --model smollm2 --dtype float32 bfloat16 --no-ablation --prompt-length 10
+                                                            # issue 40: bbt's modes in both precisions
 
 Measured in one run, on this machine, back to back in alternating order so that both see the same
 load:
 
-- peak: the best fp32 GFLOP/s of a 2048 x 2048 matmul in torch (8192 x 8192 on a GPU; same
-  thread settings as the model), measured before and after every pass; the median is used.
+- peak: the best GFLOP/s of a 2048 x 2048 matmul in torch (8192 x 8192 on a GPU; same thread
+  settings as the model), in each precision timed, measured before and after every pass; the
+  median is used, and each mode's useful fraction is of the peak of its own precision.
 - baseline: a loop like the original BBT code's: pycma ask, p = A z in numpy, then for each
   candidate one forward pass of the whole padded batch (all 32 training examples padded to the
   longest), fp32, under `torch.no_grad`, cross-entropy, pycma tell.
@@ -22,6 +25,10 @@ load:
   reuse of the layers below the tuned one.
 - ablations (skip with `--no-ablation`): bbt BBT with forward passes of 16,384 padded tokens (the
   size before issue 6) instead of 2,048, and with the top layer run at every position.
+- with `--dtype float32 bfloat16`: bbt BBT and BBTv2 once per precision, the bfloat16 modes on the
+  model loaded with `--dtype bfloat16` (`servers/precision.py`); the baseline stays float32. Also
+  printed: the largest class-logit difference between the precisions on one population, and
+  whether its candidates rank alike.
 - with `--compile`: bbt BBT with the layers' dense blocks run through `torch.compile`
   (`PromptModel.compile`, what `bbt serve --compile` does). The compile time is printed apart;
   recompiles for new shapes during the timed passes count, as a user would pay them.
@@ -47,13 +54,14 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "sst2"
 
 
-def matmul_peak(device, repeats: int = 5, n: int = 2048) -> float:
-    """Best fp32 GFLOP/s of an n x n matmul on `device`."""
+def matmul_peak(device, repeats: int = 5, n: int = 2048, dtype: str = "float32") -> float:
+    """Best GFLOP/s of an n x n matmul on `device` in `dtype` (float32 or bfloat16)."""
     import torch
 
     if device.type != "cpu":
         n *= 4  # 2048^2 is over before a GPU is busy
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    kind = getattr(torch, dtype)
+    a, b = torch.randn(n, n, device=device, dtype=kind), torch.randn(n, n, device=device, dtype=kind)
     torch.matmul(a, b)  # warm-up
     best = 0.0
     for _ in range(repeats):
@@ -85,6 +93,8 @@ def main() -> int:
     ap.add_argument("--compile", action="store_true",
                     help="add bbt BBT with torch.compile'd layer blocks (compiling takes up to a minute)")
     ap.add_argument("--device", default="auto", help="where the model runs: auto, cpu, cuda, ... (default: %(default)s)")
+    ap.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                    help="the precisions bbt's modes run in (the baseline is float32)")
     ap.add_argument("--generations", type=int, default=3, help="timed passes per mode: one generation (BBTv2: one round, a generation per layer)")
     args = ap.parse_args()
     if not (args.data / "task.json").is_file():
@@ -103,7 +113,9 @@ def main() -> int:
     from bbt.tasks import for_family, resolve_task
     from bbt.tuner import tune
 
-    backend = LocalBackend([args.model], device=args.device)
+    backend = LocalBackend([args.model], device=args.device)  # float32: the baseline's model and bbt's
+    backends = {dt: backend if dt == "float32" else LocalBackend([args.model], device=args.device, dtype=dt)
+                for dt in args.dtype}
     service = backend.service
     model = service.get(args.model)
     task = for_family(resolve_task("sst2", args.data), model.family.name)
@@ -136,11 +148,11 @@ def main() -> int:
         es.tell(z, ce_loss("ce", logits, labels))
         return k
 
-    def run_tune(method: str, name: str) -> int:
+    def run_tune(method: str, name: str, dtype: str = "float32") -> int:
         cfg = TuneConfig(model=args.model, method=method, seed=args.seed, prompt_length=length, popsize=k, rounds=1,
                          budget=Budget(queries=10**6))
         ledger = Ledger(cfg.budget)
-        result = tune(backend, cfg, task, train, data.dev, ledger)
+        result = tune(backends.get(dtype, backend), cfg, task, train, data.dev, ledger)
         times[name].append(result.seconds)
         return ledger.tuning.queries
 
@@ -155,9 +167,14 @@ def main() -> int:
             model.__dict__.pop("chunk_tokens", None)
             model.top_rows_only = True
 
-    modes = {"baseline": baseline, "bbt BBT": lambda: run_tune("bbt", "bbt BBT")}
-    if args.bbtv2:
-        modes["bbt BBTv2"] = lambda: run_tune("bbtv2", "bbt BBTv2")
+    modes = {"baseline": baseline}
+    precision = {"baseline": "float32"}
+    for dt in args.dtype:
+        tag = "" if dt == "float32" else " bf16"
+        for method in ("bbt", "bbtv2") if args.bbtv2 else ("bbt",):
+            name = f"bbt {method.upper().replace('V2', 'v2')}{tag}"
+            modes[name] = lambda method=method, name=name, dt=dt: run_tune(method, name, dt)
+            precision[name] = dt
     if args.ablation:
         modes["BBT 16k passes"] = lambda: without("BBT 16k passes", "chunks")
         modes["BBT whole top"] = lambda: without("BBT whole top", "top")
@@ -170,6 +187,8 @@ def main() -> int:
                 model.compile(False)
 
         modes["BBT compiled"] = lambda: compiled("BBT compiled")
+    for name in modes:
+        precision.setdefault(name, "float32")
     times: dict[str, list[float]] = {m: [] for m in modes}
     queries: dict[str, list[int]] = {m: [] for m in modes}
 
@@ -185,9 +204,20 @@ def main() -> int:
         compile_seconds = time.perf_counter() - start
         compiled_diff = np.abs(service.evaluate(req).logits.to_numpy() - got).max()
         model.compile(False)
-    baseline(), modes["bbt BBT"]()  # warm-up: label embeddings, projections, CMA-ES
-    times["bbt BBT"].clear()
-    peaks = [matmul_peak(device)]
+    half_diff = None
+    if "bfloat16" in backends:  # the same population in both precisions
+        half = backends["bfloat16"].service.evaluate(req)
+        half_diff = np.abs(half.logits.to_numpy() - got).max()
+        full = service.evaluate(req)
+        ranks = [np.argsort(np.argsort(r.losses)) for r in (full, half)]
+        same_best = int(np.argmin(full.losses)) == int(np.argmin(half.losses))
+        rank_corr = float(np.corrcoef(*ranks)[0, 1])
+    warm = [m for m in modes if m.startswith("bbt BBT") and not m.startswith("bbt BBTv2")]
+    baseline()
+    for name in warm:  # warm-up: label embeddings, projections, CMA-ES, in each precision
+        modes[name]()
+        times[name].clear()
+    peaks = {dt: [matmul_peak(device, dtype=dt)] for dt in sorted(set(precision.values()), reverse=True)}  # float32 first
     for g in range(args.generations):
         order = list(modes) if g % 2 == 0 else list(reversed(modes))
         for name in order:
@@ -195,8 +225,9 @@ def main() -> int:
             queries[name].append(modes[name]())
             if name == "baseline":
                 times[name].append(time.perf_counter() - start)
-        peaks.append(matmul_peak(device))
-    peak = statistics.median(peaks)
+        for dt in peaks:
+            peaks[dt].append(matmul_peak(device, dtype=dt))
+    peak = {dt: statistics.median(p) for dt, p in peaks.items()}
 
     params = sum(p.numel() for name, p in model.model.base_model.named_parameters()
                  if "embeddings" not in name and "embed_tokens" not in name)
@@ -206,22 +237,37 @@ def main() -> int:
 
     print(f"{args.model} ({params / 1e6:.1f} M non-embedding parameters), SST-2 seed {args.seed}: {len(train)} training "
           f"examples, prompt length {length}, population {k}; device {device}, torch threads {torch.get_num_threads()}")
-    print(f"matmul peak (fp32, {2048 if device.type == 'cpu' else 8192}^2): {peak:.1f} GFLOP/s (median of {len(peaks)}: "
-          f"{min(peaks):.1f} .. {max(peaks):.1f})")
+    for dt, p in peaks.items():
+        print(f"matmul peak ({dt}, {2048 if device.type == 'cpu' else 8192}^2): {peak[dt]:.1f} GFLOP/s (median of "
+              f"{len(p)}: {min(p):.1f} .. {max(p):.1f})")
     print(f"tokens per query: {tokens_per_query} useful, {padded_per_query} in the baseline's padded batch")
-    print(f"\n{'mode':<15}{'s/generation':>13}{'queries/s':>11}{'useful GFLOP/s':>16}{'of peak':>9}{'vs baseline':>13}")
+    print(f"\n{'mode':<15}{'dtype':>9}{'s/generation':>13}{'queries/s':>11}{'useful GFLOP/s':>16}{'of peak':>9}"
+          f"{'vs baseline':>13}")
     qps = {}
     for name in modes:
         qps[name] = sum(queries[name]) / sum(times[name])  # queries_used / tuning_seconds over all passes
         useful = flop_per_query * qps[name] / 1e9
         per_gen = k * sum(times[name]) / sum(queries[name])
-        print(f"{name:<15}{per_gen:>13.2f}{qps[name]:>11.2f}{useful:>16.1f}{useful / peak:>9.2f}"
+        print(f"{name:<15}{precision[name]:>9}{per_gen:>13.2f}{qps[name]:>11.2f}{useful:>16.1f}"
+              f"{useful / peak[precision[name]]:>9.2f}"
               f"{qps[name] / qps['baseline']:>12.2f}x")
     if args.compile:
         print(f"\ntorch.compile: compiling took {compile_seconds:.1f} s; "
               f"largest logit difference, compiled vs eager: {compiled_diff:.2e}")
     print(f"\nlargest logit difference, bbt vs baseline: {np.abs(want - got).max():.2e}")
-    print(f"ratio bbt BBT / baseline (queries/s): {qps['bbt BBT'] / qps['baseline']:.2f}x (issue 6 asked 1.4x on MiniLM, issue 15 1.5x on SmolLM2)")
+    if "bbt BBT" in qps:
+        print(f"ratio bbt BBT / baseline (queries/s): {qps['bbt BBT'] / qps['baseline']:.2f}x (issue 6 asked 1.4x on "
+              "MiniLM, issue 15 1.5x on SmolLM2)")
+    if half_diff is not None:
+        for name in [m for m in qps if m.endswith(" bf16")]:
+            full_name = name.removesuffix(" bf16")
+            if full_name in qps:
+                print(f"ratio {name} / {full_name} (queries/s): {qps[name] / qps[full_name]:.2f}x (issue 40 asked 2x on "
+                      "SmolLM2)")
+        print(f"bfloat16 against float32 on one population: largest class-logit difference {half_diff:.3f}; same best "
+              f"candidate: {same_best}; rank correlation of the candidates' losses {rank_corr:.3f}")
+    for b in backends.values():
+        b.close()
     backend.close()
     return 0
 

@@ -29,6 +29,7 @@ from servers.handlers import RequestGuard, install_error_handlers
 from servers.idempotency import IdempotencyStore
 from servers.quotas import Quotas
 from servers.service import Limits, ModelService
+from servers.state import ServerState
 
 log = logging.getLogger("bbt.server")
 
@@ -69,21 +70,24 @@ def create_app(service: ModelService, *, api_keys: Iterable[str] | None = None, 
     app.state.service = service
     app.state.key_digests = key_digests(api_keys)
     app.state.quotas = quotas or Quotas()
-    app.state.idempotency = idempotency or IdempotencyStore()
+    # one database for both, so that a charge and its stored answer commit together
+    app.state.idempotency = idempotency or IdempotencyStore(state=app.state.quotas.state)
     app.state.faults = faults.FaultSwitch() if test_faults else None
     app.include_router(routes.public)
     app.include_router(routes.keyed)
+    install_error_handlers(app)
     if test_faults:
         app.include_router(faults.router, dependencies=[Depends(require_key)])
-    install_error_handlers(app)
-    app.add_middleware(RequestGuard, max_bytes=service.limits.max_body_bytes)
+        app.add_middleware(faults.FaultMiddleware, switch=app.state.faults)
+    app.add_middleware(RequestGuard, max_bytes=service.limits.max_body_bytes)  # outermost: added last
     return app
 
 
 def serve(models: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_keys_file: str | Path | None = None,
           max_candidates: int = 256, max_examples: int = 10000, max_body_mb: float = 64.0,
           quota: int | None = None, quota_window: float = 86400.0, rate_limit: float | None = None,
-          device: str = "auto", compile: bool = False, upstream: str | None = None) -> None:
+          device: str = "auto", compile: bool = False, upstream: str | None = None, dtype: str = "float32",
+          state: str | Path | None = None) -> None:
     """Validate the settings, load the models, then serve until interrupted (blocking).
 
     Every setting is checked before the (slow) model loading, and a bad one raises ConfigError
@@ -91,7 +95,9 @@ def serve(models: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_k
     API keys come from `api_keys_file`, else from the BBT_SERVER_API_KEYS environment variable.
     `upstream`: a vLLM URL whose engine runs the layers (`servers.upstream`): each model is then
     NAME=PATH, vLLM's served name and where its tokenizer and input embeddings are (its key, if it
-    has one, in BBT_UPSTREAM_API_KEY).
+    has one, in BBT_UPSTREAM_API_KEY). `dtype`: float32, bfloat16 or auto (`servers/precision.py`);
+    an upstream engine runs in the precision it was started with. `state`: the SQLite file where
+    quota windows and idempotent answers are kept across restarts (`servers.state`); None: memory.
     """
     import uvicorn
 
@@ -102,6 +108,9 @@ def serve(models: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_k
         raise ConfigError(f"--port {port} is not a TCP port (0 to 65535; 0 picks a free one)")
     if not models and not upstream:
         raise ConfigError("no model to serve: pass --model smollm2, --model minilm or --model PATH")
+    if upstream and dtype != "float32":
+        raise ConfigError("--dtype sets the precision of the layers this server runs; with --upstream vLLM runs them "
+                          "(start vLLM with --dtype bfloat16 instead)")
     try:
         limits = Limits(max_candidates=max_candidates, max_examples=max_examples,
                         max_body_bytes=int(max_body_mb * 2**20))
@@ -109,7 +118,12 @@ def serve(models: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_k
         err = exc.errors()[0]
         flag = {"max_body_bytes": "--max-body-mb"}.get(str(err["loc"][0]), "--" + str(err["loc"][0]).replace("_", "-"))
         raise ConfigError(f"{flag}: {err['msg']} (got {err.get('input')})") from None
-    quotas = Quotas(quota=quota, window=quota_window, rate=rate_limit)
+    store = ServerState(state)  # a bad path fails here, before the models load
+    quotas = Quotas(quota=quota, window=quota_window, rate=rate_limit, state=store)
+    if state is not None:
+        log.info("quotas and idempotent answers kept in %s (they survive a restart)", store.path)
+    elif quota is not None:
+        log.info("quotas and idempotent answers kept in memory: a restart forgets them (--state FILE keeps them)")
     env_keys = os.environ.get(auth.ENV_VAR)
     if api_keys_file:
         digests = load_api_keys(api_keys_file)
@@ -139,10 +153,14 @@ def serve(models: list[str], *, host: str = "127.0.0.1", port: int = 8000, api_k
         engine = VLLMEngine(upstream, api_key=os.environ.get("BBT_UPSTREAM_API_KEY"), wait=30.0, first_contact_wait=None)
         log.info("relaying to %s at %s", engine.name, engine.url)
         models = models or list(engine.cards)  # what vLLM serves, each name its own model files (smollm2)
-    service = ModelService(models, limits=limits, lazy=False, device=device, compile=compile, upstream=engine)
+    service = ModelService(models, limits=limits, lazy=False, device=device, compile=compile, upstream=engine,
+                           dtype=dtype)
     log.info("loaded %s %s%s in %.1f s", ", ".join(service.names),
-             f"in front of {engine.name}" if engine else f"on {service.device}", ", compiled" if compile else "",
+             f"in front of {engine.name}" if engine else
+             f"on {service.device} in {', '.join(sorted({service.get(n).dtype for n in service.names}))}",
+             ", compiled" if compile else "",
              time.perf_counter() - start)
-    app = create_app(service, api_keys=[f"sha256:{d}" for d in digests], quotas=quotas)
+    app = create_app(service, api_keys=[f"sha256:{d}" for d in digests], quotas=quotas,
+                     idempotency=IdempotencyStore(state=store))
     # one worker process: the models live in this process; keep-alive so clients reuse connections
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_keep_alive=75)

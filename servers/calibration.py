@@ -87,6 +87,7 @@ def model_info(model: PromptModel, modes: tuple[str, ...] = ("bbt", "bbtv2"), en
         prompt_placement=PROMPT_PLACEMENT,
         prompt_position=model.prompt_at,
         engine=engine,
+        dtype=getattr(model, "dtype", None),  # an upstream engine's precision is its own: not known here
     )
 
 

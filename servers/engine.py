@@ -26,7 +26,7 @@ import torch
 
 from bbt.errors import ConfigError, ModelNotFound
 from bbt.protocol import Example, ModelInfo, TaskSpec
-from servers import batching, calibration, fastpaths, reuse
+from servers import batching, calibration, fastpaths, precision, reuse
 from servers.decoder import DecoderStack
 from servers.families import FAMILY_CLASSES, Encoded, Family, Head, class_scores
 from servers.loading import load_pretrained
@@ -45,6 +45,7 @@ class PromptModel:
     def __init__(self, name: str, path: Path, tokenizer, model: torch.nn.Module, family: str, **family_args):
         self.name, self.path, self.tokenizer, self.model = name, path, tokenizer, model.eval()
         self.device: torch.device = next(model.parameters()).device
+        self.dtype: str = precision.dtype_of(model)  # what the layers run in: float32 or bfloat16
         cfg = model.config
         self.hidden_size: int = cfg.hidden_size
         self.num_layers: int = cfg.num_hidden_layers
@@ -106,7 +107,7 @@ class PromptModel:
         candidates, where the request says (`reuse.shared_below`). `vocabulary` (masked and causal
         LMs): the logits of every token at the read position instead, [K, N, vocabulary]."""
         with torch.inference_mode():
-            return self.scores(task, enc, prompts, layer, vocabulary=vocabulary).cpu()
+            return self.scores(task, enc, prompts, layer, vocabulary=vocabulary).float().cpu()
 
     def scores(self, task: TaskSpec, enc: Encoded, prompts: torch.Tensor | None, layer: int | None = None,
                *, vocabulary: bool = False) -> torch.Tensor:
@@ -339,10 +340,11 @@ class PromptModel:
 
 
 def load_model(name_or_path: str, *, name: str | None = None, family: str | None = None,
-               device: str | None = None) -> PromptModel:
+               device: str | None = None, dtype: str | None = None) -> PromptModel:
     """Load a frozen model from an installed package, a local directory or a GGUF file (never the
-    network), onto `device` (default: a GPU if there is one, else the CPU)."""
-    path, family, tokenizer, model = load_pretrained(name_or_path, family, device)
+    network), onto `device` (default: a GPU if there is one, else the CPU), in `dtype` (float32,
+    bfloat16 or auto; default float32: `servers/precision.py`)."""
+    path, family, tokenizer, model = load_pretrained(name_or_path, family, device, dtype)
     args = {}
     if family == "encoder":
         args["pooling"] = _pooling_mode(path)

@@ -198,7 +198,7 @@ class EncoderFamily(Family):
                 for i in range(0, len(texts), 256):  # a verbalizer search may bring a thousand texts
                     batch = self.tokenizer(texts[i : i + 256], padding=True, return_tensors="pt").to(self.device)
                     hidden = self.model.base_model(**batch).last_hidden_state
-                    units.append(self.pool(hidden, batch["attention_mask"]))
+                    units.append(self.pool(hidden.float(), batch["attention_mask"]))
                 unit = torch.cat(units)
                 if len(texts) == len(key):
                     self._label_cache[key] = unit
@@ -218,7 +218,7 @@ class _CosineHead(Head):
         self.family, self.labels, self.n_classes = family, labels, n
 
     def __call__(self, hidden, mask, readout, at, length):
-        return ENCODER_LOGIT_SCALE * self.family.pool(hidden, mask, (at, length)) @ self.labels.T
+        return ENCODER_LOGIT_SCALE * self.family.pool(hidden.float(), mask, (at, length)) @ self.labels.T  # read out in float32
 
 
 # ---- masked LM ------------------------------------------------------------------------------
@@ -279,7 +279,7 @@ class _RowHead(Head):
 
     def at_rows(self, states: torch.Tensor) -> torch.Tensor:
         """(B, H) final states at the read position -> (B, C), or (B, vocabulary) without words."""
-        out = self.lm_head(states)
+        out = self.lm_head(states.float())  # the head is float32 in a bfloat16 model too (servers/precision.py)
         if self.words is None:
             return out
         out = out[:, self.words]

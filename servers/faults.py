@@ -1,6 +1,8 @@
 """A test-only fault switch: make the next evaluate requests fail, so clients' retries can be tested.
 
-Mounted only when the environment variable ``BBT_TEST_FAULTS=1`` is set as the server starts:
+Installed only when the environment variable ``BBT_TEST_FAULTS=1`` is set as the server starts (or
+a test asks `create_app` for it): an ASGI middleware in front of the app, so the routes carry no
+test code, and the routes below to arm it and read its counters:
 
     POST /v1/_faults  {"fail_next": 2, "status": 503, "retry_after": 0.5, "delay": 0}
     POST /v1/_faults  {"fail_next": 1, "delay_after": 3}
@@ -19,12 +21,17 @@ keys exist for. The counters let a test check that retried requests were served 
 
 from __future__ import annotations
 
+import asyncio
+import json
 import threading
-import time
 from typing import Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from servers.handlers import error_response
+from servers.idempotency import REPLAYED_HEADER
 
 ENV_VAR = "BBT_TEST_FAULTS"
 
@@ -46,7 +53,7 @@ class FaultPlan(BaseModel):
 class FaultCounters(BaseModel):
     """Evaluate requests seen by the server since it started."""
 
-    received: int = Field(description="evaluate requests that reached the route (valid bodies)")
+    received: int = Field(description="evaluate requests that reached the server")
     injected: int = Field(description="of those, failed on purpose by this switch")
     served: int = Field(description="answered 200 with model work done")
     replayed: int = Field(description="answered 200 from an earlier answer to the same Idempotency-Key (no work)")
@@ -54,17 +61,8 @@ class FaultCounters(BaseModel):
     armed: int = Field(description="failures still to come")
 
 
-class InjectedFault(Exception):
-    """Raised by the switch; the app's handler turns it into `status` with an ErrorBody."""
-
-    def __init__(self, status: int, retry_after: float | None):
-        super().__init__(f"injected fault {status}")
-        self.status = status
-        self.retry_after = retry_after
-
-
 class FaultSwitch:
-    """Armed failures and counters; thread-safe, since evaluate runs in a threadpool."""
+    """Armed failures and counters; thread-safe."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -75,39 +73,73 @@ class FaultSwitch:
         with self._lock:
             self._plan = plan
 
-    def before_evaluate(self) -> float:
-        """Called first thing in an evaluate request: may sleep, then raise instead of serving it.
-
-        Returns the seconds to sleep after serving it (`delay_after`; 0 for a normal request).
-        """
+    def take(self) -> FaultPlan | None:
+        """Called first thing for an evaluate request: the plan it is to follow, or None to serve it."""
         with self._lock:
             self._received += 1
             plan = self._plan
             if plan.fail_next <= 0:
-                return 0.0
+                return None
             self._plan = plan.model_copy(update={"fail_next": plan.fail_next - 1})
             self._injected += 1
-        if plan.delay_after:
-            return plan.delay_after
-        if plan.delay:
-            time.sleep(plan.delay)  # a threadpool thread; other requests are served meanwhile
-        if plan.crash:
-            raise RuntimeError("injected crash (test fault switch)")
-        raise InjectedFault(plan.status, plan.retry_after)
+            return plan
 
-    def served(self, queries: int) -> None:
+    def answered(self, status: int, headers: dict[bytes, bytes], body: bytes) -> None:
+        """Count an evaluate's answer: served (with its queries) or replayed."""
+        if status != 200:
+            return
         with self._lock:
-            self._served += 1
-            self._queries += queries
-
-    def replayed(self) -> None:
-        with self._lock:
-            self._replayed += 1
+            if headers.get(REPLAYED_HEADER.lower().encode()) == b"true":
+                self._replayed += 1
+            else:
+                self._served += 1
+                self._queries += json.loads(body)["usage"]["queries"]
 
     def counters(self) -> FaultCounters:
         with self._lock:
             return FaultCounters(received=self._received, injected=self._injected, served=self._served,
                                  replayed=self._replayed, queries_served=self._queries, armed=self._plan.fail_next)
+
+
+class FaultMiddleware:
+    """ASGI middleware: POST /v1/evaluate follows the switch's plan; other requests pass untouched.
+
+    A failing request sleeps `delay`, then answers `status` (or raises, with `crash`, for the
+    server's 500 path) before the app sees it. With `delay_after` it is served (scored, charged,
+    its answer stored) and its answer held back `delay_after` seconds.
+    """
+
+    def __init__(self, app: ASGIApp, switch: FaultSwitch):
+        self.app, self.switch = app, switch
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/v1/evaluate":
+            await self.app(scope, receive, send)
+            return
+        plan = self.switch.take()
+        if plan is not None and not plan.delay_after:
+            await asyncio.sleep(plan.delay)  # other requests are served meanwhile
+            if plan.crash:
+                raise RuntimeError("injected crash (test fault switch)")
+            headers = None if plan.retry_after is None else {"Retry-After": f"{plan.retry_after:g}"}
+            kind = "rate_limited" if plan.status == 429 else "unavailable"
+            await error_response(plan.status, kind, f"injected by the test fault switch ({plan.status})",
+                                 headers=headers)(scope, receive, send)
+            return
+        held: list[Message] = []
+
+        async def hold(message: Message) -> None:
+            held.append(message)
+
+        await self.app(scope, receive, hold)
+        start = next((m for m in held if m["type"] == "http.response.start"), None)
+        if start is not None:
+            body = b"".join(m.get("body", b"") for m in held if m["type"] == "http.response.body")
+            self.switch.answered(start["status"], dict(start.get("headers") or []), body)
+        if plan is not None:
+            await asyncio.sleep(plan.delay_after)  # served and stored: the client may time out, a retry is replayed
+        for message in held:
+            await send(message)
 
 
 router = APIRouter(prefix="/v1/_faults", tags=["test faults"])

@@ -26,7 +26,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from bbt.errors import BackendError, ConfigError, ModelNotFound, ServerUnavailable
 from bbt.protocol import ErrorBody
 from servers.auth import Unauthorized
-from servers.faults import InjectedFault
 from servers.idempotency import KeyReused
 from servers.quotas import QuotaExhausted, RateLimited
 
@@ -101,12 +100,6 @@ async def _key_reused(request: Request, exc: KeyReused) -> JSONResponse:
     return error_response(422, "idempotency_key_reused", str(exc))
 
 
-async def _injected(request: Request, exc: InjectedFault) -> JSONResponse:
-    headers = None if exc.retry_after is None else {"Retry-After": f"{exc.retry_after:g}"}
-    kind = "rate_limited" if exc.status == 429 else "unavailable"
-    return error_response(exc.status, kind, f"injected by the test fault switch ({exc.status})", headers=headers)
-
-
 async def _upstream(request: Request, exc: BackendError) -> JSONResponse:
     """The engine this server relays to (`bbt serve --upstream`) failed: down (503, worth a retry)
     or refusing (422, with its reason)."""
@@ -132,7 +125,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Unauthorized, _unauthorized)
     app.add_exception_handler(ModelNotFound, _model_not_found)
     app.add_exception_handler(ConfigError, _config)
-    app.add_exception_handler(InjectedFault, _injected)
     app.add_exception_handler(QuotaExhausted, _too_many)
     app.add_exception_handler(RateLimited, _too_many)
     app.add_exception_handler(KeyReused, _key_reused)

@@ -13,16 +13,20 @@ sha256 of their body:
 - failed requests (not 200) are not stored: a retry is processed afresh.
 
 Entries live `ttl` seconds, at most `max_entries` of them and `max_bytes` of answers in all
-(least recently used go first). Kept in memory: a restarted server forgets them.
+(least recently used go first). Stored answers live in the server's state database
+(`servers.state`, `bbt serve --state FILE`): with a file, a retry after a restart is replayed, and
+an answer is stored in the same transaction as its quota charge. Requests in flight are tracked
+in memory (a restart ends them unanswered, so unstored and uncharged).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from servers.state import ServerState
 
 KEY_PATTERN = r"^[A-Za-z0-9_.:\-]{1,128}$"
 REPLAYED_HEADER = "Idempotent-Replayed"
@@ -33,10 +37,8 @@ class KeyReused(Exception):
 
 
 @dataclass
-class _Entry:
+class _InFlight:
     body_hash: str
-    created: float
-    answer: bytes | None = None  # None while the first request is being served
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -44,12 +46,14 @@ class IdempotencyStore:
     """Answers of recent keyed requests, by (account, key). Thread-safe."""
 
     def __init__(self, *, max_entries: int = 2048, ttl: float = 86400.0, max_bytes: int = 256 * 2**20,
-                 clock: Callable[[], float] = time.monotonic):
+                 state: ServerState | None = None, clock: Callable[[], float] = time.time):
+        """`state`: where answers are kept (None: a database in memory); `clock`: seconds since the
+        epoch, as stored answers outlive the process (tests pass a fake clock)."""
         self.max_entries, self.ttl, self.max_bytes = max_entries, ttl, max_bytes
         self._clock = clock
-        self._lock = threading.Lock()
-        self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
-        self._bytes = 0
+        self.state = state or ServerState()
+        self._lock = self.state.lock
+        self._in_flight: dict[tuple[str, str], _InFlight] = {}
 
     def begin(self, account: str, key: str, body_hash: str) -> bytes | None:
         """The stored answer to replay, or None: the caller now owns the key and must call `finish`.
@@ -59,52 +63,55 @@ class IdempotencyStore:
         """
         while True:
             with self._lock:
-                self._expire()
-                entry = self._entries.get((account, key))
-                if entry is None:
-                    self._entries[(account, key)] = _Entry(body_hash, self._clock())
-                    return None
-                if entry.body_hash != body_hash:
-                    raise KeyReused(f"Idempotency-Key {key!r} was used with another body; "
-                                    "send a new key for a new request (bbt sends the sha256 of the body)")
-                if entry.answer is not None:
-                    self._entries.move_to_end((account, key))
-                    return entry.answer
-                done = entry.done
+                self.state.execute("DELETE FROM answers WHERE created < ?", (self._clock() - self.ttl,))
+                flying = self._in_flight.get((account, key))
+                if flying is None:
+                    rows = self.state.execute("SELECT body_hash, answer FROM answers WHERE account = ? AND key = ?",
+                                              (account, key))
+                    if not rows:
+                        self._in_flight[(account, key)] = _InFlight(body_hash)
+                        return None
+                    stored_hash, answer = rows[0]
+                    if stored_hash != body_hash:
+                        raise self._reused(key)
+                    self.state.execute("UPDATE answers SET used = ? WHERE account = ? AND key = ?",
+                                       (self._next_use(), account, key))
+                    return bytes(answer)
+                if flying.body_hash != body_hash:
+                    raise self._reused(key)
+                done = flying.done
             done.wait()  # the first request's owner always calls finish (routes do so in `finally`)
 
     def finish(self, account: str, key: str, answer: bytes | None) -> None:
-        """End the request that owns `key`: store its 200 answer, or (None) forget the key; wake waiters."""
+        """End the request that owns `key`: store its 200 answer, or (None) forget the key; wake
+        waiters. Inside `state.transaction()` the answer commits with the request's quota charge."""
         with self._lock:
-            entry = self._entries.get((account, key))
-            if entry is None or entry.answer is not None:
+            flying = self._in_flight.pop((account, key), None)
+            if flying is None:
                 return
-            if answer is None:
-                del self._entries[(account, key)]
-            else:
-                entry.answer = answer
-                self._bytes += len(answer)
-                self._entries.move_to_end((account, key))
+            if answer is not None:
+                self.state.execute(
+                    "INSERT OR REPLACE INTO answers (account, key, body_hash, created, used, answer) "
+                    "VALUES (?, ?, ?, ?, ?, ?)", (account, key, flying.body_hash, self._clock(), self._next_use(), answer))
                 self._evict()
-        entry.done.set()
+        flying.done.set()
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._entries)
+            return self.state.execute("SELECT COUNT(*) FROM answers")[0][0] + len(self._in_flight)
 
-    def _expire(self) -> None:
-        """Drop stored answers older than ttl (oldest first; entries are in least-recently-used order)."""
-        cutoff = self._clock() - self.ttl
-        for k in [k for k, e in self._entries.items() if e.answer is not None and e.created < cutoff]:
-            self._drop(k)
+    def _next_use(self) -> int:
+        return self.state.execute("SELECT COALESCE(MAX(used), 0) + 1 FROM answers")[0][0]
 
     def _evict(self) -> None:
-        """Drop the least recently used stored answers until within bounds; in-flight entries stay."""
-        for k in [k for k, e in self._entries.items() if e.answer is not None]:
-            if len(self._entries) <= self.max_entries and self._bytes <= self.max_bytes:
-                break
-            self._drop(k)
+        """Drop the least recently used stored answers until within bounds."""
+        while True:
+            count, size = self.state.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(answer)), 0) FROM answers")[0]
+            if count + len(self._in_flight) <= self.max_entries and size <= self.max_bytes or count == 0:
+                return
+            self.state.execute("DELETE FROM answers WHERE rowid = (SELECT rowid FROM answers ORDER BY used LIMIT 1)")
 
-    def _drop(self, k: tuple[str, str]) -> None:
-        entry = self._entries.pop(k)
-        self._bytes -= len(entry.answer or b"")
+    @staticmethod
+    def _reused(key: str) -> KeyReused:
+        return KeyReused(f"Idempotency-Key {key!r} was used with another body; "
+                         "send a new key for a new request (bbt sends the sha256 of the body)")

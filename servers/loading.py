@@ -219,15 +219,21 @@ def _importable(module: str) -> bool:
 
 # ---- loading ------------------------------------------------------------------------------
 
-def load_pretrained(name_or_path: str, family: str | None = None, device: str | None = None):
-    """(path, family, tokenizer, model) for a model name, folder or GGUF file, on `device`, frozen."""
+def load_pretrained(name_or_path: str, family: str | None = None, device: str | None = None,
+                    dtype: str | None = None):
+    """(path, family, tokenizer, model) for a model name, folder or GGUF file, on `device`, frozen,
+    in `dtype` (float32, bfloat16 or auto: `servers.precision`; None: float32)."""
+    from servers import precision
+
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-    where = resolve_device(device)  # before the slow load: a bad device fails at once
+    where = resolve_device(device)  # before the slow load: a bad device or dtype fails at once
+    precision.resolve(dtype, where)  # a bad dtype fails before the slow load too
     path = resolve_model_path(name_or_path)
     family = family or detect_family(path)
     if family not in FAMILIES:
         raise ConfigError(f"unknown model family {family!r}: choose {', '.join(FAMILIES)}")
+    dtype = precision.resolve(dtype, where, family)
     if path.suffix == ".gguf":
         if family != "causal":
             raise ConfigError(f"{path.name}: a GGUF file is loaded as a causal LM, not {family!r}")
@@ -243,6 +249,8 @@ def load_pretrained(name_or_path: str, family: str | None = None, device: str | 
         except (OSError, ValueError) as exc:
             raise ModelNotFound(f"cannot load a {family} model from {source}: {exc}") from exc
     model.requires_grad_(False).eval().to(where)
+    if dtype == "bfloat16":
+        precision.to_bfloat16(model)
     return path, family, tokenizer, model
 
 

@@ -14,18 +14,21 @@ request shares ``anonymous`` on a server without keys).
   every keyed request but the health check takes one (429 ``rate_limited``, Retry-After: whole
   seconds until a token is free).
 
-Both are in-memory and per process: a restart forgets them. Thread-safe (routes run in a threadpool).
+Quota windows (their start and what was charged) live in the server's state database
+(`servers.state`, `bbt serve --state FILE`): with a file, a restarted server goes on counting where
+it stopped. Reservations of requests in flight and the rate buckets live in memory. Thread-safe
+(routes run in a threadpool).
 """
 
 from __future__ import annotations
 
 import math
-import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 
 from bbt.errors import ConfigError
+from servers.state import ServerState
 
 
 class QuotaExhausted(Exception):
@@ -51,12 +54,13 @@ class Quotas:
         quota: queries per account per window; None: no quota.
         window: seconds a quota window lasts.
         rate: requests per second per account; None: no rate limit.
-        clock: monotonic seconds (tests pass a fake one).
+        state: where the windows are kept (None: a database in memory, forgotten on restart).
+        clock: seconds since the epoch: windows outlive the process (tests pass a fake clock).
     Raises ConfigError naming the `bbt serve` flag of a bad value.
     """
 
     def __init__(self, *, quota: int | None = None, window: float = 86400.0, rate: float | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 state: ServerState | None = None, clock: Callable[[], float] = time.time):
         if quota is not None and (isinstance(quota, bool) or not isinstance(quota, int) or quota < 1):
             raise ConfigError(f"--quota must be a whole number of queries, at least 1 (got {quota})")
         if not (isinstance(window, (int, float)) and math.isfinite(window) and window > 0):
@@ -66,8 +70,9 @@ class Quotas:
         self.quota, self.window, self.rate = quota, float(window), rate
         self.burst = max(1, math.ceil(rate)) if rate else 0
         self._clock = clock
-        self._lock = threading.Lock()
-        self._windows: dict[str, list[float]] = {}  # account -> [window start, charged, reserved]
+        self.state = state or ServerState()
+        self._lock = self.state.lock  # one lock with the database, so that a charge and its answer commit together
+        self._reserved: dict[str, int] = {}  # account -> queries held by requests being scored
         self._buckets: dict[str, tuple[float, float]] = {}  # account -> (tokens, at)
 
     @property
@@ -101,10 +106,10 @@ class Quotas:
             return
         with self._lock:
             now = self._clock()
-            win = self._window(account, now)
-            start, charged, reserved = win
+            start, charged = self._window(account, now)
+            reserved = self._reserved.get(account, 0)
             if charged + reserved + queries <= self.quota:
-                win[2] += queries
+                self._reserved[account] = reserved + queries
                 return
         resets = max(1, math.ceil(start + self.window - now))
         at = datetime.fromtimestamp(time.time() + resets, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
@@ -115,27 +120,40 @@ class Quotas:
             f"this request asks for {queries}{too_big}; the quota resets in {resets} s (at {at})", resets)
 
     def settle(self, account: str, reserved: int, charged: int) -> None:
-        """End a reservation of `reserved` queries, charging `charged` (0 for a request that failed)."""
+        """End a reservation of `reserved` queries, charging `charged` (0 for a request that failed);
+        inside `state.transaction()` the charge commits with whatever else is written there."""
         if self.quota is None or (reserved <= 0 and charged <= 0):
             return
         with self._lock:
-            win = self._window(account, self._clock())
-            win[2] = max(0.0, win[2] - max(reserved, 0))
-            win[1] += charged
+            self._window(account, self._clock())
+            held = self._reserved.get(account, 0) - max(reserved, 0)
+            if held > 0:
+                self._reserved[account] = held
+            else:
+                self._reserved.pop(account, None)
+            if charged > 0:
+                self.state.execute("UPDATE quota_windows SET charged = charged + ? WHERE account = ?", (charged, account))
 
     def used(self, account: str) -> int:
         """Queries charged to `account` in its current window."""
         with self._lock:
-            win = self._windows.get(account)
-            return 0 if win is None or self._clock() >= win[0] + self.window else int(win[1])
+            rows = self.state.execute("SELECT start, charged FROM quota_windows WHERE account = ?", (account,))
+            return 0 if not rows or self._clock() >= rows[0][0] + self.window else int(rows[0][1])
 
-    def _window(self, account: str, now: float) -> list[float]:
-        """The account's current window, opened now when it has none or the last one is over.
+    def resets_in(self, account: str) -> float | None:
+        """Seconds until `account`'s current window ends; None when it has none open."""
+        with self._lock:
+            rows = self.state.execute("SELECT start FROM quota_windows WHERE account = ?", (account,))
+            left = None if not rows else rows[0][0] + self.window - self._clock()
+            return left if left is not None and left > 0 else None
 
-        Reservations still in flight move to the new window (where they will be charged), so
-        that none is lost and the new window never overshoots.
-        """
-        win = self._windows.get(account)
-        if win is None or now >= win[0] + self.window:
-            win = self._windows[account] = [now, 0.0, win[2] if win else 0.0]
-        return win
+    def _window(self, account: str, now: float) -> tuple[float, int]:
+        """(start, charged) of the account's current window, opened now when it has none or the
+        last one is over. Reservations still in flight count against the new window (where they
+        will be charged), so that none is lost and the new window never overshoots."""
+        rows = self.state.execute("SELECT start, charged FROM quota_windows WHERE account = ?", (account,))
+        if rows and now < rows[0][0] + self.window:
+            return rows[0][0], int(rows[0][1])
+        self.state.execute("INSERT OR REPLACE INTO quota_windows (account, start, charged) VALUES (?, ?, 0)",
+                           (account, now))
+        return now, 0

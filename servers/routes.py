@@ -7,13 +7,13 @@ scored). `ModelService` holds a lock, so forward passes still run one at a time.
 Every keyed route first checks the API key (`servers.auth`), then takes a token of the account's
 rate limit (`servers.quotas`). Evaluate and stats may carry an Idempotency-Key
 (`servers.idempotency`); evaluate reserves its K queries of the account's quota before any model
-work and is charged only when answered.
+work and is charged only when answered, in one transaction with storing its answer
+(`servers.state`), so that a retry after a crash is replayed or scored, never paid twice.
 """
 
 from __future__ import annotations
 
 import hashlib
-import time
 from collections.abc import Callable
 from typing import Annotated, NamedTuple
 
@@ -25,6 +25,7 @@ from bbt.protocol import (
     EvaluateRequest,
     EvaluateResponse,
     Health,
+    KeyUsage,
     ModelInfo,
     ModelList,
     PromptTensor,
@@ -91,20 +92,31 @@ def _json(model: BaseModel) -> Response:
     return Response(content=model.model_dump_json(), media_type="application/json")
 
 
-def _answer_once(request: Request, idem: Idem | None, work: Callable[[], bytes]) -> tuple[Response, bool]:
-    """`work()`'s answer, or the stored answer of an earlier request with the same key; and whether replayed."""
+Work = Callable[[], tuple[bytes, Callable[[], None]]]  # -> the answer, and what to commit with it (the charge)
+
+
+def _answer_once(request: Request, idem: Idem | None, work: Work) -> Response:
+    """`work()`'s answer, or the stored answer of an earlier request with the same key. The answer
+    is stored and `work`'s commit (its quota charge) is made in one transaction."""
+    state = request.app.state.quotas.state
     if idem is None:
-        return Response(work(), media_type="application/json"), False
+        answer, commit = work()
+        with state.transaction():
+            commit()
+        return Response(answer, media_type="application/json")
     store, account = request.app.state.idempotency, request.state.account
     stored = store.begin(account, idem.key, idem.body_hash)  # may wait for a twin in flight
     if stored is not None:
-        return Response(stored, media_type="application/json", headers={REPLAYED_HEADER: "true"}), True
-    answer = None
+        return Response(stored, media_type="application/json", headers={REPLAYED_HEADER: "true"})
     try:
-        answer = work()
-    finally:
-        store.finish(account, idem.key, answer)  # None (failed): forgotten, and a waiting twin is processed
-    return Response(answer, media_type="application/json"), False
+        answer, commit = work()
+    except BaseException:
+        store.finish(account, idem.key, None)  # forgotten, and a waiting twin is processed
+        raise
+    with state.transaction():
+        commit()
+        store.finish(account, idem.key, answer)
+    return Response(answer, media_type="application/json")
 
 
 def _declared_k(body: EvaluateRequest, max_k: int) -> int:
@@ -136,38 +148,34 @@ def model_info(name: str, service: ModelService = Depends(get_service)) -> Respo
     return _json(service.get(name).info())
 
 
+@keyed.get("/usage", response_model=KeyUsage, summary="What this API key has spent of its query quota")
+def usage(request: Request) -> Response:
+    quotas, account = request.app.state.quotas, request.state.account
+    return _json(KeyUsage(queries_used=quotas.used(account), quota=quotas.quota, window_seconds=quotas.window,
+                          resets_in=quotas.resets_in(account)))
+
+
 @keyed.post("/evaluate", response_model=EvaluateResponse, responses=_REPLAYABLE,
             summary="Score a population of K candidate prompts (K queries) on N inputs")
 def evaluate(body: EvaluateRequest, request: Request, idem: Idem | None = Depends(idempotency),
              service: ModelService = Depends(get_service)) -> Response:
-    faults, quotas, account = request.app.state.faults, request.app.state.quotas, request.state.account
-    # test servers only: may fail this request before any work, or ask to answer it late
-    delay_after = faults.before_evaluate() if faults is not None else 0.0
+    quotas, account = request.app.state.quotas, request.state.account
 
-    def work() -> bytes:
+    def work() -> tuple[bytes, Callable[[], None]]:
         k = _declared_k(body, service.limits.max_candidates)
         quotas.reserve(account, k)  # QuotaExhausted (429) before any model work
-        charged = 0
         try:
             answer = service.evaluate(body)
-            charged = answer.usage.queries
-        finally:
-            quotas.settle(account, k, charged)
-        if faults is not None:
-            faults.served(charged)
-        return answer.model_dump_json().encode()
+        except BaseException:
+            quotas.settle(account, k, 0)  # a failed request costs nothing
+            raise
+        return answer.model_dump_json().encode(), lambda: quotas.settle(account, k, answer.usage.queries)
 
-    response, replayed = _answer_once(request, idem, work)
-    if faults is not None:
-        if replayed:
-            faults.replayed()
-        if delay_after:
-            time.sleep(delay_after)  # served and stored: the client may time out, a retry is replayed
-    return response
+    return _answer_once(request, idem, work)
 
 
 @keyed.post("/stats", response_model=StatsResponse, responses=_REPLAYABLE,
             summary="Tokens per input and hidden-state scales of a task's inputs (no queries)")
 def stats(body: StatsRequest, request: Request, idem: Idem | None = Depends(idempotency),
           service: ModelService = Depends(get_service)) -> Response:
-    return _answer_once(request, idem, lambda: service.stats(body).model_dump_json().encode())[0]
+    return _answer_once(request, idem, lambda: (service.stats(body).model_dump_json().encode(), lambda: None))

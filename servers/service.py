@@ -15,6 +15,7 @@ import threading
 from collections import OrderedDict
 
 import numpy as np
+import torch
 from pydantic import BaseModel, Field
 
 from bbt import metrics
@@ -31,6 +32,7 @@ from bbt.protocol import (
     Tensor,
     Usage,
 )
+from servers import precision
 from servers.engine import PromptModel, as_tensor, load_model
 from servers.families import Encoded
 from servers.loading import resolve_device
@@ -58,15 +60,20 @@ class ModelService:
             'cuda', 'cuda:N' or 'mps'.
         compile: run the models' layer blocks through torch.compile (`PromptModel.compile`):
             slightly faster passes after a compile of up to a minute at load time.
+        dtype: the precision the models run in: 'float32', 'bfloat16' (norms, softmax and
+            read-out stay float32) or 'auto' (bfloat16 where this hardware multiplies it faster:
+            `servers/precision.py`).
     """
 
     def __init__(self, models: list[str], *, limits: Limits | None = None, lazy: bool = True,
-                 device: str = "auto", compile: bool = False, upstream=None):
+                 device: str = "auto", compile: bool = False, upstream=None, dtype: str = "float32"):
         self.limits = limits or Limits()
         self.upstream = upstream  # a servers.upstream.VLLMEngine that runs the layers; None: run them here
         self.compile = compile
         self.lazy = lazy
-        self.device = str(resolve_device(device))  # a bad device fails here, before any model loads
+        self.device = str(resolve_device(device))  # a bad device or dtype fails here, before any model loads
+        precision.resolve(dtype, torch.device(self.device))  # a bad dtype fails here too
+        self.dtype = dtype  # auto is resolved per model, by its family (`precision.resolve`)
         self._models: dict[str, PromptModel] = {}
         self._lock = threading.Lock()  # guards the encodings cache; each model has its own lock for passes
         self._encodings: OrderedDict[str, Encoded] = OrderedDict()
@@ -80,7 +87,7 @@ class ModelService:
 
             model = upstream.load(name, path, self.upstream)
         else:
-            model = _shared_model(path, name, self.device, self.compile)
+            model = _shared_model(path, name, self.device, self.compile, self.dtype)
         self._models[name] = model
         return model
 
@@ -216,17 +223,17 @@ class ModelService:
         return out.reshape(k, layers, length, h)
 
 
-_LOADED: dict[tuple[str, str, bool], PromptModel] = {}
+_LOADED: dict[tuple[str, str, bool, str], PromptModel] = {}
 _LOAD_LOCK = threading.Lock()
 
 
-def _shared_model(path: str, name: str, device: str, compile: bool = False) -> PromptModel:
-    """Load each model directory once per process, device and compile choice, whatever name it is
-    served under."""
+def _shared_model(path: str, name: str, device: str, compile: bool = False, dtype: str = "float32") -> PromptModel:
+    """Load each model directory once per process, device, compile choice and precision, whatever
+    name it is served under."""
     with _LOAD_LOCK:
-        key = (path, device, compile)
+        key = (path, device, compile, dtype)
         if key not in _LOADED:
-            model = load_model(path or DEFAULT_MODEL, name=name, device=device)
+            model = load_model(path or DEFAULT_MODEL, name=name, device=device, dtype=dtype)
             if compile:
                 model.compile()
             _LOADED[key] = model

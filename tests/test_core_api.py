@@ -130,7 +130,6 @@ def test_bad_artifacts(tmp_path, content, message):
 def test_tuneconfig_rejects_bad_values_naming_them(field, value):
     with pytest.raises(ValidationError, match=field):
         TuneConfig(**{field: value})
-    assert issubclass(ValidationError, ValueError)
 
 
 # ---- tensors and requests on the wire -------------------------------------------------------

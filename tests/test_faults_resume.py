@@ -107,3 +107,53 @@ def test_the_client_retries_with_the_same_key_and_is_billed_once(tiny_encoder, s
     assert got.losses == want.losses[::-1]
     assert counters["served"] == 2 and counters["replayed"] >= 1
     assert counters["queries_served"] == 8  # a second scoring of the retried request would have crossed the quota
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("state", [True, False], ids=["with-state", "in-memory"])
+def test_kill_9_after_an_answer_was_paid_neither_resets_the_quota_nor_pays_the_retry(tiny_encoder, data_dir, tmp_path,
+                                                                                      state):
+    """The server scores and charges a request, then dies (kill -9) before the client reads the
+    answer. Restarted on the same --state file, it replays that answer to the client's retry and
+    its quota goes on where it stopped: what the key was charged equals what the run booked as
+    paid, and the run equals an unbroken one. Without --state both are lost: the control case."""
+    import httpx
+
+    clean, run = tmp_path / "clean", tmp_path / "run"
+    assert main(tune_args(tiny_encoder, data_dir, clean, "--no-cache", budget=60)) == 0
+    keys = tmp_path / "keys.txt"
+    keys.write_text("state-key-0123456789\n")
+    auth = {"Authorization": "Bearer state-key-0123456789"}
+    port = free_port()
+    args = ("--model", str(tiny_encoder), "--api-keys", str(keys), "--quota", "100000",
+            *(("--state", str(tmp_path / "state.sqlite")) if state else ()))
+    with running_server(*args, port=port, env={"BBT_TEST_FAULTS": "1"}) as first:
+        proc = _bbt(*tune_args(tiny_encoder, data_dir, run, "--no-cache", budget=60), "--endpoint", first.url,
+                    "--api-key", "state-key-0123456789", "--wait", "180")
+        _wait_for_lines(run / "ledger.jsonl", 4, proc)
+        # the next evaluate is scored, charged and stored, then held back: the server dies holding it
+        httpx.post(first.url + "/v1/_faults", json={"fail_next": 1, "delay_after": 60}, headers=auth)
+        deadline = time.monotonic() + 60
+        while httpx.get(first.url + "/v1/_faults", headers=auth).json()["served"] < 1:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.01)
+        faults = httpx.get(first.url + "/v1/_faults", headers=auth).json()
+        charged_before = httpx.get(first.url + "/v1/usage", headers=auth).json()["queries_used"]
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait(30)
+    assert faults["injected"] == 1 and faults["served"] >= 1
+    with running_server(*args, port=port, env={"BBT_TEST_FAULTS": "1"}) as second:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        after = httpx.get(second.url + "/v1/_faults", headers=auth).json()
+        charged = httpx.get(second.url + "/v1/usage", headers=auth).json()["queries_used"]
+    booked = json.loads((run / "metrics.json").read_text())["queries_paid"]
+    assert booked == paid(run) == paid(clean)  # the client booked each answer once
+    if state:
+        assert after["replayed"] == 1  # the held answer, to the client's retry: not scored again
+        assert charged == booked  # what the key was charged, across the kill, is what the run paid
+        assert outcome(run) == outcome(clean)
+    else:  # the control: the restarted server forgot the charges and the answer
+        assert after["replayed"] == 0
+        # the key's count started again at 0, and over both lives the held request was paid twice
+        assert charged < booked < charged_before + charged

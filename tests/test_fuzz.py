@@ -67,7 +67,8 @@ def api_schema(server_url):
 # ---- schemathesis: every operation of the OpenAPI page ------------------------------------------
 
 # Every /v1 operation; test_every_operation_is_fuzzed keeps this list in step with the app.
-OPERATIONS = ["GET /v1/health", "GET /v1/models", "GET /v1/models/{name}", "POST /v1/evaluate", "POST /v1/stats"]
+OPERATIONS = ["GET /v1/health", "GET /v1/models", "GET /v1/models/{name}", "GET /v1/usage", "POST /v1/evaluate",
+              "POST /v1/stats"]
 
 
 def test_every_operation_is_fuzzed(api_schema):

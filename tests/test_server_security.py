@@ -153,6 +153,45 @@ def test_serve_checks_quota_flags_before_loading(monkeypatch, capsys):
     monkeypatch.setenv(auth.ENV_VAR, "  ")
     with pytest.raises(ConfigError, match=auth.ENV_VAR):
         serve(["no-such-model"])
+    monkeypatch.delenv(auth.ENV_VAR)
+    with pytest.raises(ConfigError, match="--state /proc/no/such.sqlite: cannot open it"):
+        serve(["no-such-model"], state="/proc/no/such.sqlite")
+
+
+def test_quota_windows_and_answers_outlive_the_process_in_the_state_file(tmp_path):
+    """What one server process wrote to --state, the next reads: charges, window starts and stored
+    answers; a transaction that fails leaves neither its charge nor its answer."""
+    from servers.state import ServerState
+
+    clock = FakeClock()
+    path = tmp_path / "state.sqlite"
+    first = ServerState(path)
+    quotas = Quotas(quota=10, window=3600, state=first, clock=clock)
+    store = IdempotencyStore(state=first, clock=clock)
+    quotas.reserve("acc", 4)
+    assert store.begin("acc", "k1", "h1") is None
+    with first.transaction():
+        quotas.settle("acc", 4, 4)
+        store.finish("acc", "k1", b"answer one")
+    quotas.reserve("acc", 3)
+    assert store.begin("acc", "k2", "h2") is None
+    with pytest.raises(RuntimeError), first.transaction():  # the charge is written, then the process fails
+        quotas.settle("acc", 3, 3)
+        raise RuntimeError("crash before the answer is stored")
+    store.finish("acc", "k2", None)
+    first.close()
+
+    second = ServerState(path)  # a restarted server
+    clock.now += 600
+    quotas = Quotas(quota=10, window=3600, state=second, clock=clock)
+    store = IdempotencyStore(state=second, clock=clock)
+    assert quotas.used("acc") == 4  # the rolled-back charge is not there
+    assert store.begin("acc", "k1", "h1") == b"answer one"
+    assert store.begin("acc", "k2", "h2") is None  # not stored: scored afresh
+    with pytest.raises(QuotaExhausted, match="used 4 of its 10"):
+        quotas.reserve("acc", 7)
+    clock.now += 3000  # past the window that opened before the restart
+    quotas.reserve("acc", 10)
 
 
 @pytest.mark.slow

@@ -9,10 +9,12 @@ from bbt.protocol import EvaluateRequest, EvaluateResponse, ModelInfo, StatsRequ
 class LocalBackend:
     """Calls the server's evaluation code directly, with the same protocol objects as HTTP."""
 
-    def __init__(self, models: list[str] | None = None, *, device: str = "auto", compile: bool = False):
+    def __init__(self, models: list[str] | None = None, *, device: str = "auto", compile: bool = False,
+                 dtype: str = "float32"):
         """`device`: where the models run: auto (a GPU if torch sees one, else the CPU), cpu,
         cuda, cuda:N or mps. `compile`: torch.compile the models' layer blocks when they load
-        (up to a minute; slightly faster passes after)."""
+        (up to a minute; slightly faster passes after). `dtype`: float32, bfloat16 (norms,
+        softmax and read-out stay float32) or auto (bfloat16 where it pays on this hardware)."""
         try:
             from servers import service
         except ImportError as exc:
@@ -20,7 +22,7 @@ class LocalBackend:
                 f"running a model in process needs the model side ({exc.name} is missing): "
                 "pip install 'bbt[server]', or tune against a server with --endpoint URL"
             ) from None
-        self.service = service.ModelService(models or [], device=device, compile=compile)  # the model side, for benchmarks and tests
+        self.service = service.ModelService(models or [], device=device, compile=compile, dtype=dtype)  # the model side, for benchmarks and tests
 
     def model_info(self, model: str) -> ModelInfo:
         return self.service.get(model).info()
