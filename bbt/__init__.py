@@ -5,8 +5,6 @@ random projection maps them to soft prompts, and a Backend scores each populatio
 this process or on a server over HTTP.
 """
 
-__version__ = "0.1.0"
-
 from bbt.api import evaluate, local, predict, remote, run, sweep
 from bbt.budget import Budget, Ledger
 from bbt.cache import CachedBackend, EvaluationCache
@@ -26,7 +24,9 @@ from bbt.errors import (
 from bbt.optimizer import CMAES
 from bbt.projection import build_matrix, normal_spec, project, uniform_spec
 from bbt.tasks import BUILTIN_TASKS, load_task_file, resolve_task
-from bbt.tuner import Prompt, TuneResult, TuneState, tune
+from bbt.prompt import Prompt
+from bbt.tuner import TuneResult, TuneState, tune
+from bbt.version import __version__
 
 __all__ = sorted([
     "AuthError", "BBTError", "BUILTIN_TASKS", "BackendError", "Budget", "CMAES", "CachedBackend", "EvaluationCache", "ConfigError", "DataError",

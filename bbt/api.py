@@ -81,7 +81,7 @@ def run(task: str, data: str | Path, *, out: str | Path, budget: int | None = 50
 
 def _split_of(run: Path, task, split: str, data: str | Path | None):
     from bbt.data import load_task_folder
-    from bbt.runs import load_run_config
+    from bbt.rundir import load_run_config
 
     saved = load_run_config(run)
     folder = data or saved.get("data")
@@ -101,11 +101,12 @@ def evaluate(runs: str | Path | list, *, split: str = "test", data: str | Path |
     request per batch of inputs for all of them), their mean and the best; a gradient baseline:
     its adapter, in process. `progress`: a progress bar on stderr for each scoring pass."""
     from bbt import ensemble as ens
-    from bbt.runs import evaluate_split, is_gradient_run, load_artifact, scoring_bar
+    from bbt.rundir import is_gradient_run, load_artifact, member_runs
+    from bbt.scoring import evaluate_split, scoring_bar
 
     if split not in ("train", "dev", "test"):
         raise ConfigError(f"split {split!r}: train, dev or test")
-    members = ens.member_runs(runs if isinstance(runs, list) else [runs])
+    members = member_runs(runs if isinstance(runs, list) else [runs])
     with _backend(backend) as b:
         if len(members) == 1 and is_gradient_run(members[0]):
             return _evaluate_gradient(members[0], split, data, b, progress)
@@ -151,7 +152,9 @@ def evaluate(runs: str | Path | list, *, split: str = "test", data: str | Path |
 
 def _evaluate_gradient(run: Path, split: str, data, backend: Backend, progress: bool = False) -> dict:
     from bbt.protocol import TaskSpec
-    from bbt.runs import evaluate_split, gradient_logits, load_run_config, scoring_bar
+    from bbt.rundir import load_run_config
+    from bbt.runs import gradient_logits
+    from bbt.scoring import evaluate_split, scoring_bar
     from bbt.tuner import Evaluation
 
     saved = load_run_config(run)
@@ -174,10 +177,11 @@ def predict(runs: str | Path | list, texts: list[str], *, pairs: list[str] | Non
     folder; label by `vote`, probabilities the members' mean) or a gradient baseline."""
     from bbt import ensemble as ens
     from bbt.protocol import Example, TaskSpec
-    from bbt.runs import gradient_logits, is_gradient_run, load_artifact, load_run_config
+    from bbt.rundir import is_gradient_run, load_artifact, load_run_config, member_runs
+    from bbt.runs import gradient_logits
     from bbt.runs import predict as predict_prompts
 
-    members = ens.member_runs(runs if isinstance(runs, list) else [runs])
+    members = member_runs(runs if isinstance(runs, list) else [runs])
     with _backend(backend) as b:
         if len(members) == 1 and is_gradient_run(members[0]):
             task = TaskSpec.model_validate(load_run_config(members[0])["task"])

@@ -199,8 +199,9 @@ class Ledger:
         reports more is noted in `mismatches` (and in the run's summary), never silently absorbed.
         A `cached` answer counts against the budget like any other (so a run decides the same
         way with or without a cache) but adds nothing to `paid`. `paid_by` is the payer tag a
-        cached answer was stored with (`bbt.cache.evaluate`; implies `cached`): this run's own tag
-        for a step it never wrote down means the answer was billed to this run, and is booked so.
+        cached answer was stored with (`CachedBackend.evaluate_tagged`, as `bbt.session` passes it
+        on; implies `cached`): this run's own tag for a step it never wrote down means the answer
+        was billed to this run, and is booked so.
         """
         cached = cached or paid_by is not None
         if paid_by and paid_by == self.payer() and self.step not in self._steps:

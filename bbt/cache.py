@@ -166,11 +166,3 @@ class CachedBackend:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def evaluate(backend: Backend, request: EvaluateRequest, payer: str | None = None) -> tuple[EvaluateResponse, str | None]:
-    """`backend.evaluate` (any backend works here), and None when the answer was paid for now,
-    else the payer tag of the cached answer ("" when untagged): pass it to `Ledger.record`."""
-    if isinstance(backend, CachedBackend):
-        return backend.evaluate_tagged(request, payer)
-    return backend.evaluate(request), None

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from bbt import __version__
+from bbt.version import __version__
 from bbt.budget import Budget
 from bbt.config import DEFAULT_MODEL, GRADIENT_METHODS, TuneConfig
 from bbt.errors import BackendError, BBTError, ConfigError
@@ -370,10 +370,11 @@ _RESUME_OPTIONS = {"resume", "endpoint", "api_key", "timeout", "wait", "retries"
 
 
 def cmd_tune(args) -> int:
-    from bbt import ensemble
+    from bbt import rundir
     from bbt.data import limit_test, load_task_folder
     from bbt.protocol import TaskSpec
-    from bbt.runs import load_run_config, run_ensemble, run_gradient, run_tune
+    from bbt.rundir import load_run_config
+    from bbt.runs import run_ensemble, run_gradient, run_tune
     from bbt.tasks import resolve_task
 
     if args.resume:
@@ -382,7 +383,7 @@ def cmd_tune(args) -> int:
         if changed:
             raise ConfigError("--resume takes the run's settings from RUN/config.json; drop "
                               + ", ".join("--" + k.replace("_", "-") for k in changed))
-        index = Path(args.resume) / ensemble.INDEX_FILE
+        index = Path(args.resume) / rundir.INDEX_FILE
         saved = json.loads(index.read_text()) if index.exists() else load_run_config(args.resume)
         if index.exists():
             args.ensemble = len(saved["members"])
@@ -461,9 +462,9 @@ def _served_dtype(backend, model: str, args) -> str | None:
 def _after_failure(out: Path, cfg: TuneConfig) -> str:
     """What a failed or interrupted `bbt tune` leaves behind, and the way on: resume advice only
     where a run folder holds something to resume (a run that spent nothing removes its folder)."""
-    from bbt.ensemble import INDEX_FILE
+    from bbt import rundir
 
-    if not ((out / "config.json").exists() or (out / INDEX_FILE).exists()):
+    if not (rundir.is_run(out) or (out / rundir.INDEX_FILE).exists()):
         return f"nothing was spent, and no run folder is left at {out}: the same command starts afresh"
     if cfg.method in GRADIENT_METHODS:
         return f"what was spent is recorded in {out}; a gradient method does not resume: run it again with another --out"
@@ -535,9 +536,9 @@ def _with_cache(backend, args):
 
 
 def cmd_evaluate(args) -> int:
-    from bbt import api, ensemble
+    from bbt import api, rundir
 
-    _tuned_through(args, ensemble.member_runs(args.run)[0], "evaluate")
+    _tuned_through(args, rundir.member_runs(args.run)[0], "evaluate")
     if args.quiet and not args.endpoint:
         _hide_loading_bars()
     backend = make_backend(args)
@@ -551,8 +552,8 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from bbt import api, ensemble
-    from bbt.runs import is_gradient_run, load_artifact, load_run_config
+    from bbt import api, rundir
+    from bbt.rundir import is_gradient_run, load_artifact, load_run_config
     from bbt.protocol import TaskSpec
 
     run_dirs, given = args.run, list(args.texts)
@@ -561,7 +562,7 @@ def cmd_predict(args) -> int:
             raise ConfigError("give a run folder and texts: bbt predict RUN TEXT ... (or --run RUN; - reads the texts "
                               "from standard input)")
         run_dirs, given = [given[0]], given[1:]
-    runs = ensemble.member_runs(run_dirs)
+    runs = rundir.member_runs(run_dirs)
     if len(runs) == 1 and is_gradient_run(runs[0]):
         task = TaskSpec.model_validate(load_run_config(runs[0])["task"])
     else:
@@ -603,11 +604,11 @@ def _tuned_through(args, run: Path, command: str) -> None:
     """Unless --endpoint or --in-process says where the model is, point `args` at the server a run
     was tuned through (its config.json: endpoint, engine and model files), said on stderr; left
     alone for a run tuned in process (or a folder with a prompt.json alone, which does not say)."""
-    from bbt.runs import load_run_config
+    from bbt.rundir import is_run, load_run_config
 
     if args.in_process and args.endpoint:
         raise ConfigError("--in-process runs the model here and --endpoint asks a server: give one of them")
-    saved = load_run_config(run) if (Path(run) / "config.json").exists() else {}
+    saved = load_run_config(run) if is_run(run) else {}
     if args.dtype is None and not args.endpoint:
         args.dtype = saved.get("dtype")  # scored in the precision it was tuned in
     if args.endpoint or args.in_process or not saved.get("endpoint"):
@@ -627,12 +628,12 @@ def _use_saved_endpoint(args, saved: dict) -> None:
 
 
 def cmd_export(args) -> int:
-    from bbt import ensemble, export
+    from bbt import export, rundir
 
     run, out = Path(args.run), Path(args.out)
     pairs = [(run, out)]
-    if (run / ensemble.INDEX_FILE).exists():
-        pairs = [(m, out / m.name) for m in ensemble.member_runs([run])]
+    if (run / rundir.INDEX_FILE).exists():
+        pairs = [(m, out / m.name) for m in rundir.member_runs([run])]
     for src, dst in pairs:
         written = export.to_peft(src, dst, args.base_model) if args.format == "peft" else export.to_bbt(src, dst)
         print(f"wrote {written}")

@@ -3,28 +3,24 @@
 One frozen model serves many prompts (Lester et al., 2021), so the M members of an ensemble go
 out as one population of M candidates: a batch of inputs costs one request of M queries, not
 M requests. Members are combined by majority vote (the paper's) or by the mean of their class
-probabilities. An ensemble on disk is a folder of member run folders plus `ensemble.json`.
+probabilities. An ensemble on disk is a folder of member run folders plus `ensemble.json` (`bbt.rundir`).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-from bbt import metrics, runs
+from bbt import metrics, scoring
 from bbt.backends.base import Backend
 from bbt.budget import Ledger
 from bbt.data import Split
 from bbt.errors import ConfigError
 from bbt.protocol import PromptTensor, TaskSpec, Tensor
-from bbt.tuner import Prompt
+from bbt.prompt import Prompt
 
-INDEX_FILE = "ensemble.json"
-INDEX_VERSION = 1
 Vote = Literal["majority", "mean"]
 
 
@@ -43,7 +39,7 @@ def score_prompts(backend: Backend, model: str, task: TaskSpec, split: Split, pr
 
     Prompts that share a starting point p0 (members of one `--ensemble` do) and a shape travel as
     one population, materialized (p = A z) on this side since each member has its own projection:
-    one request per batch of `runs.EVAL_CHUNK` inputs for all of them. Spending is booked as evaluation.
+    one request per batch of `scoring.EVAL_CHUNK` inputs for all of them. Spending is booked as evaluation.
     `on_chunk(n)`: called after each request with its number of inputs (`passes` of them cover the split).
     """
     if not prompts:
@@ -56,7 +52,7 @@ def score_prompts(backend: Backend, model: str, task: TaskSpec, split: Split, pr
         first = prompts[members[0]]
         tensor = np.concatenate([prompts[i].materialize() for i in members])  # (M, layers, L, H)
         candidates = PromptTensor(prompts=Tensor.from_numpy(tensor), init_seed=first.init_seed, init_text=first.init_text)
-        logits, _ = runs.score_candidates(backend, model, task, split, candidates, len(members), ledger,  # (M, N, C)
+        logits, _ = scoring.score_candidates(backend, model, task, split, candidates, len(members), ledger,  # (M, N, C)
                                           on_chunk=on_chunk)
         for j, i in enumerate(members):
             out[i] = logits[j]
@@ -121,29 +117,6 @@ def evaluate(backend: Backend, model: str, task: TaskSpec, split: Split, prompts
         members_accuracy=[float(x) for x in metrics.accuracy(logits, labels)],
     )
     return scores, logits
-
-
-# ---- on disk ----------------------------------------------------------------------------------
-
-def write_index(folder: Path, members: list[str], **extra) -> None:
-    """ensemble.json: the member run folders (relative to `folder`) and how the ensemble was made."""
-    (folder / INDEX_FILE).write_text(json.dumps({"version": INDEX_VERSION, "members": members, **extra}, indent=1))
-
-
-def member_runs(runs: list[str | Path]) -> list[Path]:
-    """Run folders named on the command line, an ensemble folder standing for its members."""
-    out: list[Path] = []
-    for run in map(Path, runs):
-        index = run / INDEX_FILE
-        if index.is_file():
-            try:
-                data = json.loads(index.read_text())
-                out += [run / m for m in data["members"]]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise ConfigError(f"{index} is not a bbt ensemble index: {exc}") from None
-        else:
-            out.append(run)
-    return out
 
 
 def check_compatible(artifacts: list) -> None:

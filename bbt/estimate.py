@@ -43,7 +43,8 @@ from bbt.errors import ConfigError
 from bbt.tasks import for_family
 from bbt.projection import uniform_spec
 from bbt.protocol import EvaluateRequest, IntrinsicPrompts, ModelInfo, StatsRequest, TaskSpec, Tensor, Usage
-from bbt.runs import EVAL_CHUNK, local_service
+from bbt.runs import local_service
+from bbt.scoring import EVAL_CHUNK
 
 _FLAGS = {"queries": "--budget", "requests": "--max-requests", "examples": "--max-examples",
           "tokens": "--max-tokens", "cost": "--max-cost"}

@@ -3,7 +3,7 @@
 A run keeps its prompt as z and projection seeds (prompt.json), which only a bbt server can turn
 back into vectors (p0 needs the model's embeddings). So a run also writes the prompt as the model
 received it, p0 + A z, in RUN/prompt.safetensors (tensor "prompts", shape [layers, L, H]): the
-server returns it with the final test evaluation (`bbt.runs.evaluate_materialized`).
+server returns it with the final test evaluation (`bbt.scoring.evaluate_materialized`).
 
 `bbt export --format peft` writes a BBT prompt as a PEFT PROMPT_TUNING adapter (adapter_config.json,
 adapter_model.safetensors with "prompt_embeddings" [L, H]). PEFT puts its virtual tokens before
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from bbt import rundir
 from bbt.errors import ConfigError
 
-PROMPT_FILE = "prompt.safetensors"
 DEEP_PROMPT_FORMAT = "bbt-deep-prompt"
 DEEP_PROMPT_VERSION = 1
 
@@ -45,7 +45,7 @@ def load_prompts(run: str | Path) -> np.ndarray:
     """RUN/prompt.safetensors: [layers, L, H]."""
     from safetensors.numpy import load_file
 
-    path = Path(run) / PROMPT_FILE
+    path = Path(run) / rundir.PROMPTS_FILE
     if not path.is_file():
         raise ConfigError(f"{path} is missing: the run was made before bbt wrote materialized prompts, or did not "
                           "finish; tune it again (or finish it with bbt tune --resume)")
@@ -60,9 +60,7 @@ def _refuse_existing(out: Path, names: tuple[str, ...]) -> None:
 
 def to_peft(run: str | Path, out: str | Path, base_model: str | None = None) -> Path:
     """Write a BBT run's prompt as a PEFT PROMPT_TUNING adapter in `out`; returns `out`."""
-    from bbt.runs import load_artifact
-
-    artifact = load_artifact(run)
+    artifact = rundir.load_artifact(run)
     if artifact.method != "bbt" or len(artifact.z) != 1:
         raise ConfigError(f"{run} is a {artifact.method} run: its prompt is added to the hidden states of every layer, "
                           "which no PEFT method does; export it with --format bbt (bbt's own deep-prompt file)")
@@ -102,9 +100,7 @@ def to_peft(run: str | Path, out: str | Path, base_model: str | None = None) -> 
 
 def to_bbt(run: str | Path, out: str | Path) -> Path:
     """Write any run's prompt (BBT or BBTv2) as bbt's deep-prompt file in `out`; returns `out`."""
-    from bbt.runs import load_artifact
-
-    artifact = load_artifact(run)
+    artifact = rundir.load_artifact(run)
     prompts = load_prompts(run)
     out = Path(out)
     _refuse_existing(out, ("prompts.safetensors", "bbt_prompt.json"))

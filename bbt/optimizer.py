@@ -2,7 +2,8 @@
 
 pycma draws its Gaussian samples through the `randn` option; we hand it a numpy Generator of our
 own so that a run depends on its seed alone (not on whatever else touched `np.random`), and so
-that pickling the optimizer pickles the generator too: a resumed run continues exactly.
+that pickling pycma's state (`.es`, what a checkpoint keeps) pickles the generator too: a resumed
+run continues exactly.
 """
 
 from __future__ import annotations
@@ -61,6 +62,13 @@ class CMAES:
         x0 = np.zeros(dim) if x0 is None else np.asarray(x0, dtype=float)
         self.es = cma.CMAEvolutionStrategy(x0, sigma, inopts=opts)
         self.dim, self.popsize = dim, popsize
+
+    @classmethod
+    def from_state(cls, es: cma.CMAEvolutionStrategy) -> CMAES:
+        """The optimizer around a pycma state saved earlier (`.es`, pickled with its sampler)."""
+        self = cls.__new__(cls)
+        self.es, self.dim, self.popsize = es, int(es.N), int(es.popsize)
+        return self
 
     def ask(self) -> np.ndarray:
         """The next generation's candidates, shape [popsize, dim]."""

@@ -1,14 +1,5 @@
-"""A tuning run from start to finish, and its folder on disk.
-
-    RUN/config.json    the TuneConfig, task and data the run used
-    RUN/ledger.jsonl   one line per request: what it cost, fsynced before the next request goes out
-    RUN/log.jsonl      one line per generation
-    RUN/state.pkl      the search after its last complete generation (what --resume continues;
-                       its CMA-ES states in RUN/state.pkl.parts/)
-    RUN/prompt.json    the artifact: z, projection specs, model, task (versioned)
-    RUN/prompt.safetensors  the prompt as the model received it, p0 + A z: "prompts" [layers, L, H]
-    RUN/path.json      each time the prompt to return changed: queries used and z (the prompt at a smaller budget)
-    RUN/metrics.json   train/dev/test scores, zero-prompt (z = 0) and no-prompt baselines, spending, timings
+"""A run from start to finish: a search (`run_tune`), a gradient baseline (`run_gradient`) or an
+ensemble (`run_ensemble`), each in a run folder (`bbt.rundir` names its files).
 
 A run killed at any moment (kill -9 included) is continued with `run_tune(..., resume=True)`
 (`bbt tune --resume RUN`): it reloads the last checkpoint, rewinds the ledger to it, and redoes
@@ -21,120 +12,25 @@ twice.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError
 
-from bbt import __version__, cache, checkpoint, export, jsonfile, metrics, verbalizers
+from bbt import checkpoint, ensemble, export, jsonfile, metrics, rundir, scoring, verbalizers
 from bbt.backends.base import Backend
+from bbt.checkpoint import RunState
 from bbt.budget import Budget, Ledger
 from bbt.config import GRADIENT_METHODS, TuneConfig, check_mode, with_family_defaults
 from bbt.data import Split, TaskData
 from bbt.errors import ConfigError
-from bbt.protocol import EvaluateRequest, Example, ProjectionSpec, TaskSpec, Usage
+from bbt.protocol import Example, ModelInfo, TaskSpec
+from bbt.rundir import PromptArtifact
 from bbt.tasks import for_family
-from bbt.tuner import Evaluation, Prompt, TuneState, tune
-
-ARTIFACT_VERSION = 1
-STATE_FILE = "state.pkl"
-PATH_FILE = "path.json"
-RUN_FILES = ("config.json", "ledger.jsonl", "log.jsonl", STATE_FILE, "prompt.json", "prompt.safetensors", PATH_FILE,
-             "metrics.json")
-EVAL_CHUNK = 500  # examples per evaluation request (servers cap N per request)
-
-
-class PromptArtifact(BaseModel):
-    """prompt.json: everything needed to use a tuned prompt again (A is rebuilt from its seed)."""
-
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
-
-    version: int = ARTIFACT_VERSION
-    method: str
-    model: str
-    task: TaskSpec
-    prompt_length: int
-    z: list[list[float]]  # (layers, d)
-    projections: list[ProjectionSpec]
-    init_seed: int | None = None  # p0: the server's vocabulary embeddings drawn with this seed; none: zeros
-    init_text: str | None = None  # p0: the embeddings of this text's last L tokens (repeated if shorter)
-    # where the prompt sits (`ModelInfo.prompt_placement`): after `prompt_position` leading special tokens
-    prompt_placement: str | None = None
-    prompt_position: int | None = None
-    # the task with its own words, where `task` holds words chosen on train (`--verbalizer auto`):
-    # the plain-model baseline is read through these, as in metrics.json's no_prompt_test_acc
-    plain_task: TaskSpec | None = None
-
-    def prompt(self) -> Prompt:
-        return Prompt(z=np.asarray(self.z, dtype=np.float64), projections=self.projections,
-                      prompt_length=self.prompt_length, init_seed=self.init_seed, init_text=self.init_text)
-
-
-@dataclass
-class RunState:
-    """RUN/state.pkl: the no-prompt baseline (scored first) and the search after its last generation."""
-
-    plain: Evaluation
-    ledger_step: int  # where the ledger stands when `tuning` is None
-    tuning: TuneState | None = None
-    choice: verbalizers.Choice | None = None  # verbalizer auto: what was chosen, before the search
-    chosen_plain: Evaluation | None = None  # the model without a soft prompt, read through the chosen words
-
-
-def evaluate_split(backend: Backend, model: str, task: TaskSpec, split: Split, prompt: Prompt | None,
-                   ledger: Ledger | None = None, loss: str = "ce", on_chunk=None) -> tuple[Evaluation, np.ndarray]:
-    """Scores of one prompt (None: the model without a soft prompt) on a whole split; logits [N, C].
-
-    Large splits go out in chunks of EVAL_CHUNK examples; spending is booked as evaluation.
-    `on_chunk(n)` is called with each chunk's number of examples once it is scored (a progress bar).
-    """
-    ev, logits, _ = _score_split(backend, model, task, split, prompt, ledger, loss, on_chunk=on_chunk)
-    return ev, logits
-
-
-def evaluate_materialized(backend: Backend, model: str, task: TaskSpec, split: Split, prompt: Prompt,
-                          ledger: Ledger | None = None, on_chunk=None) -> tuple[Evaluation, np.ndarray, np.ndarray]:
-    """`evaluate_split`, and the prompt as the model received it (p0 + A z, [layers, L, H]) from the
-    same requests: only the server knows p0, and asking it separately would cost a query."""
-    return _score_split(backend, model, task, split, prompt, ledger, "ce", return_prompts=True, on_chunk=on_chunk)
-
-
-def score_candidates(backend, model: str, task: TaskSpec, split: Split, candidates, k: int,
-                     ledger: Ledger | None, loss: str = "ce", return_prompts: bool = False, on_chunk=None):
-    """Class logits [K, N, C] of `k` candidates (a request's `candidates`, None: no soft prompt) on
-    a split, one request per EVAL_CHUNK inputs, each booked as evaluation (k queries); with
-    `return_prompts`, also the prompts [K, layers, L, H] the server received. `on_chunk(n)`: called
-    after each request with its number of inputs."""
-    chunks, received = [], None
-    for start in range(0, len(split), EVAL_CHUNK):
-        inputs = split.examples[start : start + EVAL_CHUNK]
-        req = EvaluateRequest(model=model, task=task, inputs=inputs, return_logits=True, loss=loss,
-                              candidates=candidates, return_prompts=return_prompts and start == 0)
-        resp, paid_by = cache.evaluate(backend, req, None if ledger is None else ledger.payer())
-        if ledger is not None:
-            ledger.record(resp.usage, expected=Usage(queries=k, requests=1, examples=k * len(inputs),
-                                                     tokens=resp.usage.tokens), tuning=False, paid_by=paid_by)
-        chunks.append(resp.logits.to_numpy())  # (K, n, C)
-        if req.return_prompts:
-            if resp.prompts is None:
-                raise ConfigError("the server did not return the prompts it received (return_prompts): it runs an "
-                                  "older bbt")
-            received = resp.prompts.to_numpy()
-        if on_chunk is not None:
-            on_chunk(len(inputs))
-    return np.concatenate(chunks, axis=1), received
-
-
-def _score_split(backend, model, task, split, prompt, ledger, loss, return_prompts: bool = False, on_chunk=None):
-    candidates = None if prompt is None else prompt.candidates()
-    logits, received = score_candidates(backend, model, task, split, candidates, 1, ledger, loss, return_prompts,
-                                        on_chunk)
-    return Evaluation.of(logits[0], split.labels, task.metric, loss), logits[0], None if received is None else received[0]
+from bbt.tuner import Evaluation, TuneState, tune
+from bbt.version import __version__
 
 
 def run_tune(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out: str | Path, *,
@@ -155,35 +51,35 @@ def run_tune(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, 
     cfg = with_family_defaults(cfg, info.family, info.modes)  # e.g. a causal LM's prompt length, where cfg does not say
     check_mode(cfg, info)  # before anything is written or spent
     if resume:
-        if not (out / "config.json").exists():
+        if not (out / rundir.CONFIG_FILE).exists():
             raise ConfigError(f"{out} is not a run folder (no config.json): nothing to resume")
-        if (out / "metrics.json").exists():
-            finished = json.loads((out / "metrics.json").read_text())
+        finished = rundir.read_metrics(out)
+        if finished is not None:
             log(f"{out} is already finished; its metrics:")
             log(jsonfile.dumps(finished, indent=2))
             return finished
         saved = _load_state(out)
-        run_id = json.loads((out / "config.json").read_text()).get("run_id")  # None in folders from before run ids
+        run_id = rundir.load_run_config(out).get("run_id")  # None in folders from before run ids
         undo = contextlib.nullcontext()
     else:
         check_budget(cfg, info.family, log)
         if replace:
-            for name in RUN_FILES:
+            for name in rundir.RUN_FILES:
                 (out / name).unlink(missing_ok=True)
-            checkpoint.remove(out / STATE_FILE)
-        if (out / "ledger.jsonl").exists():
+            checkpoint.remove(out / rundir.STATE_FILE)
+        if (out / rundir.LEDGER_FILE).exists():
             raise ConfigError(f"{out} already holds a run: continue it with bbt tune --resume {out}, "
                               "or pick another --out")
         undo = _undone_unless_spent(out)
         run_id = uuid.uuid4().hex  # tags what this run pays for in a shared evaluation cache
     with undo:
         if not resume:
-            jsonfile.write(out / "config.json", {
+            jsonfile.write(out / rundir.CONFIG_FILE, {
                 "bbt_version": __version__, "run_id": run_id, "config": cfg.model_dump(), "task": task.model_dump(),
                 "engine": info.engine, **(context or {})}, indent=2)
-        ledger = Ledger(cfg.budget, out / "ledger.jsonl", run_id=run_id)
+        ledger = Ledger(cfg.budget, out / rundir.LEDGER_FILE, run_id=run_id)
         try:
-            return _run(cfg, task, data, backend, out, ledger, saved, progress=progress, log=log,
+            return _run(cfg, task, data, backend, info, out, ledger, saved, progress=progress, log=log,
                         wall_start=wall_start, report_to=report_to)
         finally:
             ledger.close()
@@ -210,16 +106,18 @@ def check_budget(cfg: TuneConfig, family: str, log=print) -> None:
 
 
 def _load_state(out: Path) -> RunState | None:
-    """RUN/state.pkl, or None before the first checkpoint; a damaged one is refused with the way on."""
-    path = out / STATE_FILE
+    """RUN/state.json, or None before the first checkpoint; a damaged one, or one of an earlier bbt,
+    is refused with the way on."""
+    path = out / rundir.STATE_FILE
     try:
         return checkpoint.load(path)
     except ConfigError as exc:
+        files = [f for f in (path, checkpoint.parts_dir(path), out / checkpoint.LEGACY_FILE,
+                             out / (checkpoint.LEGACY_FILE + ".parts")) if f.exists()]
         raise ConfigError(
-            f"{exc}\nto start this run's search over in the same folder, delete {path} and "
-            f"{checkpoint.parts_dir(path)}, then run bbt tune --resume {out} again (what was paid stays in its "
-            "ledger; an evaluation cache answers the repeated requests at no cost); or tune again with another "
-            "--out") from None
+            f"{exc}\nto start this run's search over in the same folder, delete {' and '.join(map(str, files))}, "
+            f"then run bbt tune --resume {out} again (what was paid stays in its ledger; an evaluation cache answers "
+            "the repeated requests at no cost); or tune again with another --out") from None
 
 
 def below_plain(m: dict) -> str | None:
@@ -242,7 +140,7 @@ def below_plain(m: dict) -> str | None:
 
 
 @contextlib.contextmanager
-def _undone_unless_spent(out: Path, files: tuple[str, ...] = RUN_FILES, spent=None):
+def _undone_unless_spent(out: Path, files: tuple[str, ...] = rundir.RUN_FILES, spent=None):
     """Make `out` for a new run; if the run fails (Ctrl-C included) before it has spent anything,
     remove `files` from it, and the folder if this made it: there is nothing to resume, and the
     same --out can be used again. `spent()` says whether it has (default: its ledger holds an answer)."""
@@ -254,7 +152,7 @@ def _undone_unless_spent(out: Path, files: tuple[str, ...] = RUN_FILES, spent=No
         if not (spent() if spent is not None else _ledger_written(out)):
             for name in files:
                 (out / name).unlink(missing_ok=True)
-            checkpoint.remove(out / STATE_FILE)
+            checkpoint.remove(out / rundir.STATE_FILE)
             if made:
                 with contextlib.suppress(OSError):
                     out.rmdir()
@@ -263,20 +161,20 @@ def _undone_unless_spent(out: Path, files: tuple[str, ...] = RUN_FILES, spent=No
 
 def _ledger_written(out: Path) -> bool:
     """Whether RUN/ledger.jsonl holds a line: a request answered and booked."""
-    ledger = out / "ledger.jsonl"
+    ledger = out / rundir.LEDGER_FILE
     return ledger.exists() and ledger.stat().st_size > 0
 
 
-def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out: Path, ledger: Ledger,
-         saved: RunState | None, *, progress: bool, log, wall_start: float, report_to: str = "none") -> dict:
+def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, info: ModelInfo, out: Path,
+         ledger: Ledger, saved: RunState | None, *, progress: bool, log, wall_start: float, report_to: str = "none") -> dict:
     for note in data.notes:
         log(f"note: {note}")
     if saved is None:
         ledger.rewind(0)  # killed before its first checkpoint: start over (what it paid stays in the ledger)
-        with scoring_bar(f"scoring {data.test_name}: no prompt", len(data.test), progress) as tick:
-            plain, _ = evaluate_split(backend, cfg.model, task, data.test, None, ledger, on_chunk=tick)
+        with scoring.scoring_bar(f"scoring {data.test_name}: no prompt", len(data.test), progress) as tick:
+            plain, _ = scoring.evaluate_split(backend, cfg.model, task, data.test, None, ledger, on_chunk=tick)
         saved = RunState(plain=plain, ledger_step=ledger.step)
-        checkpoint.save(out / STATE_FILE, saved)
+        checkpoint.save(out / rundir.STATE_FILE, saved)
     else:
         state = saved.tuning
         ledger.rewind(saved.ledger_step if state is None else state.ledger_step)
@@ -284,21 +182,22 @@ def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out:
             f"({ledger.tuning.queries} queries used, {ledger.paid.queries} paid so far)")
     plain = saved.plain
     log(f"no-prompt {data.test_name} accuracy: {plain.accuracy:.4f}")
-    family = backend.model_info(cfg.model).family
+    family = info.family
     if cfg.verbalizer == "auto" and saved.choice is None and saved.tuning is None:
         saved.choice = verbalizers.choose(backend, cfg.model, family, task, data.train, data.dev, ledger, cfg.label_words)
         if saved.choice.task != task:
-            with scoring_bar(f"scoring {data.test_name}: no prompt, chosen words", len(data.test), progress) as tick:
-                saved.chosen_plain, _ = evaluate_split(backend, cfg.model, saved.choice.task, data.test, None, ledger,
+            with scoring.scoring_bar(f"scoring {data.test_name}: no prompt, chosen words", len(data.test), progress) as tick:
+                saved.chosen_plain, _ = scoring.evaluate_split(backend, cfg.model, saved.choice.task, data.test, None, ledger,
                                                        on_chunk=tick)
         saved.ledger_step = ledger.step
-        checkpoint.save(out / STATE_FILE, saved)
+        checkpoint.save(out / rundir.STATE_FILE, saved)
     own_words = task
     if saved.choice is not None:
         task = saved.choice.task
         c = saved.choice
         log(f"verbalizer: {c.label_words} word(s) per class ({c.queries} queries; held-out accuracy by words: "
-            + ", ".join(f"{k}: {v:.3f}" for k, v in c.held_out.items()) + ")"
+            + ", ".join(f"{k}: {v:.3f}" + (f" (z {c.beats_own[k]:+.2f})" if k in c.beats_own else "")
+                        for k, v in c.held_out.items()) + f"; more words need z > {metrics.CHANCE_MARGIN})"
             + (f"; no-prompt {data.test_name} accuracy with them: {saved.chosen_plain.accuracy:.4f}"
                if saved.chosen_plain else ""))
 
@@ -306,7 +205,7 @@ def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out:
     if bar is not None:
         bar.update(ledger.tuning.queries)
     history = [] if saved.tuning is None else saved.tuning.history
-    log_file = (out / "log.jsonl").open("w")  # rewritten up to the checkpoint: generations after it are redone
+    log_file = (out / rundir.LOG_FILE).open("w")  # rewritten up to the checkpoint: generations after it are redone
     log_file.writelines(jsonfile.dumps(record) + "\n" for record in history)
 
     board = _tensorboard(out) if report_to == "tensorboard" else None
@@ -328,7 +227,7 @@ def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out:
 
     def on_state(state: TuneState) -> None:
         saved.tuning = state
-        checkpoint.save(out / STATE_FILE, saved)
+        checkpoint.save(out / rundir.STATE_FILE, saved)
 
     try:
         result = tune(backend, cfg, task, data.train, data.dev, ledger, on_generation, state=saved.tuning, on_state=on_state)
@@ -342,21 +241,20 @@ def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out:
         log("warning: the budget ran out before the search began, so no generation ran: the prompt is its untuned "
             "start (z = 0); give a larger budget")
     prompt = result.prompt
-    info = backend.model_info(cfg.model)
     artifact = PromptArtifact(method=cfg.method, model=cfg.model, task=task, prompt_length=cfg.prompt_length,
                               z=prompt.z.tolist(), projections=prompt.projections, init_seed=prompt.init_seed,
                               init_text=prompt.init_text,
                               prompt_placement=info.prompt_placement, prompt_position=info.prompt_position,
                               plain_task=own_words if own_words != task else None)
-    (out / "prompt.json").write_text(artifact.model_dump_json(indent=1))
-    jsonfile.write(out / PATH_FILE, {"version": 1, "points": [{"queries": q, "z": z.tolist()} for q, z in result.path]})
+    (out / rundir.ARTIFACT_FILE).write_text(artifact.model_dump_json(indent=1))
+    jsonfile.write(out / rundir.PATH_FILE, {"version": 1, "points": [{"queries": q, "z": z.tolist()} for q, z in result.path]})
     # the plain model on dev too, so that a prompt below it there is said (a folder without a test set: the same split)
-    plain_dev = plain if data.test is data.dev else evaluate_split(backend, cfg.model, own_words, data.dev, None,
+    plain_dev = plain if data.test is data.dev else scoring.evaluate_split(backend, cfg.model, own_words, data.dev, None,
                                                                    ledger)[0]
-    with scoring_bar(f"scoring {data.test_name}: z = 0, tuned", 2 * len(data.test), progress) as tick:
-        zero, _ = evaluate_split(backend, cfg.model, task, data.test, prompt.untuned(), ledger, on_chunk=tick)
-        tuned, _, received = evaluate_materialized(backend, cfg.model, task, data.test, prompt, ledger, on_chunk=tick)
-    export.save_prompts(out / export.PROMPT_FILE, received, method=cfg.method, model=cfg.model,
+    with scoring.scoring_bar(f"scoring {data.test_name}: z = 0, tuned", 2 * len(data.test), progress) as tick:
+        zero, _ = scoring.evaluate_split(backend, cfg.model, task, data.test, prompt.untuned(), ledger, on_chunk=tick)
+        tuned, _, received = scoring.evaluate_materialized(backend, cfg.model, task, data.test, prompt, ledger, on_chunk=tick)
+    export.save_prompts(out / rundir.PROMPTS_FILE, received, method=cfg.method, model=cfg.model,
                         prompt_placement=info.prompt_placement, prompt_position=info.prompt_position)
     dev = result.dev
     search_queries = ledger.tuning.queries - (saved.choice.queries if saved.choice is not None else 0)
@@ -397,12 +295,14 @@ def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out:
         c = saved.choice
         out_metrics["verbalizer"] = {
             "label_words": c.label_words, "held_out_by_label_words": {str(k): v for k, v in c.held_out.items()},
+            # each K > 1's sign test against the own words on the same inputs (eligible above CHANCE_MARGIN)
+            "sign_test_z_by_label_words": {str(k): round(z, 3) for k, z in c.beats_own.items()},
             "queries": c.queries, "entries": task.label_texts if family == "encoder" else task.verbalizer,
         }
         # what the chosen words alone buy, before any soft prompt
         out_metrics["no_prompt_verbalizer_test_acc"] = (saved.chosen_plain or plain).accuracy
     out_metrics["wall_seconds"] = round(time.perf_counter() - wall_start, 3)
-    jsonfile.write(out / "metrics.json", out_metrics, indent=2)
+    out_metrics = rundir.write_metrics(out, **out_metrics)
     log(f"tuned {data.test_name} accuracy: {tuned.accuracy:.4f} (zero prompt z = 0: {zero.accuracy:.4f}, "
         f"no prompt: {plain.accuracy:.4f})"
         + (f", F1 {tuned.metric:.4f} (zero prompt {zero.metric:.4f}, no prompt {plain.metric:.4f})" if task.metric == "f1" else ""))
@@ -457,21 +357,21 @@ def run_gradient(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backe
                           "own words (give a task file with the words you want)")
     pm = service.get(cfg.model)
     gradient.check(pm, cfg.method, cfg.prompt_length)
-    if (out / "config.json").exists():
+    if (out / rundir.CONFIG_FILE).exists():
         raise ConfigError(f"{out} already holds a run: pick another --out (nothing was overwritten)")
     with _undone_unless_spent(out):
-        jsonfile.write(out / "config.json", {"bbt_version": __version__, "config": cfg.model_dump(),
+        jsonfile.write(out / rundir.CONFIG_FILE, {"bbt_version": __version__, "config": cfg.model_dump(),
                                              "task": task.model_dump(), **(context or {})}, indent=2)
-        ledger = Ledger(cfg.budget, out / "ledger.jsonl")  # the no-prompt baseline is scored like any run's
+        ledger = Ledger(cfg.budget, out / rundir.LEDGER_FILE)  # the no-prompt baseline is scored like any run's
         try:
-            plain, _ = evaluate_split(backend, cfg.model, task, data.test, None, ledger)
+            plain, _ = scoring.evaluate_split(backend, cfg.model, task, data.test, None, ledger)
         finally:
             ledger.close()
     log(f"no-prompt {data.test_name} accuracy: {plain.accuracy:.4f}")
     opt, lr, source = gradient.DEFAULTS[cfg.method]
     log(f"{cfg.method}: {opt}, learning rate {cfg.lr or lr} ({'given' if cfg.lr else source}), up to {cfg.epochs} "
         f"epochs of batches of {cfg.batch_size}")
-    with (out / "log.jsonl").open("w") as log_file:
+    with (out / rundir.LOG_FILE).open("w") as log_file:
         def on_epoch(record: dict) -> None:
             log_file.write(jsonfile.dumps(record) + "\n")
             log_file.flush()
@@ -480,7 +380,7 @@ def run_gradient(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backe
                                 method=cfg.method, length=cfg.prompt_length, seed=cfg.search, lr=cfg.lr,
                                 epochs=cfg.epochs, batch_size=cfg.batch_size,
                                 patience=10 if cfg.patience is None else cfg.patience, on_epoch=on_epoch)
-    result.peft_model.save_pretrained(str(out / "adapter"))
+    result.peft_model.save_pretrained(str(out / rundir.ADAPTER_DIR))
     test_logits = gradient.predict_logits(pm, result.peft_model, task, data.test.examples, cfg.method)
     test = Evaluation.of(test_logits, data.test.labels, task.metric)
     out_metrics = {
@@ -500,7 +400,7 @@ def run_gradient(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backe
         out_metrics.update(train_f1=result.train.metric, dev_f1=result.dev.metric, test_f1=test.metric,
                            no_prompt_test_f1=plain.metric)
     out_metrics["wall_seconds"] = round(time.perf_counter() - wall_start, 3)
-    jsonfile.write(out / "metrics.json", out_metrics, indent=2)
+    out_metrics = rundir.write_metrics(out, **out_metrics)
     log(f"{cfg.method} {data.test_name} accuracy: {test.accuracy:.4f} (no prompt: {plain.accuracy:.4f}); "
         f"{result.epochs} epochs, best {result.best_epoch}, {result.backward_passes} backward passes, "
         f"{result.trainable_parameters} trainable parameters")
@@ -513,7 +413,7 @@ def run_gradient(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backe
 
 def gradient_logits(backend: Backend, run: str | Path, examples: list[Example]) -> tuple[TaskSpec, np.ndarray]:
     """The task and class scores [N, C] of a gradient baseline's run folder (its PEFT adapter), in process."""
-    saved = load_run_config(run)
+    saved = rundir.load_run_config(run)
     cfg, task = TuneConfig.model_validate(saved["config"]), TaskSpec.model_validate(saved["task"])
     service = local_service(backend)
     if service is None:
@@ -522,14 +422,9 @@ def gradient_logits(backend: Backend, run: str | Path, examples: list[Example]) 
     from servers import gradient
 
     pm = service.get(cfg.model)
-    model = gradient.load(pm, str(Path(run) / "adapter"), cfg.method)
+    model = gradient.load(pm, str(Path(run) / rundir.ADAPTER_DIR), cfg.method)
     with pm.lock:
         return task, gradient.predict_logits(pm, model, task, examples, cfg.method)
-
-
-def is_gradient_run(run: str | Path) -> bool:
-    """A folder written by `run_gradient` (a PEFT adapter, no bbt prompt)."""
-    return (Path(run) / "adapter").is_dir() and not (Path(run) / "prompt.json").exists()
 
 
 def share_budget(budget: Budget, n: int) -> Budget:
@@ -557,31 +452,29 @@ def run_ensemble(cfg: TuneConfig, n: int, task: TaskSpec, data: TaskData, backen
     folder OUT/member-i (resumable on its own); OUT/ensemble.json lists them. With `resume`,
     finished members are kept and a member cut short continues from its checkpoint.
     """
-    from bbt import ensemble
-
     out = Path(out)
     info = backend.model_info(cfg.model)
     cfg = with_family_defaults(cfg, info.family, info.modes)
     check_mode(cfg, info)
-    if not resume and (out / ensemble.INDEX_FILE).exists():
+    if not resume and (out / rundir.INDEX_FILE).exists():
         raise ConfigError(f"{out} already holds an ensemble: continue it with bbt tune --resume {out}, or pick another --out")
     names = [f"member-{i + 1}" for i in range(n)]
     member_cfg = cfg.model_copy(update={"budget": share_budget(cfg.budget, n)})
     if not resume:
         check_budget(member_cfg, info.family, log=lambda *a: None)  # each member says what a small budget runs
     undo = contextlib.nullcontext() if resume else _undone_unless_spent(
-        out, files=(ensemble.INDEX_FILE,), spent=lambda: any((out / name / "config.json").exists() for name in names))
+        out, files=(rundir.INDEX_FILE,), spent=lambda: any((out / name / rundir.CONFIG_FILE).exists() for name in names))
     results = []
     with undo:
         out.mkdir(parents=True, exist_ok=True)
-        ensemble.write_index(out, names, config=cfg.model_dump(), task=task.model_dump(), **(context or {}))
+        rundir.write_index(out, names, config=cfg.model_dump(), task=task.model_dump(), **(context or {}))
         for i, name in enumerate(names):
             log(f"member {i + 1} of {n} (search seed {cfg.search + i})")
             mc = member_cfg.model_copy(update={"search_seed": cfg.search + i})
-            started = (out / name / "config.json").exists()
+            started = (out / name / rundir.CONFIG_FILE).exists()
             results.append(run_tune(mc, task, data, backend, out / name, context=context, progress=progress, log=log,
                                     resume=started))
-    artifacts = [load_artifact(out / name) for name in names]
+    artifacts = [rundir.load_artifact(out / name) for name in names]
     # the members read the task through the words they chose (--verbalizer auto): the same split
     # and model choose the same words, whatever the search seed
     task = artifacts[0].task
@@ -589,7 +482,7 @@ def run_ensemble(cfg: TuneConfig, n: int, task: TaskSpec, data: TaskData, backen
         raise ConfigError(f"the members of {out} read the task through different words; tune the ensemble again "
                           "with --verbalizer manual, or with --label-words K")
     prompts = [a.prompt() for a in artifacts]
-    ledger = Ledger(Budget(), out / "ledger.jsonl")  # what scoring the ensemble spends (evaluation: no limit)
+    ledger = Ledger(Budget(), out / rundir.LEDGER_FILE)  # what scoring the ensemble spends (evaluation: no limit)
     try:
         dev, _ = ensemble.evaluate(backend, cfg.model, task, data.dev, prompts, "majority", ledger)
         test_logits = ensemble.score_prompts(backend, cfg.model, task, data.test, prompts, ledger)
@@ -615,7 +508,7 @@ def run_ensemble(cfg: TuneConfig, n: int, task: TaskSpec, data: TaskData, backen
         "tuning_seconds": round(sum(r["tuning_seconds"] for r in results), 3),
     }
     out_metrics["test_acc"] = votes["majority"].accuracy
-    jsonfile.write(out / "metrics.json", out_metrics, indent=2)
+    out_metrics = rundir.write_metrics(out, **out_metrics)
     key = "acc" if task.metric == "acc" else "f1"
     log(f"ensemble of {n}, {data.test_name} {key}: majority {out_metrics[f'test_{key}_majority_vote']:.4f}, "
         f"mean vote {out_metrics[f'test_{key}_mean_vote']:.4f}; members {', '.join(f'{m:.4f}' for m in members)} "
@@ -632,62 +525,10 @@ def _tensorboard(out: Path):
     return SummaryWriter(str(out / "tensorboard"))
 
 
-def load_artifact(run: str | Path) -> PromptArtifact:
-    """The prompt.json of a run folder, with a clear error for a missing or bad file."""
-    path = Path(run) / "prompt.json"
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{run} is not a run folder: {path} is missing (run bbt tune --out {run} first)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path} is not valid JSON ({exc}): {_rebuild_hint(Path(run))}") from exc
-    if isinstance(data, dict) and data.get("version", 0) > ARTIFACT_VERSION:
-        import warnings
-
-        warnings.warn(f"{path} was written by a newer bbt (format {data['version']}); reading what this version knows",
-                      stacklevel=2)
-    try:
-        return PromptArtifact.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(f"{path} is not a bbt prompt artifact ({exc.errors()[0]['msg']} at {exc.errors()[0]['loc']}): "
-                          f"{_rebuild_hint(Path(run))}") from exc
-
-
-def _rebuild_hint(run: Path) -> str:
-    """The way on from a damaged RUN/prompt.json: write it again from the run's last checkpoint, or tune again."""
-    if (run / STATE_FILE).exists():
-        return (f"delete it and {run / 'metrics.json'}, then bbt tune --resume {run} writes both again from the run's "
-                "last checkpoint (no tuning query is spent again; the test split is scored again)")
-    return "the run keeps no checkpoint to write it again from: tune again, with another --out"
-
-
-def prompt_at(run: str | Path, queries: int) -> Prompt:
-    """The prompt a finished run would have returned with a budget of `queries` (RUN/path.json)."""
-    artifact = load_artifact(run)
-    try:
-        points = json.loads((Path(run) / PATH_FILE).read_text())["points"]
-    except FileNotFoundError:
-        raise ConfigError(f"{run} has no {PATH_FILE}: it did not finish, or an older bbt made it") from None
-    prompt = artifact.prompt()
-    z = next((p["z"] for p in reversed(points) if p["queries"] <= queries), None)
-    prompt.z = np.zeros_like(prompt.z) if z is None else np.asarray(z, dtype=np.float64)
-    return prompt
-
-
-def load_run_config(run: str | Path) -> dict:
-    path = Path(run) / "config.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{run} is not a run folder: {path} is missing") from None
-
-
 def predict(backend: Backend, artifact: PromptArtifact | list[PromptArtifact], texts: list[str],
             pairs: list[str] | None = None, model: str | None = None, vote: str = "majority") -> list[tuple[str, list[float]]]:
     """Label and class probabilities for each text with a tuned prompt, or with an ensemble (a list
     of artifacts, scored in one request: the label by `vote`, the probabilities the members' mean)."""
-    from bbt import ensemble
-
     artifacts = artifact if isinstance(artifact, list) else [artifact]
     first = artifacts[0]
     if first.task.pair and (pairs is None or len(pairs) != len(texts)):
@@ -706,16 +547,3 @@ def _progress_bar(total: int | None, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, unit="query", desc="tuning", dynamic_ncols=True)
-
-
-@contextlib.contextmanager
-def scoring_bar(what: str, examples: int, enabled: bool):
-    """A progress bar over the `examples` a scoring pass sends (it moves once per request of up to
-    EVAL_CHUNK); yields its `on_chunk` callback, None when bars are off. Gone once the pass ends."""
-    if not enabled:
-        yield None
-        return
-    from tqdm import tqdm
-
-    with tqdm(total=examples, unit="example", desc=what, dynamic_ncols=True, leave=False) as bar:
-        yield bar.update

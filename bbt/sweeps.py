@@ -185,7 +185,9 @@ def _backend(spec: SweepSpec, cell_index: int):
 def run_cell(spec: SweepSpec, cell: Cell, out: Path, backend, log=lambda *a: None) -> list[dict] | None:
     """Run one cell (unless another worker holds it) and write its scores; its rows, or None if left to another."""
     from bbt.data import limit_test, load_task_folder
-    from bbt.runs import evaluate_split, load_artifact, prompt_at, run_gradient, run_tune
+    from bbt.rundir import is_run, load_artifact, prompt_at, read_metrics
+    from bbt.runs import run_gradient, run_tune
+    from bbt.scoring import evaluate_split
     from bbt.tasks import BUILTIN_TASKS, for_family, resolve_task
 
     folder = out / "cells" / cell.name
@@ -211,17 +213,18 @@ def run_cell(spec: SweepSpec, cell: Cell, out: Path, backend, log=lambda *a: Non
                 "settings": dict(cell.settings), "metric": task.metric, "test_split": data.test_name,
                 "test_examples": len(data.test)}
         if cell.method in GRADIENT_METHODS:
-            if (folder / "config.json").exists() and not (folder / "metrics.json").exists():
-                import shutil
+            m = read_metrics(folder)
+            if m is None:
+                if is_run(folder):
+                    import shutil
 
-                shutil.rmtree(folder)  # a gradient run cut short starts over: it has no checkpoint
-            m = (json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").exists()
-                 else run_gradient(cfg, task, data, backend, folder, context=context, log=log))
+                    shutil.rmtree(folder)  # a gradient run cut short starts over: it has no checkpoint
+                m = run_gradient(cfg, task, data, backend, folder, context=context, log=log)
             rows = [{**base, "budget": None, "test": m[key], "no_prompt": m[plain_key], "queries_used": 0,
                      "backward_passes": m["backward_passes"]}]
         else:
             m = run_tune(cfg, task, data, backend, folder, context=context, progress=False, log=log,
-                         resume=(folder / "config.json").exists())
+                         resume=is_run(folder))
             rows, scored = [], {}
             task = load_artifact(folder).task  # as the run read it (--verbalizer auto chooses its words)
             for b in sorted(spec.budgets):

@@ -21,29 +21,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from bbt import cache, local_search, metrics, starts
+from bbt import local_search, metrics, starts
 from bbt.backends.base import Backend
 from bbt.budget import Ledger
 from bbt.config import TuneConfig
 from bbt.data import Split
 from bbt.errors import ConfigError
 from bbt.optimizer import CMAES
-from bbt.projection import normal_spec, project, uniform_spec
-from bbt.protocol import (
-    EvaluateRequest,
-    IntrinsicPrompts,
-    ModelInfo,
-    ProjectionSpec,
-    PromptTensor,
-    StatsRequest,
-    TaskSpec,
-    Tensor,
-    Usage,
-)
+from bbt.prompt import Prompt
+from bbt.projection import normal_spec, uniform_spec
+from bbt.protocol import EvaluateRequest, ModelInfo, ProjectionSpec, StatsRequest, TaskSpec
+from bbt.session import Session
 
 
 def derive_seed(seed: int, *path: int) -> int:
@@ -55,49 +47,13 @@ _PROJECTION, _CMA, _INIT = 1, 2, 3  # stream ids for derive_seed
 
 
 @dataclass
-class Prompt:
-    """A tuned prompt: z per prompted layer and the projections that map it (p = A z)."""
-
-    z: np.ndarray  # (layers, d)
-    projections: list[ProjectionSpec]
-    prompt_length: int
-    init_seed: int | None = None  # p0 = embeddings of vocabulary tokens the server draws with this seed
-    init_text: str | None = None  # p0 = embeddings of this text's tokens (an instruction, demonstrations)
-
-    def untuned(self) -> Prompt:
-        """The search's starting point, z = 0 (p = p0): the "zero prompt" the metrics compare against."""
-        return replace(self, z=np.zeros_like(self.z))
-
-    def candidates(self, z: np.ndarray | None = None, encoding: str = "intrinsic",
-                   layer: int | None = None) -> IntrinsicPrompts | PromptTensor:
-        """Wire form of a population z [K, layers, d] (default: this prompt alone, K=1); `layer`:
-        the lowest layer in which the candidates differ (BBTv2's tuned layer), for the server."""
-        z = self.z[None] if z is None else z
-        if encoding == "intrinsic":
-            return IntrinsicPrompts(z=Tensor.from_numpy(z), projections=self.projections,
-                                    prompt_length=self.prompt_length, init_seed=self.init_seed,
-                                    init_text=self.init_text, layer=layer)
-        return PromptTensor(prompts=Tensor.from_numpy(self.materialize(z), dtype=encoding),
-                            init_seed=self.init_seed, init_text=self.init_text, layer=layer)
-
-    def materialize(self, z: np.ndarray | None = None) -> np.ndarray:
-        """A z for a population z [K, layers, d] (default: this prompt): [K, layers, L, H], p0 not added."""
-        z = self.z[None] if z is None else z
-        k, layers, _ = z.shape
-        hidden = self.projections[0].D // self.prompt_length
-        p = np.stack([project(z[:, l], self.projections[l]) for l in range(layers)], axis=1)  # (K, layers, D)
-        return p.reshape(k, layers, self.prompt_length, hidden)
-
-
-@dataclass
 class Evaluation:
     """One candidate's scores on one split."""
 
     loss: float
     metric: float  # accuracy or F1, by the task
     accuracy: float
-    # metrics.above_chance of its cross-entropy; kept for held-out scores (class-level default:
-    # checkpoints made before it read None)
+    # metrics.above_chance of its cross-entropy; kept for held-out scores
     above_chance: float | None = None
 
     @classmethod
@@ -124,18 +80,18 @@ class TuneResult:
 
 
 class Scorer:
-    """Sends populations for one split and books what they cost."""
+    """Sends populations for one split through `session` and books what they cost."""
 
-    def __init__(self, backend: Backend, cfg: TuneConfig, task: TaskSpec, split: Split, ledger: Ledger, *, tuning: bool = True):
-        self.backend, self.cfg, self.task, self.split, self.ledger, self.tuning = backend, cfg, task, split, ledger, tuning
-        stats = backend.stats(StatsRequest(model=cfg.model, task=task, inputs=split.examples))
+    def __init__(self, session: Session, cfg: TuneConfig, task: TaskSpec, split: Split, *, tuning: bool = True):
+        self.session, self.cfg, self.task, self.split, self.tuning = session, cfg, task, split, tuning
+        stats = session.backend.stats(StatsRequest(model=cfg.model, task=task, inputs=split.examples))
         self.hidden_std = stats.hidden_std
         self.n = len(split)
         self.tokens = stats.tokens  # per example, template included, prompt excluded
         self.tokens_per_query = sum(stats.tokens) + self.n * cfg.prompt_length
 
     def affordable(self, k: int) -> int:
-        return self.ledger.affordable(k, examples_per_query=self.n, tokens_per_query=self.tokens_per_query) if self.tuning else k
+        return self.session.affordable(k, examples=self.n, tokens=self.tokens_per_query) if self.tuning else k
 
     def score(self, prompt: Prompt, z: np.ndarray, layer: int | None = None) -> tuple[np.ndarray, ...]:
         """Losses, metric, accuracy and logits [K, N, C] per candidate for z [K, layers, d] that
@@ -146,9 +102,8 @@ class Scorer:
             loss=self.cfg.loss, return_logits=True,
             candidates=prompt.candidates(z, self.cfg.encoding, layer=layer if k > 1 and layer else None),
         )
-        resp, paid_by = cache.evaluate(self.backend, req, self.ledger.payer())
-        expected = Usage(queries=k, requests=1, examples=k * self.n, tokens=k * self.tokens_per_query)
-        self.ledger.record(resp.usage, expected=expected, tuning=self.tuning, paid_by=paid_by)
+        resp = self.session.query(req, tuning=self.tuning, queries=k, examples=k * self.n,
+                                  tokens=k * self.tokens_per_query)
         logits = resp.logits.to_numpy()
         labels = np.asarray(self.split.labels)
         return (np.asarray(resp.losses), metrics.score(self.task.metric, logits, labels), metrics.accuracy(logits, labels),
@@ -251,7 +206,7 @@ class TuneState:
     local_base: np.ndarray | None = None  # z where the second stage started (best on train then)
     local_losses: list[float] = field(default_factory=list)  # every train loss it paid for, in order
     # two folds (TuneConfig.folds): 1 once the search fits dev and checks on train; generation where it began;
-    # the fold the prompt to return came from. Class-level defaults: checkpoints without them read fold 0.
+    # the fold the prompt to return came from
     fold: int = 0
     fold_start: int = 0
     chosen_fold: int = 0
@@ -291,15 +246,14 @@ def tune(backend: Backend, cfg: TuneConfig, task: TaskSpec, train: Split, dev: S
     that way (and a ledger rewound to its `ledger_step`), the search continues exactly where it
     was: the same seed gives the same result whether or not the run was interrupted.
     """
-    train_scorer = Scorer(backend, cfg, task, train, ledger)
-    dev_scorer = Scorer(backend, cfg, task, dev, ledger)
+    session = Session(backend, cfg.model, ledger)
+    train_scorer = Scorer(session, cfg, task, train)
+    dev_scorer = Scorer(session, cfg, task, dev)
     if state is None:
         text = starts.init_text(cfg.init, task, cfg.init_text, train, train_scorer.tokens, cfg.prompt_length,
                                 derive_seed(cfg.seed, _INIT))
-        state = start_state(cfg, backend.model_info(cfg.model), train_scorer.hidden_std, text)
+        state = start_state(cfg, session.info, train_scorer.hidden_std, text)
     s = state
-    if not hasattr(s, "path"):  # a checkpoint written before bbt kept the path
-        s.path = []
     prompt, layers = s.prompt, len(s.optimizers)
     start = time.perf_counter() - s.seconds
     stop_reason = "budget"

@@ -15,6 +15,7 @@ import json
 import time
 from pathlib import Path
 
+from bbt import rundir
 from bbt.errors import ConfigError
 
 _BLOCKS = "▁▂▃▄▅▆▇█"
@@ -47,12 +48,12 @@ def run_snapshot(run: str | Path) -> dict:
     metrics once it has ended."""
     run = Path(run)
     try:
-        config = json.loads((run / "config.json").read_text())
+        config = json.loads((run / rundir.CONFIG_FILE).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return {"status": "not started", "run": str(run)}
     cfg = config.get("config", {})
-    log = _lines(run / "log.jsonl")
-    metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").exists() else None
+    log = _lines(run / rundir.LOG_FILE)
+    metrics = rundir.read_metrics(run)
     gradient = bool(log) and "epoch" in log[-1]
     last = log[-1] if log else {}
     snap = {
@@ -149,18 +150,18 @@ def _clock(seconds: float) -> str:
 def folder_kind(path: Path) -> str | None:
     """'run' or 'sweep' by the files in `path`; None where nothing has started yet (no folder, or an
     empty one); a ConfigError for a folder that holds something else."""
-    from bbt import ensemble, sweeps
+    from bbt import sweeps
 
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{path} is a file, not a run or sweep folder")
     if (path / sweeps.SWEEP_FILE).exists():
         return "sweep"
-    if (path / "config.json").exists():
+    if rundir.is_run(path):
         return "run"
-    if (path / ensemble.INDEX_FILE).exists():
+    if (path / rundir.INDEX_FILE).exists():
         raise ConfigError(f"{path} is an ensemble folder: watch its members, e.g. bbt watch {path / 'member-1'}")
     if path.is_dir() and any(path.iterdir()):
-        runs = sorted(p.name for p in path.iterdir() if any((p / f).exists() for f in ("config.json", sweeps.SWEEP_FILE)))
+        runs = sorted(p.name for p in path.iterdir() if rundir.is_run(p) or (p / sweeps.SWEEP_FILE).exists())
         inside = f"; runs in it: {', '.join(runs[:5])}{', ...' if len(runs) > 5 else ''}" if runs else ""
         raise ConfigError(f"{path} is not a run or sweep folder: it has no config.json or sweep.json{inside}")
     return None
@@ -220,7 +221,7 @@ def watch(path: str | Path, *, interval: float = 1.0, once: bool = False, consol
         while not ended(snap):
             time.sleep(interval)
             snap = take()
-            if not is_sweep and not (path / "config.json").exists():  # removed: it failed before spending anything
+            if not is_sweep and not rundir.is_run(path):  # removed: it failed before spending anything
                 raise ConfigError(f"the run at {path} is gone: it stopped before it spent anything")
             live.update(view(snap))
     return snap

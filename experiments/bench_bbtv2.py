@@ -47,7 +47,8 @@ from bbt.config import TuneConfig
 from bbt.data import load_task_folder
 from bbt.protocol import EvaluateRequest, StatsRequest
 from bbt.tasks import for_family, resolve_task
-from bbt.tuner import Prompt, make_projections
+from bbt.prompt import Prompt
+from bbt.tuner import make_projections
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

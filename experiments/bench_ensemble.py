@@ -26,7 +26,9 @@ from bbt.backends import LocalBackend
 from bbt.budget import Budget, Ledger
 from bbt.config import TuneConfig
 from bbt.data import TaskData, load_task_folder
-from bbt.runs import evaluate_split, load_artifact, run_ensemble
+from bbt.rundir import INDEX_FILE, load_artifact, member_runs
+from bbt.runs import run_ensemble
+from bbt.scoring import evaluate_split
 from bbt.sweeps import mean_se
 from bbt.tasks import BUILTIN_TASKS, for_family
 
@@ -78,7 +80,7 @@ def main() -> None:
             cfg = TuneConfig(**settings, seed=seed, budget=Budget(queries=args.budget * args.members))
             out = last[2]
             m = run_ensemble(cfg, args.members, task, data, backend, out, progress=False, log=lambda *a: None,
-                             resume=(out / ensemble.INDEX_FILE).exists())
+                             resume=(out / INDEX_FILE).exists())
             key = "acc" if task.metric == "acc" else "f1"
             row = {"name": name, "task": task_name, "seed": seed, "metric": task.metric, "test_examples": len(data.test),
                    "no_prompt": 100 * m["no_prompt_test_acc"], "members": [100 * x for x in m["member_test"]],
@@ -100,7 +102,7 @@ def main() -> None:
                                                 for k in ("no_prompt", "mean_member", "best_dev_member", "majority", "mean_vote")))
 
     task, data, out = last
-    prompts = [load_artifact(r).prompt() for r in ensemble.member_runs([out])]
+    prompts = [load_artifact(r).prompt() for r in member_runs([out])]
     together, apart = Ledger(Budget()), Ledger(Budget())
     t0 = time.perf_counter()
     ensemble.score_prompts(backend, args.model, task, data.test, prompts, together)

@@ -36,7 +36,8 @@ def main() -> None:
     from bbt.data import load_task_folder
     from bbt.protocol import EvaluateRequest, StatsRequest
     from bbt.tasks import for_family, resolve_task
-    from bbt.tuner import Prompt, make_projections
+    from bbt.prompt import Prompt
+    from bbt.tuner import make_projections
 
     backends = {dt: LocalBackend(dtype=dt) for dt in ("float32", "bfloat16")}
     full = backends["float32"]

@@ -23,7 +23,7 @@ from bbt import starts
 from bbt.backends import LocalBackend
 from bbt.config import TuneConfig
 from bbt.data import Split, load_task_folder
-from bbt.runs import evaluate_split
+from bbt.scoring import evaluate_split
 from bbt.protocol import StatsRequest
 from bbt.tasks import BUILTIN_TASKS, for_family
 from bbt.tuner import _INIT, derive_seed, start_state

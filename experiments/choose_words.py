@@ -24,7 +24,7 @@ from bbt import verbalizers
 from bbt.backends import LocalBackend
 from bbt.budget import Budget, Ledger
 from bbt.data import load_task_folder
-from bbt.runs import evaluate_split
+from bbt.scoring import evaluate_split
 from bbt.tasks import BUILTIN_TASKS, for_family, resolve_task
 
 REPO = Path(__file__).resolve().parents[1]

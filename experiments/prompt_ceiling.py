@@ -28,7 +28,7 @@ from pathlib import Path
 from bbt.backends import LocalBackend
 from bbt.data import load_task_folder
 from bbt.protocol import words_of
-from bbt.runs import evaluate_split
+from bbt.scoring import evaluate_split
 from bbt.tasks import BUILTIN_TASKS, for_family
 
 REPO = Path(__file__).resolve().parents[1]

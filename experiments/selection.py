@@ -40,7 +40,9 @@ from bbt.cache import CachedBackend, EvaluationCache
 from bbt.config import TuneConfig
 from bbt.data import TaskData, load_task_folder
 from bbt.protocol import IntrinsicPrompts, Tensor
-from bbt.runs import evaluate_split, load_artifact, run_tune, score_candidates
+from bbt.rundir import load_artifact
+from bbt.runs import run_tune
+from bbt.scoring import evaluate_split, score_candidates
 from bbt.tasks import for_family, resolve_task
 
 REPO = Path(__file__).resolve().parents[1]

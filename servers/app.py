@@ -20,7 +20,7 @@ from pathlib import Path
 from fastapi import Depends, FastAPI
 from pydantic import ValidationError
 
-from bbt import __version__
+from bbt.version import __version__
 from bbt.errors import ConfigError
 from bbt.protocol import PROTOCOL_VERSION
 from servers import auth, faults, routes

@@ -2,21 +2,19 @@
 
 The client draws A_l with std alpha * sigma_l / (sqrt(d) * sigma), sigma_l being the spread of
 the states a prompt at layer l is added to; it never sees the model, so the server measures them.
+
+Each function takes a loaded `servers.engine.PromptModel`, which this module does not import: the
+engine imports it.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 
 from bbt.errors import ConfigError
 from bbt.protocol import Example, ModelInfo, TaskSpec
-
-if TYPE_CHECKING:
-    from servers.engine import PromptModel
 
 # A few plain sentences (our own) to estimate hidden-state scales when a model loads.
 SAMPLE_TEXT = [
@@ -46,7 +44,7 @@ def clipped_std(values: torch.Tensor, rounds: int = 3) -> float:
 
 
 @torch.inference_mode()
-def hidden_std(model: PromptModel, enc) -> list[float]:
+def hidden_std(model, enc) -> list[float]:
     """Std of the hidden states entering each layer over the real tokens (3-sigma clipped).
 
     Entry 0 is the word-embedding std of the tokens, the scale of what a BBT prompt replaces.
@@ -69,7 +67,7 @@ def prompt_limits(max_positions: int) -> tuple[int, int]:
     return prompt, min(256, max_positions - prompt)
 
 
-def model_info(model: PromptModel, modes: tuple[str, ...] = ("bbt", "bbtv2"), engine: str = "bbt") -> ModelInfo:
+def model_info(model, modes: tuple[str, ...] = ("bbt", "bbtv2"), engine: str = "bbt") -> ModelInfo:
     """The card `GET /v1/models/{name}` serves (`model` may be an upstream model: its own
     hidden_std and the modes and engine it can serve)."""
     sample_task = TaskSpec(name="sample", labels=["a", "b"], verbalizer=["good", "bad"], label_texts=["good", "bad"])
@@ -91,7 +89,7 @@ def model_info(model: PromptModel, modes: tuple[str, ...] = ("bbt", "bbtv2"), en
     )
 
 
-def ordinary_ids(model: PromptModel) -> np.ndarray:
+def ordinary_ids(model) -> np.ndarray:
     """Vocabulary ids that are neither special tokens nor unused slots, in id order."""
     special = set(model.tokenizer.all_special_ids)
     vocab = model.tokenizer.get_vocab()
@@ -102,7 +100,7 @@ def ordinary_ids(model: PromptModel) -> np.ndarray:
 
 
 @torch.inference_mode()
-def vocab_prompt(model: PromptModel, seed: int, length: int) -> np.ndarray:
+def vocab_prompt(model, seed: int, length: int) -> np.ndarray:
     """p0 [L, H]: input embeddings of `length` ordinary vocabulary tokens drawn with `seed`.
 
     BBT starts the search from real token embeddings rather than zeros: a prompt of zero vectors
@@ -114,7 +112,7 @@ def vocab_prompt(model: PromptModel, seed: int, length: int) -> np.ndarray:
 
 
 @torch.inference_mode()
-def text_prompt(model: PromptModel, text: str, length: int) -> np.ndarray:
+def text_prompt(model, text: str, length: int) -> np.ndarray:
     """p0 [L, H]: input embeddings of the last `length` tokens of `text` (no special tokens),
     repeated as often as it takes to fill `length` tokens.
 

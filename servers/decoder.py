@@ -19,16 +19,11 @@ L prompt tokens, H hidden, h heads, g key/value heads, D head size.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 
 from servers import batching, reuse
 from servers.families import Encoded, Head
-
-if TYPE_CHECKING:
-    from servers.engine import PromptModel
 
 # Layer types whose forward is: x + attn(norm(x)); x + mlp(norm(x)), with rotary q/k and no
 # extra norms inside attention. (Qwen3 adds q/k norms, Gemma scales embeddings: not these.)
@@ -45,7 +40,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 class DecoderStack:
     """Scores prompts on a Llama-style causal LM; see the module docstring."""
 
-    def __init__(self, pm: PromptModel):
+    def __init__(self, pm):  # a servers.engine.PromptModel (the engine imports this module, not the reverse)
         self.pm = pm
         base = pm.model.base_model
         cfg = pm.model.config

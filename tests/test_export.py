@@ -13,7 +13,8 @@ from bbt.data import Split, TaskData
 from bbt.errors import ConfigError
 from bbt.export import load_prompts, to_bbt, to_peft
 from bbt.protocol import EvaluateRequest, Example
-from bbt.runs import load_artifact, predict, run_tune
+from bbt.rundir import load_artifact
+from bbt.runs import predict, run_tune
 
 peft = pytest.importorskip("peft", reason="peft is not installed (pip install 'bbt[peft]')")
 

@@ -162,6 +162,7 @@ def test_a_run_returns_the_dev_checked_prompt_its_rule_ranks_first(select, tiny_
 
 def test_two_folds_swap_train_and_dev_halfway(tiny_encoder, local_backend, tiny_data, sst2_task):
     from bbt.data import Split
+    from bbt.session import Session
     from bbt.tuner import Scorer
 
     cfg = small(model=str(tiny_encoder), folds=2)
@@ -178,7 +179,7 @@ def test_two_folds_swap_train_and_dev_halfway(tiny_encoder, local_backend, tiny_
     assert result.fold == [r["fold"] for r in result.history if r.get("new_best_dev")][-1]
     # whichever fold it came from, the scores reported as train and dev are the prompt's on those splits
     for split, want in ((train, result.train), (dev, result.dev)):
-        losses, _, accs, _ = Scorer(local_backend, cfg, sst2_task, split, Ledger(Budget(queries=10)), tuning=False).score(
+        losses, _, accs, _ = Scorer(Session(local_backend, cfg.model, Ledger(Budget(queries=10))), cfg, sst2_task, split, tuning=False).score(
             result.prompt, result.prompt.z[None])
         assert losses[0] == pytest.approx(want.loss, rel=1e-5) and accs[0] == want.accuracy
 

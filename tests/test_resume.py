@@ -2,7 +2,7 @@
 
 A killed run is a real `bbt tune` child process. Some are killed by a patch at an exact point
 (before a request, after an answer, after the answer was cached but before its ledger line, after
-the ledger line, between a checkpoint's CMA-ES parts and state.pkl, between state.pkl's write and
+the ledger line, between a checkpoint's parts and state.json, between state.json's write and
 its rename), one at whatever moment it has reached
 after a few requests. Each is resumed with the real CLI and compared with an uninterrupted run
 of the same command: the same metrics, prompt and log, and with a cache, not one query paid twice.
@@ -124,9 +124,11 @@ def clean_runs(tmp_path_factory, tiny_encoder, data_dir):
     ("after-ledger", 6, "bbt"),  # paid and recorded; the checkpoint of its generation not yet written
     ("after-cache", 6, "bbt"),  # paid and cached, not yet in the ledger: the resumed run books it as paid
     ("after-cache", 9, "bbtv2"),
+    # os.replace calls of the run: 1 and 2 state.json (baseline, words), then per generation the
+    # CMA-ES parts that moved, the arrays, state.json
     ("mid-checkpoint", 3, "bbtv2"),  # the first generation's CMA-ES parts half written
-    ("mid-checkpoint", 5, "bbtv2"),  # a new part written, state.pkl still naming the part it replaces
-    ("mid-checkpoint", 6, "bbtv2"),  # state.pkl.tmp written, not renamed over state.pkl
+    ("mid-checkpoint", 6, "bbtv2"),  # its parts and arrays written, state.json.tmp not renamed over state.json
+    ("mid-checkpoint", 8, "bbtv2"),  # the next generation's part written, state.json still naming the one it replaces
     ("after-ledger", 13, "bbt"),  # during the final test evaluation, after the last generation
 ])
 def test_kill_then_resume_matches_an_uninterrupted_run(point, n, method, clean_runs, tiny_encoder, data_dir, tmp_path):

@@ -13,7 +13,7 @@ import pytest
 
 from bbt import sweeps
 from bbt.cli import main
-from bbt.runs import prompt_at
+from bbt.rundir import prompt_at
 
 
 def _args(model, data_dir, out, *extra):
@@ -147,16 +147,16 @@ def test_a_sweep_on_a_local_ray_gives_the_same_table(tiny_encoder, data_dir, tmp
 
 
 def test_a_cell_with_an_automatic_verbalizer_is_scored_through_its_words(tiny_gpt2, data_dir, tmp_path, monkeypatch):
-    from bbt import runs
+    from bbt import scoring
 
     scored_with = []
-    inner = runs.evaluate_split
+    inner = scoring.evaluate_split
 
     def spy(backend, model, task, split, prompt, *args, **kwargs):
         scored_with.append(task)
         return inner(backend, model, task, split, prompt, *args, **kwargs)
 
-    monkeypatch.setattr(runs, "evaluate_split", spy)
+    monkeypatch.setattr(scoring, "evaluate_split", spy)
     out = tmp_path / "S"
     spec = sweeps.SweepSpec(tasks=[data_dir.name], seeds=[13], budgets=[12, 20], data_root=str(data_dir.parent),
                            model=str(tiny_gpt2), test_limit=0,

@@ -190,17 +190,17 @@ def test_a_refused_endpoint_leaves_no_folder_and_no_resume_advice(tmp_path, caps
 
 def _failing_at(monkeypatch, call: int, exc: BaseException) -> None:
     """Make the run's evaluate request number `call` (1: the first query) raise `exc`."""
-    from bbt import cache
+    from bbt.session import Session
 
-    inner, calls = cache.evaluate, [0]
+    inner, calls = Session.query, [0]
 
-    def evaluate(*args, **kwargs):
+    def query(*args, **kwargs):
         calls[0] += 1
         if calls[0] == call:
             raise exc
         return inner(*args, **kwargs)
 
-    monkeypatch.setattr(cache, "evaluate", evaluate)
+    monkeypatch.setattr(Session, "query", query)
 
 
 def test_ctrl_c_before_the_first_query_leaves_nothing(tiny_encoder, tmp_path, capsys, monkeypatch):
@@ -231,15 +231,34 @@ def finished_run(tiny_encoder, tmp_path) -> Path:
 
 def test_a_damaged_checkpoint_says_how_to_go_on(finished_run, capsys):
     (finished_run / "metrics.json").unlink()
-    (finished_run / "state.pkl").write_bytes(b"not a pickle")
+    (finished_run / "state.json").write_text("{not json")
     assert main(["tune", "--resume", str(finished_run), "--quiet", "--no-cache"]) == 1
     err = capsys.readouterr().err
-    assert f"delete {finished_run / 'state.pkl'} and {finished_run / 'state.pkl.parts'}" in err
+    assert f"delete {finished_run / 'state.json'} and {finished_run / 'state.parts'}" in err
     assert f"bbt tune --resume {finished_run} again" in err
-    (finished_run / "state.pkl").unlink()  # as the message says
+    (finished_run / "state.json").unlink()  # as the message says
     import shutil
 
-    shutil.rmtree(finished_run / "state.pkl.parts", ignore_errors=True)
+    shutil.rmtree(finished_run / "state.parts", ignore_errors=True)
+    assert main(["tune", "--resume", str(finished_run), "--quiet", "--no-cache"]) == 0
+    assert (finished_run / "metrics.json").exists()
+
+
+def test_a_checkpoint_of_an_earlier_bbt_is_refused_with_the_way_on(finished_run, capsys):
+    """A run cut short under a bbt that pickled its checkpoints (RUN/state.pkl): refused, with what to delete."""
+    import shutil
+
+    (finished_run / "metrics.json").unlink()
+    (finished_run / "state.json").unlink()
+    shutil.rmtree(finished_run / "state.parts", ignore_errors=True)
+    (finished_run / "state.pkl").write_bytes(b"\x80\x05K\x01.")
+    (finished_run / "state.pkl.parts").mkdir()
+    assert main(["tune", "--resume", str(finished_run), "--quiet", "--no-cache"]) == 1
+    err = capsys.readouterr().err
+    assert "checkpoint of an earlier bbt" in err
+    assert f"delete {finished_run / 'state.pkl'} and {finished_run / 'state.pkl.parts'}" in err
+    (finished_run / "state.pkl").unlink()  # as the message says
+    (finished_run / "state.pkl.parts").rmdir()
     assert main(["tune", "--resume", str(finished_run), "--quiet", "--no-cache"]) == 0
     assert (finished_run / "metrics.json").exists()
 
@@ -334,15 +353,15 @@ def test_the_end_of_a_run_warns_when_the_prompt_is_below_the_plain_model(tiny_en
                                                                          monkeypatch):
     from dataclasses import replace
 
-    from bbt import runs
+    from bbt import scoring
 
-    scored = runs.evaluate_materialized
+    scored = scoring.evaluate_materialized
 
     def worse(*args, **kwargs):  # the tuned prompt gets every test example wrong
         ev, logits, received = scored(*args, **kwargs)
         return replace(ev, accuracy=0.0, metric=0.0), logits, received
 
-    monkeypatch.setattr(runs, "evaluate_materialized", worse)
+    monkeypatch.setattr(scoring, "evaluate_materialized", worse)
     out = tmp_path / "run"
     assert main(_tune(_pets(tmp_path / "pets"), out, *_small(tiny_encoder), "--budget", "12")) == 0
     printed = capsys.readouterr().out
@@ -350,3 +369,24 @@ def test_the_end_of_a_run_warns_when_the_prompt_is_below_the_plain_model(tiny_en
     assert 0 <= metrics["no_prompt_dev_acc"] <= 1 and metrics["no_prompt_test_acc"] > 0
     assert f"test accuracy 0.0000, plain model {metrics['no_prompt_test_acc']:.4f}" in printed
     assert "warning: the tuned prompt scores below the plain model" in printed
+
+
+def test_metrics_json_has_one_schema_and_every_field_is_documented(tmp_path):
+    import re
+
+    import pydantic
+
+    from bbt import rundir
+
+    section = (Path(__file__).parent.parent / "docs" / "runs.md").read_text().split("## metrics.json", 1)[1]
+    section = section.split("\n## ", 1)[0]
+    documented = set(re.findall(r"`([a-z_0-9]+)`", section))
+    assert set(rundir.RunMetrics.model_fields) <= documented, set(rundir.RunMetrics.model_fields) - documented
+    # only the fields given are written (None included), with the schema's version; a misspelt one is refused
+    written = rundir.write_metrics(tmp_path, test_acc=0.75, dev_acc=None, queries_used=12)
+    assert written == {"version": rundir.METRICS_VERSION, "test_acc": 0.75, "dev_acc": None, "queries_used": 12}
+    assert rundir.read_metrics(tmp_path) == written
+    with pytest.raises(pydantic.ValidationError, match="test_accuracy"):
+        rundir.write_metrics(tmp_path, test_accuracy=0.75)
+    assert rundir.read_metrics(tmp_path) == written  # the refused write left the file as it was
+    assert rundir.read_metrics(tmp_path / "nowhere") is None

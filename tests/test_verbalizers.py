@@ -111,10 +111,29 @@ def test_k_is_scored_on_inputs_that_did_not_pick_the_words():
     on_train = verbalizers.class_scores(scores, [[0], [1, 2]]).argmax(1)
     assert (on_train == labels).sum() == 5
     # held out, the input "lucky" was found on is read without it: K = 2 buys nothing over K = 1
-    assert verbalizers.held_out_correct(scores, labels, names, own, ks=[1, 2]) == {1: 4, 2: 4}
+    right = verbalizers.held_out_right(scores, labels, names, own, ks=[1, 2])
+    assert {k: int(r.sum()) for k, r in right.items()} == {1: 4, 2: 4}
     # folds are dealt per class in input order: the count does not depend on a random draw
-    assert verbalizers.held_out_correct(scores, labels, names, own, ks=[2], folds=8) == {2: 4}
+    assert int(verbalizers.held_out_right(scores, labels, names, own, ks=[2], folds=8)[2].sum()) == 4
     np.testing.assert_allclose(verbalizers.class_scores(scores, [[0, 2], [1]])[4], [4.5, 0.0])
+
+
+def test_more_words_must_beat_the_own_words_by_more_than_noise():
+    own = np.array([True] * 46 + [False] * 18)  # K = 1: 46 of 64 held-out inputs right
+    # K = 8 reads 2 more right (5 wins, 3 losses): the most accurate, but within noise
+    close = own.copy()
+    close[46:51], close[:3] = True, False
+    assert verbalizers.sign_test(close, own) == pytest.approx(2 / np.sqrt(8))
+    k, held_out, z = verbalizers.pick({1: own, 8: close})
+    assert k == 1 and held_out[8] > held_out[1] and z[8] < 1.645
+    # K = 3 wins 9 inputs and loses 1: z = 8 / sqrt(10) = 2.5, chosen over K = 1 ...
+    far = own.copy()
+    far[46:55], far[0] = True, False
+    assert verbalizers.pick({1: own, 3: far})[0] == 3
+    # ... and over a K that is as accurate but noisier, and where tied, fewer words win
+    assert verbalizers.pick({1: own, 3: far, 8: close})[0] == 3
+    assert verbalizers.pick({1: own, 2: far, 3: far.copy()})[0] == 2
+    assert verbalizers.sign_test(own, own) == 0.0
 
 
 def test_choice_looks_at_train_and_dev_only_and_is_paid_for(tiny_gpt2, local_backend, tiny_data):
@@ -133,6 +152,9 @@ def test_choice_looks_at_train_and_dev_only_and_is_paid_for(tiny_gpt2, local_bac
     assert sent[2:] == [dev] and backend.requests[2].task.verbalizer == shortlist
     assert set(choice.held_out) <= set(verbalizers.CHOICES) and len(choice.held_out) > 1
     assert choice.label_words in choice.held_out and all(0 <= v <= 1 for v in choice.held_out.values())
+    # each K > 1 tested against the own words; one is taken only past the sign test's threshold
+    assert set(choice.beats_own) == set(choice.held_out) - {1}
+    assert choice.label_words == 1 or choice.beats_own[choice.label_words] > verbalizers.CHANCE_MARGIN
     assert ledger.tuning.queries == choice.queries == len(sent) == 3
     assert verbalizers.queries("causal", None) == ["train", "train", "dev"]  # what bbt tune --dry-run counts
     for own, entry in zip(SST2.verbalizer, choice.task.verbalizer):  # the task's own word comes first
@@ -232,16 +254,6 @@ def test_top_words_over_http_equal_in_process(tiny_gpt2, local_backend, tiny_dat
     in_process = verbalizers.choose(local_backend, model, "causal", SST2, tiny_data.train, tiny_data.dev,
                                     Ledger(Budget(queries=50)))
     assert over_http.task == in_process.task and over_http.held_out == in_process.held_out
-
-
-def test_a_checkpoint_of_an_earlier_version_still_loads_its_choice():
-    import pickle
-
-    new = verbalizers.Choice(task=SST2, label_words=3, held_out={1: 0.5, 3: 0.75}, queries=2)
-    old = verbalizers.Choice.__new__(verbalizers.Choice)
-    old.__dict__.update(task=SST2, label_words=3, dev={1: 0.5, 3: 0.75}, queries=2)  # as earlier versions pickled it
-    assert pickle.loads(pickle.dumps(old)) == new
-    assert pickle.loads(pickle.dumps(new)) == new
 
 
 def test_black_box_runs_choose_words_by_default_and_gradient_runs_keep_their_own():

@@ -52,7 +52,7 @@ import httpx
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
-from bbt import __version__
+from bbt.version import __version__
 from bbt.errors import AuthError, BackendError, ConfigError, QuotaExhausted, RequestRejected, ServerUnavailable
 from bbt.protocol import (
     ErrorBody,

@@ -123,14 +123,14 @@ def test_prompt_longer_than_the_model_allows(tiny_encoder, local_backend, tiny_d
 
 def test_evaluation_in_chunks_equals_one_pass(tiny_bert_mlm, local_backend, tiny_data, sst2_task, monkeypatch):
     """Large splits go out EVAL_CHUNK examples at a time; the scores must not depend on the chunking."""
-    from bbt import runs as run
+    from bbt import scoring
 
     prompt = Prompt(z=np.random.default_rng(0).standard_normal((1, 6)), prompt_length=2,
                     projections=[normal_spec(seed=0, d=6, D=2 * 32, target_std=0.5)])
-    whole, whole_logits = run.evaluate_split(local_backend, str(tiny_bert_mlm), sst2_task, tiny_data.test, prompt)
-    monkeypatch.setattr(run, "EVAL_CHUNK", 5)
+    whole, whole_logits = scoring.evaluate_split(local_backend, str(tiny_bert_mlm), sst2_task, tiny_data.test, prompt)
+    monkeypatch.setattr(scoring, "EVAL_CHUNK", 5)
     ledger = Ledger(Budget())
-    parts, part_logits = run.evaluate_split(local_backend, str(tiny_bert_mlm), sst2_task, tiny_data.test, prompt, ledger)
+    parts, part_logits = scoring.evaluate_split(local_backend, str(tiny_bert_mlm), sst2_task, tiny_data.test, prompt, ledger)
     # chunks pad to other lengths than the whole split, so fp32 kernels sum in another order: last bits differ
     np.testing.assert_allclose(part_logits, whole_logits, rtol=1e-4, atol=1e-5)
     assert part_logits.shape == (12, 2)
@@ -208,7 +208,9 @@ def test_run_reports_whether_the_prompt_reads_its_held_out_split_above_chance(fo
     """metrics.json's held_out_check is metrics.above_chance of the returned prompt on the split it
     was checked on, recomputed here from that split's logits; below the margin the run warns."""
     from bbt import metrics as m
-    from bbt.runs import evaluate_split, load_artifact, run_tune
+    from bbt.rundir import load_artifact
+    from bbt.runs import run_tune
+    from bbt.scoring import evaluate_split
 
     lines = []
     cfg = _cfg(tiny_encoder, budget=60, folds=folds)

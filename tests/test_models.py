@@ -9,13 +9,12 @@ import shutil
 import numpy as np
 import pytest
 
-from bbt.errors import ConfigError, ModelNotFound
-from bbt.projection import normal_spec
 from bbt import metrics
-from bbt.projection import project
+from bbt.errors import ConfigError, ModelNotFound
+from bbt.projection import normal_spec, project
 from bbt.protocol import EvaluateRequest, Example, IntrinsicPrompts, PromptTensor, StatsRequest, TaskSpec, Tensor
 from bbt.tasks import BUILTIN_TASKS
-from conftest import EXPECTED_FAMILY
+from conftest import EXPECTED_FAMILY, loaded_model
 
 TEXTS = ["the film was great and good", "this movie was dull",
          "the story was awful and boring and the acting was terrible and the ending was weak", "nice"]
@@ -24,10 +23,8 @@ TEXTS = ["the film was great and good", "this movie was dull",
 @pytest.fixture
 def loaded(tiny_model):
     """(kind, PromptModel): each tiny model loaded once per process."""
-    from servers.loading import cached_model
-
     kind, path = tiny_model
-    return kind, cached_model(str(path))
+    return kind, loaded_model(str(path))
 
 
 def _examples(texts=TEXTS):
@@ -140,9 +137,7 @@ def test_pair_inputs_reach_the_model(loaded):
 @pytest.mark.parametrize("task_name", ["agnews", "dbpedia", "rte"])
 def test_causal_lm_refuses_templates_that_put_the_input_after_the_mask(tiny_gpt2, task_name):
     """A causal LM reads the class at the token after the input: text after {mask} would be silently dropped."""
-    from servers.loading import cached_model
-
-    model = cached_model(str(tiny_gpt2))
+    model = loaded_model(str(tiny_gpt2))
     task = BUILTIN_TASKS[task_name]
     ex = Example(text="the team won", text_pair="they lost" if task.pair else None)
     with pytest.raises(ConfigError, match=r"must put .* before \{mask\}"):

@@ -1,17 +1,30 @@
-"""The `bbt` command: help, a whole tune -> evaluate -> predict round on a tiny model, clean errors."""
+"""The `bbt` command: help (every option the docs document for `bbt tune` included), the settings it
+builds, a whole tune -> evaluate -> predict round on a tiny model, and errors as one clean line; and
+`bbt evaluate` on a run tuned through a server, which asks that server (--in-process: the model
+here), with a progress bar for each scoring pass (--quiet: none).
+
+The models are the tiny ones of tests/conftest.py; the server is the real app on a loopback port in
+a thread (tests/appserver.py).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from appserver import serving
 from bbt.cli import build_parser, main
+from bbt.config import TuneConfig
 from conftest import write_jsonl
+from serverproc import REPO, free_port
+
 
 SUBCOMMANDS = ["tune", "evaluate", "predict", "serve", "demo"]
 METRIC_KEYS = {"train_acc", "dev_acc", "test_acc", "zero_prompt_test_acc", "no_prompt_test_acc", "queries_used", "tuning_seconds", "wall_seconds"}
@@ -43,13 +56,42 @@ def test_each_subcommand_has_help(command, capsys):
     assert out.startswith(f"usage: bbt {command}")
 
 
+DOCS = REPO / "docs"
+OPTION = re.compile(r"--[a-z0-9][a-z0-9-]*")
+
+
+def _documented_tune_options() -> set[str]:
+    """Every option the docs document for `bbt tune`: the flag column of the option tables of the
+    tuning page (docs/tuning.md, "The main options") and of the budget limits it sends the reader to
+    (docs/budgets.md, "Limits"), and every option that a `bbt tune` command in a docs page gives
+    (--task, --data, --out, --resume, --endpoint... have no table row; the pages show them in
+    commands). Options named only in the prose are left out: the prose does not say which command
+    takes them (tuning.md names `bbt sweep --budgets`)."""
+    options = set()
+    for page in ("tuning.md", "budgets.md"):
+        for line in (DOCS / page).read_text(encoding="utf-8").splitlines():
+            if line.startswith("| `--"):  # a table row whose flag cell starts with an option
+                options |= set(OPTION.findall(line.split(" | ")[0]))
+    for page in sorted(DOCS.glob("*.md")):
+        text = re.sub(r"\\\n\s*", " ", page.read_text(encoding="utf-8"))  # shell continuation lines joined
+        for command in re.finditer(r"bbt tune((?: +[^\s`|;&#<>]+)*)", text):  # up to a code span's or command's end
+            options |= set(OPTION.findall(command.group(1)))
+    return options
+
+
 def test_tune_help_shows_every_documented_option(capsys):
+    documented = _documented_tune_options()
+    # the tables and commands were found: they hold the options this test once listed by hand, and more
+    assert {"--task", "--data", "--seed", "--budget", "--out", "--method", "--model", "--endpoint", "--prompt-length",
+            "--intrinsic-dim", "--popsize", "--sigma", "--loss"} <= documented
+    assert len(documented) >= 40, sorted(documented)
     with pytest.raises(SystemExit):
         main(["tune", "--help"])
-    out = capsys.readouterr().out
-    for option in ("--task", "--data", "--seed", "--budget", "--out", "--method", "--model", "--endpoint",
-                   "--prompt-length", "--intrinsic-dim", "--popsize", "--sigma", "--loss"):
-        assert option in out
+    # the options help defines, one per line at the left ("  --seed SEED ...", "  -h, --help"), not those
+    # an option's description mentions
+    shown = set(re.findall(r"^  (?:-\w, )?(--[a-z0-9][a-z0-9-]*)", capsys.readouterr().out, re.M))
+    missing = sorted(documented - shown)
+    assert not missing, f"documented for bbt tune but missing from bbt tune --help: {missing}"
 
 
 def test_no_command_prints_help_and_fails(capsys):
@@ -66,8 +108,6 @@ def test_version(capsys):
 
 
 def test_parser_defaults_come_from_tuneconfig():
-    from bbt.config import TuneConfig
-
     args = build_parser().parse_args(["tune", "--data", "d", "--out", "o"])
     d = TuneConfig()
     assert (args.intrinsic_dim, args.popsize, args.sigma, args.budget, args.model) == (
@@ -87,7 +127,7 @@ def test_tune_flags_reach_the_config():
 
 
 def test_family_defaults_fill_only_what_was_not_given():
-    from bbt.config import TuneConfig, with_family_defaults
+    from bbt.config import with_family_defaults
 
     cfg = with_family_defaults(TuneConfig(prompt_length=20), "causal")
     assert (cfg.method, cfg.prompt_length, cfg.init, cfg.alpha) == ("bbtv2", 20, "instruction", 0.5)
@@ -103,7 +143,7 @@ def test_family_defaults_fill_only_what_was_not_given():
     assert with_family_defaults(saved, "causal") == saved
 
 
-def _config_of_tune(argv: list[str], monkeypatch) -> "TuneConfig":
+def _config_of_tune(argv: list[str], monkeypatch) -> TuneConfig:
     """The TuneConfig `bbt tune ARGV` builds, stopped before a backend opens (no model loads)."""
     from bbt import cli
     from bbt.errors import ConfigError
@@ -124,7 +164,7 @@ def _config_of_tune(argv: list[str], monkeypatch) -> "TuneConfig":
 def test_without_model_tune_runs_exactly_what_model_smollm2_runs(data_dir, tmp_path, monkeypatch, capsys):
     """The default model is SmolLM2, where tuning pays: no --model gives the very config --model smollm2
     gives, so the same causal-LM defaults (BBTv2, L = 10, ...) follow; MiniLM is one flag away."""
-    from bbt.config import DEFAULT_MODEL, TuneConfig, with_family_defaults
+    from bbt.config import DEFAULT_MODEL, with_family_defaults
     from bbt.errors import ModelNotFound
 
     base = ["tune", "--task", "sst2", "--data", str(data_dir), "--budget", "40", "--no-cache", "--out", str(tmp_path / "r")]
@@ -279,8 +319,6 @@ def test_missing_data_folder(tmp_path):
 
 
 def test_malformed_jsonl_line_names_file_and_line(tmp_path, data_dir):
-    import shutil
-
     folder = tmp_path / "broken"
     shutil.copytree(data_dir, folder)
     train = folder / "16shot" / "seed42" / "train.jsonl"
@@ -311,8 +349,6 @@ def test_unknown_model_and_missing_run_folder(tmp_path, data_dir, capsys):
 
 
 def test_a_bad_row_in_the_test_set_is_found_before_any_model_runs(tmp_path, data_dir):
-    import shutil
-
     folder = tmp_path / "badtest"
     shutil.copytree(data_dir, folder)
     write_jsonl(folder / "test.jsonl", [{"text": "fine", "label": 0}, {"text": "fine", "label": 5}])
@@ -325,7 +361,7 @@ def test_predict_pairs(tmp_path, tiny_bert_mlm, capsys):
     import numpy as np
 
     from bbt.projection import normal_spec
-    from bbt.runs import PromptArtifact
+    from bbt.rundir import PromptArtifact
     from bbt.tasks import BUILTIN_TASKS
 
     z = np.random.default_rng(0).standard_normal((1, 8))
@@ -339,3 +375,71 @@ def test_predict_pairs(tmp_path, tiny_bert_mlm, capsys):
     assert lines[0]["probs"] != lines[1]["probs"]
     assert main(["predict", "--run", str(tmp_path), "no pair here"]) == 1
     assert "TEXT ||| PAIR" in capsys.readouterr().err
+
+
+# ---- bbt evaluate on a run tuned through a server; its progress bars ------------------------
+
+@pytest.fixture(scope="module")
+def run(tiny_encoder, data_dir, tmp_path_factory):
+    """A finished run of the tiny encoder, tuned in process."""
+    out = tmp_path_factory.mktemp("runs") / "run"
+    assert main(["tune", "--model", str(tiny_encoder), "--task", "sst2", "--data", str(data_dir), "--seed", "13",
+                 "--prompt-length", "4", "--intrinsic-dim", "8", "--popsize", "4", "--budget", "8",
+                 "--verbalizer", "manual", "--out", str(out), "--no-cache", "--quiet"]) == 0
+    return out
+
+
+def _tuned_through(run, tmp_path, url: str):
+    """A copy of `run` whose config.json says it was tuned through `url`."""
+    remote = tmp_path / "remote"
+    shutil.copytree(run, remote)
+    config = json.loads((remote / "config.json").read_text())
+    (remote / "config.json").write_text(json.dumps({**config, "endpoint": [url]}))
+    return remote
+
+
+def test_evaluate_shows_a_bar_for_each_scoring_pass(run, capsys):
+    assert main(["evaluate", "--run", str(run)]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["examples"] == 12
+    for phase in ("scoring test: no prompt", "scoring test: tuned, z = 0"):
+        assert phase in err, phase
+    assert main(["evaluate", "--run", str(run), "--run", str(run), "--split", "dev"]) == 0  # an ensemble of two
+    assert "scoring dev: 2 members" in capsys.readouterr().err
+
+
+def test_evaluate_quiet_shows_no_bar(run, capsys):
+    assert main(["evaluate", "--run", str(run), "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert "acc" in json.loads(out)
+    assert "scoring" not in err and "%|" not in err
+
+
+def test_evaluate_on_a_run_tuned_through_a_server_asks_that_server(run, tmp_path, capsys, tiny_encoder, monkeypatch):
+    from bbt.backends import local
+    from servers.app import create_app
+    from servers.service import ModelService
+
+    assert main(["evaluate", "--run", str(run), "--quiet"]) == 0
+    here = json.loads(capsys.readouterr().out)
+    with serving(create_app(ModelService([str(tiny_encoder)], lazy=False))) as url:
+        remote = _tuned_through(run, tmp_path, url)
+        with monkeypatch.context() as m:  # no model in this process: the server scores it
+            m.setattr(local, "LocalBackend", lambda *a, **kw: pytest.fail("loaded the model in process"))
+            assert main(["evaluate", "--run", str(remote), "--quiet"]) == 0
+        out, err = capsys.readouterr()
+    assert f"bbt evaluate: {remote} was tuned through {url}" in err
+    there = json.loads(out)
+    assert there["acc"] == pytest.approx(here["acc"]) and there["no_prompt_acc"] == pytest.approx(here["no_prompt_acc"])
+
+
+def test_evaluate_in_process_skips_the_server_a_run_names(run, tmp_path, capsys):
+    url = f"http://127.0.0.1:{free_port()}"  # the server it was tuned through, gone
+    remote = _tuned_through(run, tmp_path, url)
+    assert main(["evaluate", "--run", str(remote), "--wait", "0.5", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert f"was tuned through {url}" in err and f"nothing answers at {url}" in err  # not loaded in process
+    assert main(["evaluate", "--run", str(remote), "--in-process", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["examples"] == 12
+    assert main(["evaluate", "--run", str(remote), "--in-process", "--endpoint", url]) == 1
+    assert "give one of them" in capsys.readouterr().err

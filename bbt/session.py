@@ -1,0 +1,69 @@
+"""A run's one way to its model: every paid query goes out through `Session.query`.
+
+The search, the verbalizer choice, evaluation and ensembles all ask through a session, so what a
+paid query needs is written once: whether the budget affords it, the evaluation cache (an answer
+already paid for is not paid again, and says who paid it), and its line in the run's ledger. The
+model's card (`ModelInfo`, free) is asked once per session.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from bbt.backends.base import Backend
+from bbt.budget import Ledger
+from bbt.protocol import EvaluateRequest, EvaluateResponse, ModelInfo, Usage
+
+
+@dataclass
+class Session:
+    """`backend` serving `model`, its queries booked on `ledger` (None: booked nowhere, as for a prediction)."""
+
+    backend: Backend
+    model: str
+    ledger: Ledger | None = None
+    _info: ModelInfo | None = field(default=None, repr=False)
+
+    @property
+    def info(self) -> ModelInfo:
+        """The model's card, asked of the backend once."""
+        if self._info is None:
+            self._info = self.backend.model_info(self.model)
+        return self._info
+
+    def affordable(self, k: int, *, examples: int, tokens: int) -> int:
+        """How many of `k` queries of `examples` inputs and `tokens` tokens each the budget still pays for."""
+        if self.ledger is None:
+            return k
+        return self.ledger.affordable(k, examples_per_query=examples, tokens_per_query=tokens)
+
+    def query(self, request: EvaluateRequest, *, tuning: bool, queries: int, examples: int,
+              tokens: int | None = None) -> EvaluateResponse:
+        """One request, answered from the cache when the backend keeps one, and booked on the ledger
+        (`tuning`: counted against the query budget; else evaluation) against what the client
+        expected it to cost: `queries`, `examples` and `tokens` (None: the answer's own count)."""
+        payer = None if self.ledger is None else self.ledger.payer()
+        tagged = getattr(self.backend, "evaluate_tagged", None)  # a CachedBackend: who paid a cached answer
+        resp, paid_by = tagged(request, payer) if tagged is not None else (self.backend.evaluate(request), None)
+        if self.ledger is not None:
+            expected = Usage(queries=queries, requests=1, examples=examples,
+                             tokens=resp.usage.tokens if tokens is None else tokens)
+            self.ledger.record(resp.usage, expected=expected, tuning=tuning, paid_by=paid_by)
+        return resp
+
+    def score(self, request: EvaluateRequest, k: int, *, chunk: int,
+              on_chunk: Callable[[int], None] | None = None) -> list[EvaluateResponse]:
+        """`request` (of `k` candidates) sent in requests of at most `chunk` of its inputs (and
+        labels), each booked as evaluation, `k` queries; only the first asks for the prompts the
+        server received (`return_prompts`). `on_chunk(n)`: called after each with its inputs."""
+        answers = []
+        for start in range(0, len(request.inputs), chunk):
+            inputs = request.inputs[start : start + chunk]
+            labels = None if request.labels is None else request.labels[start : start + chunk]
+            part = request.model_copy(update={"inputs": inputs, "labels": labels,
+                                              "return_prompts": request.return_prompts and start == 0})
+            answers.append(self.query(part, tuning=False, queries=k, examples=k * len(inputs)))
+            if on_chunk is not None:
+                on_chunk(len(inputs))
+        return answers
