@@ -87,7 +87,7 @@ def recorded(path: Path) -> dict:
 
 def report(args) -> None:
     out = Path(args.out)
-    rows, old = {}, recorded(Path(args.recorded))
+    rows, old = {}, {} if args.no_recorded else recorded(Path(args.recorded))
     for task in TASKS:
         for seed in SEEDS:
             for dtype in DTYPES:
@@ -123,8 +123,8 @@ def report(args) -> None:
                   f"{'/'.join(f'{p:.1f}' for p in plain) or '-'} | {mean_se(gap)} | "
                   f"{f'{statistics.mean(qps):.2f}' if qps else '-'} |")
     print()
-    print("| task | seed | float32 | bfloat16 | bfloat16 - float32 |")
-    print("|---|---|---|---|---|")
+    print("| task | seed | float32 | bfloat16 | bfloat16 - float32 | words per class (float32, bfloat16) |")
+    print("|---|---|---|---|---|---|")
     for task in TASKS:
         diffs = []
         for seed in SEEDS:
@@ -134,7 +134,8 @@ def report(args) -> None:
             d = 100 * (b["test_acc"] - a["test_acc"]) if a and b else None
             if d is not None:
                 diffs.append(d)
-            print(f"| {task} | {seed} | {fa} | {fb} | {'-' if d is None else f'{d:+.1f}'} |")
+            words = ", ".join(str((m.get("verbalizer") or {}).get("label_words", "?")) if m else "-" for m in (a, b))
+            print(f"| {task} | {seed} | {fa} | {fb} | {'-' if d is None else f'{d:+.1f}'} | {words} |")
         if diffs:
             print(f"| {task} | mean | | | {mean_se(diffs)} |")
 
@@ -148,6 +149,8 @@ def main() -> None:
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--recorded", default=str(Path(__file__).resolve().parent / "results" / "remedies.jsonl"),
                     help="float32 rows recorded earlier (--report)")
+    ap.add_argument("--no-recorded", action="store_true",
+                    help="--report only the cells run in OUT (recorded rows made by older code are left out)")
     args = ap.parse_args()
     if args.report:
         report(args)

@@ -17,9 +17,9 @@ What bfloat16's 8-bit mantissa would spoil stays float32:
 `auto` picks bfloat16 only for a model family whose accuracy in bfloat16 was measured to hold
 (`AUTO_FAMILIES`), on a CUDA GPU that supports it or a CPU whose bfloat16 products are at least
 `AUTO_MIN_SPEEDUP` times as fast as float32's (timed on the spot); otherwise float32. No family
-is in `AUTO_FAMILIES` yet: SmolLM2 BBTv2 at 500 queries kept its AG News accuracy in bfloat16
-(+0.1 points over 3 seeds) but not SST-2's (-1.7 ± 1.6), against the goal of 1 point
-(docs/results/2026-12-07-bfloat16.md), so `auto` runs float32 everywhere until more seeds say more.
+is in `AUTO_FAMILIES` yet: SmolLM2 BBTv2 at 500 queries in bfloat16 ended 1.0 ± 1.1 points below
+float32 on SST-2 (3 seeds: the edge of the 1-point goal) and 0.4 ± 1.6 below on AG News (2 seeds
+so far; docs/results/2026-12-07-bfloat16.md), so `auto` runs float32 until the last seed is in.
 """
 
 from __future__ import annotations
