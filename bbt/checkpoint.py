@@ -220,10 +220,17 @@ def load(path: str | Path) -> RunState | None:
         raise ConfigError(f"cannot read the checkpoint {path}: {exc}") from None
 
 
-def remove(path: str | Path) -> None:
-    """Delete the checkpoint at `path` and its parts, and a checkpoint of an earlier bbt beside it."""
+def files(path: str | Path) -> list[Path]:
+    """Everything a checkpoint at `path` may occupy: the file and its parts, and those of a
+    checkpoint of an earlier bbt beside it."""
     path = Path(path)
-    for file in (path, path.with_name(LEGACY_FILE)):
-        file.unlink(missing_ok=True)
-    for folder in (parts_dir(path), path.with_name(LEGACY_FILE + ".parts")):
-        shutil.rmtree(folder, ignore_errors=True)
+    return [path, parts_dir(path), path.with_name(LEGACY_FILE), path.with_name(LEGACY_FILE + ".parts")]
+
+
+def remove(path: str | Path) -> None:
+    """Delete everything the checkpoint at `path` occupies (`files`)."""
+    for f in files(path):
+        if f.is_dir():
+            shutil.rmtree(f, ignore_errors=True)
+        else:
+            f.unlink(missing_ok=True)

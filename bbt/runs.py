@@ -112,8 +112,7 @@ def _load_state(out: Path) -> RunState | None:
     try:
         return checkpoint.load(path)
     except ConfigError as exc:
-        files = [f for f in (path, checkpoint.parts_dir(path), out / checkpoint.LEGACY_FILE,
-                             out / (checkpoint.LEGACY_FILE + ".parts")) if f.exists()]
+        files = [f for f in checkpoint.files(path) if f.exists()]
         raise ConfigError(
             f"{exc}\nto start this run's search over in the same folder, delete {' and '.join(map(str, files))}, "
             f"then run bbt tune --resume {out} again (what was paid stays in its ledger; an evaluation cache answers "
