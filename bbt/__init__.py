@@ -5,7 +5,7 @@ random projection maps them to soft prompts, and a Backend scores each populatio
 this process or on a server over HTTP.
 """
 
-from bbt.api import evaluate, local, predict, remote, run, sweep
+from bbt.api import evaluate, local, predict, remote, run
 from bbt.budget import Budget, Ledger
 from bbt.cache import CachedBackend, EvaluationCache
 from bbt.config import TuneConfig
@@ -25,6 +25,7 @@ from bbt.optimizer import CMAES
 from bbt.projection import build_matrix, normal_spec, project, uniform_spec
 from bbt.tasks import BUILTIN_TASKS, load_task_file, resolve_task
 from bbt.prompt import Prompt
+from bbt.sweeps import sweep
 from bbt.tuner import TuneResult, TuneState, tune
 from bbt.version import __version__
 

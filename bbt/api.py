@@ -1,17 +1,18 @@
-"""The scripting surface: backends as context managers, and run, evaluate, predict, sweep.
+"""The scripting surface and the one dispatcher: backends, run, evaluate, predict, and `tune`,
+where a method is sent to its runner for the CLI, sweeps and the demo alike.
 
     import bbt
 
     with bbt.local() as backend:                       # or bbt.remote("http://host:8000", api_key=...)
-        m = bbt.runs("sst2", "../shared/data/sst2", out="runs/sst2", budget=500, seed=42, backend=backend)
+        m = bbt.run("sst2", "../shared/data/sst2", out="runs/sst2", budget=500, seed=42, backend=backend)
         print(m["no_prompt_test_acc"], "->", m["test_acc"])
         print(bbt.evaluate("runs/sst2", split="dev", backend=backend)["acc"])
         print(bbt.predict("runs/sst2", ["a gripping film"], backend=backend))
 
 Every function takes run folders by path and the budget once (in queries), and returns plain
 dicts, as the command line prints them. Without a `backend`, each call runs the model in this
-process. The pieces underneath (`bbt.tuner.tune`, `bbt.runs.run_tune`, `bbt.ensemble`) stay
-available for finer control.
+process. Defaults are TuneConfig's and the backends' own, as on the command line. The pieces
+underneath (`bbt.tuner.tune`, `bbt.runs.run_tune`, `bbt.ensemble`) stay available for finer control.
 """
 
 from __future__ import annotations
@@ -21,26 +22,30 @@ from pathlib import Path
 
 
 from bbt.backends.base import Backend
+from bbt.backends.endpoints import open_backend
+from bbt.backends.http import TIMEOUT, WAIT
 from bbt.budget import Budget
-from bbt.config import DEFAULT_MODEL, GRADIENT_METHODS, TuneConfig
+from bbt.config import GRADIENT_METHODS, TuneConfig
+from bbt.data import TaskData
 from bbt.errors import ConfigError, DataError
+from bbt.protocol import TaskSpec
+
+# the CLI's --budget default: the papers' (BBT: 8000 queries)
+DEFAULT_BUDGET = Budget.model_fields["queries"].default
 
 
 def local(models: list[str] | None = None, *, device: str = "auto", dtype: str = "float32"):
     """A backend running the models in this process (needs `bbt[server]`), in `dtype` (float32,
     bfloat16 or auto); use it in a `with`."""
-    from bbt.backends.local import LocalBackend
-
-    return LocalBackend(models, device=device, dtype=dtype)
+    return open_backend(models=models, device=device, dtype=dtype)
 
 
-def remote(url: str | list[str], *, api_key: str | None = None, timeout: float = 120.0, engine: str = "auto",
-           model_files: str | None = None):
+def remote(url: str | list[str], *, api_key: str | None = None, timeout: float = TIMEOUT, wait: float = WAIT,
+           engine: str = "auto", model_files: str | None = None):
     """A backend for one or more `bbt serve` endpoints over HTTP, or a vLLM server (`engine`: auto
-    recognises it; `model_files`: where its tokenizer and input embeddings are); use it in a `with`."""
-    from bbt.backends.endpoints import open_endpoint
-
-    return open_endpoint(url, engine=engine, model_files=model_files, api_key=api_key, timeout=timeout)
+    recognises it; `model_files`: where its tokenizer and input embeddings are); `timeout`: seconds
+    for one answer, `wait`: seconds of retries while a server restarts. Use it in a `with`."""
+    return open_backend(url, engine=engine, model_files=model_files, api_key=api_key, timeout=timeout, wait=wait)
 
 
 @contextmanager
@@ -55,28 +60,42 @@ def _backend(backend: Backend | None):
         owned.close()
 
 
-def run(task: str, data: str | Path, *, out: str | Path, budget: int | None = 500, seed: int = 42,
+def tune(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out: str | Path, *,
+         ensemble: int | None = None, resume: bool = False, context: dict | None = None, progress: bool = False,
+         log=print, report_to: str = "none", replace: bool = False) -> dict:
+    """The one dispatcher of a run: `cfg.method` to its runner (a gradient baseline, an ensemble of
+    `ensemble` prompts, or one search) writing the run folder `out`; returns its metrics.json.
+    `resume`: continue the run in `out`; `replace`: start over in a run folder that exists."""
+    from bbt.runs import run_ensemble, run_gradient, run_tune
+
+    if cfg.method in GRADIENT_METHODS:
+        if resume or ensemble:
+            raise ConfigError(f"--method {cfg.method} runs in one go: --resume and --ensemble are for bbt and bbtv2")
+        return run_gradient(cfg, task, data, backend, out, context=context, log=log)
+    if ensemble:
+        return run_ensemble(cfg, ensemble, task, data, backend, out, context=context, progress=progress, log=log,
+                            resume=resume)
+    return run_tune(cfg, task, data, backend, out, context=context, progress=progress, log=log, resume=resume,
+                    replace=replace, report_to=report_to)
+
+
+def run(task: str, data: str | Path, *, out: str | Path, budget: int | None = DEFAULT_BUDGET, seed: int = 42,
         backend: Backend | None = None, ensemble: int | None = None, resume: bool = False, progress: bool = False,
         **settings) -> dict:
     """Tune a prompt (or a gradient baseline, `method=...`) on `task` from the folder `data`, into
     the run folder `out`; returns its metrics.json. `budget`: queries (the whole ensemble's with
-    `ensemble`); `settings`: any TuneConfig field (method, model, prompt_length, init, ...)."""
+    `ensemble`; default 8000, the papers' and the CLI's); `settings`: any TuneConfig field
+    (method, model, prompt_length, init, ...)."""
     from bbt.data import load_task_folder
-    from bbt.runs import run_ensemble, run_gradient, run_tune
     from bbt.tasks import resolve_task
 
     cfg = TuneConfig(seed=seed, budget=Budget(queries=budget), **settings)
     spec = resolve_task(task, data)
     split = load_task_folder(data, spec, seed=seed, k=cfg.k_shot, skip_bad_rows=cfg.skip_bad_rows)
     context = {"data": str(Path(data).resolve()), "endpoint": None}
-    log = print if progress else (lambda *a: None)
     with _backend(backend) as b:
-        if cfg.method in GRADIENT_METHODS:
-            return run_gradient(cfg, spec, split, b, out, context=context, log=log)
-        if ensemble:
-            return run_ensemble(cfg, ensemble, spec, split, b, out, context=context, progress=progress, log=log,
-                                resume=resume)
-        return run_tune(cfg, spec, split, b, out, context=context, progress=progress, log=log, resume=resume)
+        return tune(cfg, spec, split, b, out, ensemble=ensemble, resume=resume, context=context, progress=progress,
+                    log=print if progress else (lambda *a: None))
 
 
 def _split_of(run: Path, task, split: str, data: str | Path | None):
@@ -197,17 +216,3 @@ def predict(runs: str | Path | list, texts: list[str], *, pairs: list[str] | Non
             task = artifacts[0].task
             labelled = predict_prompts(b, artifacts, texts, pairs, vote=vote)
     return [{"text": t, "label": label, "probs": dict(zip(task.labels, probs))} for t, (label, probs) in zip(texts, labelled)]
-
-
-def sweep(tasks: list[str], data_root: str | Path, *, out: str | Path, seeds: list[int] = (13, 42, 87),
-          budgets: list[int] = (500,), methods: list[str] = ("bbt",), model: str = DEFAULT_MODEL, workers: int = 1,
-          test_limit: int | None = 500, grid: dict | None = None, **settings) -> list[dict]:
-    """Run (or finish) a sweep into `out` and return its table: one dict per task, method,
-    settings and budget with `test`, `test_se`, `no_prompt`, `gap`, `gap_se` (points) and `seeds`.
-    `settings`: TuneConfig fields for every cell; `grid`: field -> list of values."""
-    from bbt import sweeps as sw
-
-    spec = sw.SweepSpec(tasks=list(tasks), seeds=list(seeds), methods=list(methods), budgets=list(budgets),
-                        data_root=str(data_root), model=model, settings=settings, grid=grid or {}, test_limit=test_limit)
-    sw.run_sweep(spec, out, workers=workers, log=lambda *a: None)
-    return sw.table(out)

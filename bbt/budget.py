@@ -35,11 +35,15 @@ class Budget(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    queries: int | None = Field(default=8000, ge=1, description="candidates scored (train and dev)")
+    queries: int | None = Field(
+        default=8000, ge=1,
+        description="queries (candidates scored on train and dev); the papers' budget is 8000: SmolLM2 tunes about "
+        "200 SST-2 queries in 3 minutes on 2 CPU cores, so that is about two hours there, more on longer inputs (try "
+        "500 first; bbt tune --dry-run estimates the time)")
     requests: int | None = Field(default=None, ge=1, description="round trips to the model")
-    examples: int | None = Field(default=None, ge=1, description="queries x examples per query")
+    examples: int | None = Field(default=None, ge=1, description="examples scored (queries x inputs per query)")
     tokens: int | None = Field(default=None, ge=1, description="tokens billed by the server")
-    cost: float | None = Field(default=None, gt=0, description="money, in the unit of price_per_1k_tokens")
+    cost: float | None = Field(default=None, gt=0, description="money, in the unit of `price_per_1k_tokens`")
     price_per_1k_tokens: float = Field(default=0.0, ge=0, description="what 1000 billed tokens cost")
 
     @model_validator(mode="after")

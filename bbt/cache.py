@@ -41,6 +41,27 @@ def default_cache_path() -> Path | None:
     return root / "bbt" / "evaluations.sqlite"
 
 
+
+def with_cache(backend: Backend, path: str | Path | None = None, *, enabled: bool = True, warn=None) -> Backend:
+    """`backend` behind the evaluation cache at `path` (None: `default_cache_path()`), or `backend`
+    itself when `enabled` is False or $BBT_CACHE is off. A cache the user named (`path` or
+    $BBT_CACHE) must open; the default one may not (a read-only home): then the run goes on
+    without it, and `warn` (a callable taking one line) says so."""
+    if not enabled:
+        return backend
+    named = path is not None or os.environ.get(CACHE_ENV) is not None
+    path = Path(path) if path is not None else default_cache_path()
+    if path is None:
+        return backend
+    try:
+        return CachedBackend(backend, EvaluationCache(path))
+    except ConfigError as exc:
+        if named:
+            raise
+        if warn is not None:
+            warn(f"{exc}; going on without a cache")
+        return backend
+
 class EvaluationCache:
     """Answers by key in one SQLite file; safe to share between threads, processes and runs."""
 

@@ -12,7 +12,9 @@ projection specs, the generation count and where the run stands in its ledger.
 The JSON names no Python class, so renaming one never breaks a checkpoint. A part is named by
 its content and written only when that changed: BBTv2 keeps one CMA-ES per layer (d = 500:
 about 4 MB each) and a generation moves only one of them, so a checkpoint of SmolLM2's 30
-layers writes 4 MB instead of 120.
+layers writes 4 MB instead of 120. The path (z after each generation, for the prompt at any
+budget) is kept as the layers each point changed: a BBTv2 point adds one layer's z (4 kB), where
+the whole z (120 kB, all 30 layers) made an 8000-query run rewrite 48 MB of path per generation.
 
 Every file is written to a temporary name, fsynced, then renamed; parts go first, then
 state.json, which names the parts it needs; parts no longer named are removed last. So a kill at
@@ -39,7 +41,8 @@ from bbt.protocol import ProjectionSpec, TaskSpec
 from bbt.tuner import Evaluation, TuneState
 from bbt.verbalizers import Choice
 
-FORMAT = 3  # 1 and 2: a pickle of the classes themselves, RUN/state.pkl (no longer read)
+FORMAT = 4  # 4: the path as changed layers; 3: as whole z (still read); 1 and 2: RUN/state.pkl (refused)
+READS = (3, 4)
 LEGACY_FILE = "state.pkl"
 
 
@@ -84,8 +87,9 @@ def _encode(state: RunState, arrays: dict[str, np.ndarray], optimizers: list[CMA
         arrays["prompt_z"], arrays["best_z"] = p.z, s.best_z
         if s.local_base is not None:
             arrays["local_base"] = s.local_base
+        path_layers = []
         if s.path:
-            arrays["path_z"] = np.stack([z for _, z in s.path])
+            arrays["path_rows"], path_layers = _path_changes([z for _, z in s.path])
         optimizers += s.optimizers
         out["tuning"] = {
             "prompt": {"projections": [spec.model_dump(mode="json") for spec in p.projections],
@@ -94,6 +98,7 @@ def _encode(state: RunState, arrays: dict[str, np.ndarray], optimizers: list[CMA
             "best_train": _evaluation(s.best_train), "best_dev": _evaluation(s.best_dev),
             "chosen_train": _evaluation(s.chosen_train), "generation": s.generation, "seconds": s.seconds,
             "ledger_step": s.ledger_step, "history": s.history, "path_queries": [q for q, _ in s.path],
+            "path_layers": path_layers,
             "stage": s.stage, "local_losses": s.local_losses, "fold": s.fold, "fold_start": s.fold_start,
             "chosen_fold": s.chosen_fold,
         }
@@ -113,7 +118,10 @@ def _decode(data: dict, arrays: dict[str, np.ndarray], optimizers: list[CMAES]) 
         p = t["prompt"]
         prompt = Prompt(z=arrays["prompt_z"], projections=[ProjectionSpec.model_validate(s) for s in p["projections"]],
                         prompt_length=p["prompt_length"], init_seed=p["init_seed"], init_text=p["init_text"])
-        path_z = arrays.get("path_z")
+        if "path_layers" in t:
+            path_z = _path_points(arrays.get("path_rows"), t["path_layers"])
+        else:  # format 3: every point whole
+            path_z = arrays.get("path_z")
         tuning = TuneState(
             prompt=prompt, optimizers=optimizers[: t["optimizers"]], best_z=arrays["best_z"],
             best_train=_evaluation_of(t["best_train"]), best_dev=_evaluation_of(t["best_dev"]),
@@ -124,6 +132,30 @@ def _decode(data: dict, arrays: dict[str, np.ndarray], optimizers: list[CMAES]) 
             fold_start=t["fold_start"], chosen_fold=t["chosen_fold"])
     return RunState(plain=_evaluation_of(data["plain"]), ledger_step=data["ledger_step"], tuning=tuning,
                     choice=choice, chosen_plain=_evaluation_of(data["chosen_plain"]))
+
+
+def _path_changes(points: list[np.ndarray]) -> tuple[np.ndarray, list[list[int]]]:
+    """The path's z points [layers, d] as the rows each changed from the one before (the first: all
+    of them) stacked [rows, d], and which layers those rows are, point by point."""
+    rows, layers, previous = [], [], None
+    for z in points:
+        changed = range(len(z)) if previous is None else np.flatnonzero((z != previous).any(axis=1)).tolist()
+        layers.append(list(changed))
+        rows += [z[i] for i in changed]
+        previous = z
+    return np.stack(rows), layers
+
+
+def _path_points(rows: np.ndarray | None, layers: list[list[int]]) -> list[np.ndarray]:
+    """`_path_changes` undone: each point's whole z."""
+    points, z, at = [], None, 0
+    for changed in layers:
+        z = np.empty((len(changed), rows.shape[1])) if z is None else z.copy()
+        for i in changed:
+            z[i] = rows[at]
+            at += 1
+        points.append(z)
+    return points
 
 
 def _plain(value):
@@ -210,8 +242,8 @@ def load(path: str | Path) -> RunState | None:
         return None
     try:
         document = json.loads(path.read_text())
-        if document.get("format") != FORMAT:
-            raise ValueError(f"format {document.get('format')}, this bbt reads {FORMAT}")
+        if document.get("format") not in READS:
+            raise ValueError(f"format {document.get('format')}, this bbt reads {', '.join(map(str, READS))}")
         optimizers = [CMAES.from_state(pickle.loads((parts / name).read_bytes())) for name in document["optimizers"]]
         stored = {} if document["arrays"] is None else from_safetensors((parts / document["arrays"]).read_bytes())
         arrays = {k: np.array(v) for k, v in stored.items()}  # own, writable copies: the search updates them

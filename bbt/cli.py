@@ -6,14 +6,17 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
+import typing
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from bbt.version import __version__
+from bbt.backends.http import TIMEOUT, WAIT
 from bbt.budget import Budget
-from bbt.config import DEFAULT_MODEL, GRADIENT_METHODS, TuneConfig
+from bbt.config import DEFAULT_MODEL, FAMILY_DEFAULTS, GRADIENT_METHODS, MODEL_CHOICE, TuneConfig
 from bbt.errors import BackendError, BBTError, ConfigError
 
 EXAMPLES = """examples:
@@ -27,11 +30,6 @@ EXAMPLES = """examples:
   bbt demo
 """
 
-
-# which bundled model suits what (--help of tune, sweep and serve; figures: docs/models.md)
-MODEL_CHOICE = (f"{DEFAULT_MODEL} (the default; SmolLM2-135M-Instruct, a 135M causal LM, where tuning gains most: "
-                "+5.9 points on SST-2 and +11.5 on AG News at 500 queries; BBT and BBTv2) or minilm (all-MiniLM-L6-v2, "
-                "a small sentence encoder: fast, with less to gain from tuning, +0.5 points on SST-2)")
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -55,6 +53,67 @@ def _query_limit(value: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected a number of queries or 'none', got {value!r}") from None
 
 
+# `bbt tune`'s options for TuneConfig's fields are generated from them (`_add_setting`): the field's
+# description is the help, its default is printed once. What the CLI adds is layout: the group,
+# a short metavar, and --budget/--max-* for the budget's fields.
+_DATA_FIELDS = ("seed", "search_seed", "k_shot", "skip_bad_rows")
+_METAVARS = {"seed": "S", "search_seed": "S", "popsize": "N", "sigma": "S", "k_shot": "K", "epochs": "N",
+             "batch_size": "N", "prompt_length": "L", "intrinsic_dim": "D", "init_text": "TEXT", "label_words": "K",
+             "local_share": "F", "local_dim": "K", "bound": "B", "rounds": "R", "patience": "G", "queries": "QUERIES",
+             "requests": "N", "examples": "N", "tokens": "N", "cost": "X", "price_per_1k_tokens": "X"}
+_BUDGET_FLAGS = {"queries": "--budget", "requests": "--max-requests", "examples": "--max-examples",
+                 "tokens": "--max-tokens", "cost": "--max-cost", "price_per_1k_tokens": "--price-per-1k-tokens"}
+# settings parsed as None unless given, so that the model family's default, or a setting that implies
+# them (init_text: init; label_words: verbalizer; local_*: local), decides (TuneConfig.model_fields_set)
+_LEFT_OPEN = {*FAMILY_DEFAULTS["causal"], "init", "init_text", "verbalizer", "label_words", "local", "local_share",
+              "local_dim"}
+
+
+def _flag(name: str) -> str:
+    return _BUDGET_FLAGS.get(name) or "--" + name.replace("_", "-")
+
+
+def _dest(name: str) -> str:
+    return _flag(name)[2:].replace("-", "_")
+
+
+def _setting_help(description: str) -> str:
+    """A field's description as an option's help: the settings it names in backquotes as options."""
+    def option(match: re.Match) -> str:
+        name = match.group(1)
+        known = name in TuneConfig.model_fields or name in Budget.model_fields
+        return _flag(name) if known else name
+
+    return re.sub(r"`([a-z0-9_]+)`", option, description)
+
+
+def _option_type(annotation) -> tuple[type, list | None]:
+    """The type and choices of a field's annotation: a Literal's values are the choices, `X | None` is X."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Literal:
+        return type(args[0]), list(args)
+    return _option_type(args[0]) if args else (annotation, None)
+
+
+def _add_setting(group, name: str, field, flag: str | None = None) -> None:
+    """One option for a TuneConfig (or Budget) field: its description as help, its default said once."""
+    text = _setting_help(field.description)
+    kind, choices = _option_type(field.annotation)
+    if kind is bool:
+        group.add_argument(flag or _flag(name), action="store_true", help=text)
+        return
+    default = field.default
+    if name in _LEFT_OPEN:
+        family = FAMILY_DEFAULTS["causal"].get(name)
+        if default is not None:
+            text += f" (default: {default}" + (f"; causal LMs: {family})" if family is not None else ")")
+        default = None
+    if name == "queries":
+        kind, text = _query_limit, text + "; none: no query limit, with one of the limits below"
+    group.add_argument(flag or _flag(name), type=kind, choices=choices, default=default, metavar=_METAVARS.get(name),
+                       help=text)
+
+
 def _add_backend_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("where the model runs")
     g.add_argument("--endpoint", action="append", metavar="URL",
@@ -67,10 +126,10 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model-files", metavar="DIR",
                    help="vLLM: where the served model's tokenizer and input embeddings are (a folder or .gguf file); "
                    "default: --model itself (a folder, or a name bbt knows: smollm2)")
-    g.add_argument("--timeout", type=float, default=120.0, metavar="S", help="seconds to wait for one answer (default 120)")
-    g.add_argument("--wait", type=float, default=300.0, metavar="S",
+    g.add_argument("--timeout", type=float, default=TIMEOUT, metavar="S", help="seconds to wait for one answer")
+    g.add_argument("--wait", type=float, default=WAIT, metavar="S",
                    help="seconds to keep retrying a server that has answered and is now down or failing, e.g. while it "
-                   "restarts (default 300); an address where no bbt server has answered yet gets at most 10 s, so a "
+                   "restarts; an address where no bbt server has answered yet gets at most 10 s, so a "
                    "wrong --endpoint fails fast")
     g.add_argument("--retries", type=int, default=None, metavar="N", help="also give up after N retries of one request")
     g.add_argument("--device", metavar="DEV", help="where a model run in this process runs: auto (a GPU if torch sees "
@@ -96,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = TuneConfig()
     t = sub.add_parser("tune", help="tune a soft prompt for a few-shot task", description=(
         "Tune a soft prompt with CMA-ES within a query budget, then score it on the test split. "
-        "Writes config.json, log.jsonl, prompt.json and metrics.json to --out."),
+        "Writes config.json, log.jsonl, prompt.json and metrics.json to --out. The method and budget options are "
+        "TuneConfig's fields (bbt.config), each described once there."),
         formatter_class=_Help)
     g = t.add_argument_group("task and data")
     g.add_argument("--task", help="built-in task (sst2 yelpp agnews dbpedia mrpc rte snli) or a .json/.yaml task file; "
@@ -104,17 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", metavar="DIR",
                    help="(required) task folder: task.json, 16shot/seedS/{train,dev}.jsonl, test.jsonl; or your own "
                    "train.jsonl and dev.jsonl (used as given); or a pool.jsonl to sample from")
-    g.add_argument("--seed", type=int, default=d.seed, help="picks the 16-shot split and p0 (the soft prompt the "
-                   "search starts from), and seeds the search")
-    g.add_argument("--search-seed", type=int, default=None, metavar="S",
-                   help="seeds the projections and CMA-ES apart from the split (default: --seed)")
+    m = t.add_argument_group("method")
+    for name, field in TuneConfig.model_fields.items():
+        if name != "budget":
+            _add_setting(g if name in _DATA_FIELDS else m, name, field)
     g.add_argument("--ensemble", type=int, default=None, metavar="N",
                    help="tune N prompts on the split with search seeds S, S+1, ... in turn and score them together "
                    "(OUT/member-i, OUT/ensemble.json); the budget is the whole ensemble's, 1/N per member")
-    g.add_argument("--k-shot", type=int, default=d.k_shot, help="examples per class when sampling from a pool")
-    g.add_argument("--skip-bad-rows", action="store_true",
-                   help="leave out data rows whose text is missing, empty or too long (and say how many per file) "
-                   "instead of stopping at the first one")
     g.add_argument("--test-limit", type=int, default=None, metavar="N",
                    help="score at most N test examples, a seeded sample (the same for every run; as bbt sweep's "
                    "--test-limit); default, or 0: all")
@@ -122,79 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN where it stopped (killed, failed or "
                    "out of quota), with the settings in RUN/config.json; only the options of the model's location, "
                    "the cache and --quiet may be given with it")
-    m = t.add_argument_group("method")
-    m.add_argument("--method", choices=["bbt", "bbtv2", *GRADIENT_METHODS], default=None,
-                   help="bbt: input prompt; bbtv2: deep prompt, layer by layer; prompt-tuning, p-tuning, prefix-tuning, "
-                   "p-tuning-v2: the gradient baselines through PEFT (in process only; --lr, --epochs, --batch-size). "
-                   f"Default: {d.method} (causal LMs: bbtv2; bbt with --local)")
-    m.add_argument("--model", default=d.model, help=f"{MODEL_CHOICE}; or a local model directory or a .gguf file (in "
-                   "process); with --endpoint, a model the server serves")
-    m.add_argument("--prompt-length", type=int, default=None, metavar="L",
-                   help=f"soft-prompt tokens (default: {d.prompt_length}; causal LMs: 10)")
-    m.add_argument("--intrinsic-dim", type=int, default=d.intrinsic_dim, metavar="D",
-                   help="size of z, the small vector CMA-ES searches; the soft prompt is p0 + A z, A a fixed random matrix")
-    m.add_argument("--popsize", type=int, default=d.popsize, help="CMA-ES population (queries per generation)")
-    m.add_argument("--sigma", type=float, default=d.sigma, help="CMA-ES initial step size, in units of z")
-    m.add_argument("--loss", choices=["ce", "hinge", "perf"], default=d.loss,
-                   help="what CMA-ES minimises on train: ce cross-entropy, hinge a margin loss, perf minus accuracy")
-    m.add_argument("--projection", choices=["normal", "uniform"], default=d.projection,
-                   help="how the random matrix A (z to prompt) is drawn")
-    m.add_argument("--alpha", type=float, default=None,
-                   help=f"scale of a normal A (default: {d.alpha}; causal LMs: 0.5)")
-    m.add_argument("--init", choices=["zero", "vocab", "instruction", "demos"], default=None,
-                   help="p0, where the search starts: zeros; embeddings of random vocabulary tokens (BBT); of an "
-                   "instruction (--init-text, or the task's default); of training examples written out with the "
-                   f"template (demonstrations). Default: {d.init} (causal LMs: instruction), or instruction with "
-                   "--init-text")
-    m.add_argument("--init-text", default=None, metavar="TEXT",
-                   help="the instruction p0 is made from (implies --init instruction)")
-    m.add_argument("--verbalizer", choices=["manual", "auto"], default=None,
-                   help="auto: several label words per class (sentence encoders: label texts), chosen on the training "
-                   "split, how many by accuracy on train examples left out of the choice and on dev (2 queries of the "
-                   f"budget; an LM: 3); manual: the task's own. Default: {d.verbalizer} (gradient methods: manual)")
-    m.add_argument("--label-words", type=int, default=None, metavar="K",
-                   help="with --verbalizer auto: words per class (default: 1, 2, 3, 5 or 8, the best on train examples "
-                   "left out of the choice and on dev)")
-    m.add_argument("--select", choices=["dev-metric", "dev-loss", "train-dev"], default=None,
-                   help="the prompt a run returns: best on dev by the task's metric (ties: dev loss), by dev loss, "
-                   f"or by the metric on train + dev together (ties: their loss). Default: {d.select}")
-    m.add_argument("--folds", type=int, choices=[1, 2], default=None,
-                   help="2: train and dev swap roles halfway through the query budget (the second half searches on dev "
-                   "from z = 0, the starting prompt p0, and checks on train); the better of the two by its score on the "
-                   f"split it did not search on is returned. Default: {d.folds}")
-    m.add_argument("--local", choices=["none", "cobyla"], default=None,
-                   help="bbt: a second search stage, COBYLA from CMA-ES's best point in the --local-dim principal "
-                   f"directions of its covariance, for the last --local-share of the query budget. Default: {d.local}")
-    m.add_argument("--local-share", type=float, default=None, metavar="F",
-                   help=f"share of the query budget for the second stage (default: {d.local_share})")
-    m.add_argument("--local-dim", type=int, default=None, metavar="K",
-                   help=f"directions the second stage searches (default: {d.local_dim})")
     m.add_argument("--report-to", choices=["none", "tensorboard"], default="none",
                    help="also log each generation as TensorBoard scalars in RUN/tensorboard (pip install tensorboardX)")
-    m.add_argument("--lr", type=float, default=None, help="gradient methods: learning rate (default: the paper's)")
-    m.add_argument("--epochs", type=int, default=d.epochs, help="gradient methods: passes over the training split")
-    m.add_argument("--batch-size", type=int, default=d.batch_size, help="gradient methods: examples per step")
-    m.add_argument("--bound", type=float, default=None, help="keep z in [-BOUND, BOUND] (default: unbounded)")
-    m.add_argument("--diagonal", action="store_true", help="separable CMA-ES, for a large intrinsic dimension")
-    m.add_argument("--rounds", type=int, default=None, metavar="R",
-                   help="stop after R rounds of one generation per prompted layer (bbtv2: each layer R times; "
-                   "bbt: R generations); default: when the budget ends")
-    m.add_argument("--patience", type=int, default=None, metavar="G",
-                   help="stop early after G generations in a row without a better dev score (default: never)")
-    m.add_argument("--encoding", choices=["intrinsic", "float32", "float16"], default=d.encoding,
-                   help="how candidates travel to the model: intrinsic sends z and A's seed (the server rebuilds the "
-                   "prompt: the smallest requests); float32/float16 send the prompts themselves")
     b = t.add_argument_group("budget (tuning: train and dev queries; never exceeded)")
-    b.add_argument("--budget", type=_query_limit, default=d.budget.queries, metavar="QUERIES",
-                   help="queries (candidates scored); 'none' for no query limit, with one of the limits below. Default "
-                   f"{d.budget.queries}, the papers' budget: SmolLM2 tunes about 200 SST-2 queries in 3 minutes on 2 "
-                   "CPU cores, so that is about two hours there, more on longer inputs (try 500 first); --dry-run "
-                   "estimates the time")
-    b.add_argument("--max-requests", type=int, metavar="N", help="round trips")
-    b.add_argument("--max-examples", type=int, metavar="N", help="examples scored (queries x batch)")
-    b.add_argument("--max-tokens", type=int, metavar="N", help="tokens billed")
-    b.add_argument("--max-cost", type=float, metavar="X", help="money, with --price-per-1k-tokens")
-    b.add_argument("--price-per-1k-tokens", type=float, default=0.0, metavar="X", help="price of 1000 tokens")
+    for name, flag in _BUDGET_FLAGS.items():
+        _add_setting(b, name, Budget.model_fields[name], flag=flag)
     t.add_argument("--dry-run", action="store_true", help="print what the run would spend and about how long it "
                    "takes (a model in this process is timed on three unbilled requests on train), then exit")
     t.add_argument("--quiet", action="store_true", help="no progress bars (the model's loading bar included)")
@@ -276,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("watch", help="a live view of a run or sweep folder",
                        description="Show a run's loss and dev score against queries, the budget spent and left, "
                        "queries per second and when tuning should end at that speed (a sweep: one line per cell), "
-                       "redrawn as its log grows; returns when it ends. A folder where no run has started yet is "
+                       "redrawn as its log grows; returns when it ends, or fails (exit 1) when no process tunes the run any more "
+                       "(it failed or was killed: bbt tune --resume continues it). A folder where no run has started yet is "
                        "waited for up to --wait seconds; a folder that holds something else is refused at once.")
     v.add_argument("folder", metavar="RUN_OR_SWEEP")
     v.add_argument("--interval", type=float, default=1.0, metavar="S", help="seconds between redraws")
@@ -333,24 +322,14 @@ def make_backend(args, *, answered_before: bool = False):
     """The backend the options name: --endpoint's server(s), else the model in this process.
     `answered_before`: the server is known to have answered (a resumed run's): it gets the whole
     --wait from the first request, where a new address gets a few seconds."""
-    device = getattr(args, "device", None)
-    if getattr(args, "endpoint", None):
-        if device is not None:
-            raise ConfigError("--device sets where a model in this process runs; with --endpoint the server decides "
-                              "(start it with bbt serve --device DEV)")
-        from bbt.backends.endpoints import open_endpoint
-        from bbt.backends.http import FIRST_CONTACT_WAIT
+    from bbt.backends.endpoints import open_backend
+    from bbt.backends.http import FIRST_CONTACT_WAIT
 
-        return open_endpoint(args.endpoint, engine=getattr(args, "engine", "auto"), api_key=args.api_key,
-                             model_files=getattr(args, "model_files", None), timeout=args.timeout, wait=args.wait,
-                             retries=args.retries, first_contact_wait=None if answered_before else FIRST_CONTACT_WAIT)
-    from bbt.backends.local import LocalBackend
-
-    return LocalBackend(device=device or "auto", dtype=getattr(args, "dtype", None) or "float32")
-
-
-_BUDGET_FLAGS = {"queries": "--budget", "requests": "--max-requests", "examples": "--max-examples",
-                 "tokens": "--max-tokens", "cost": "--max-cost"}
+    return open_backend(getattr(args, "endpoint", None), device=getattr(args, "device", None),
+                        dtype=getattr(args, "dtype", None), engine=getattr(args, "engine", "auto"),
+                        model_files=getattr(args, "model_files", None), api_key=args.api_key, timeout=args.timeout,
+                        wait=args.wait, retries=args.retries,
+                        first_contact_wait=None if answered_before else FIRST_CONTACT_WAIT)
 
 
 def _option_errors(exc: ValidationError) -> str:
@@ -360,7 +339,7 @@ def _option_errors(exc: ValidationError) -> str:
             parts.append(err["msg"].removeprefix("Value error, "))
             continue
         field = str(err["loc"][-1])
-        parts.append(f"{_BUDGET_FLAGS.get(field, '--' + field.replace('_', '-'))} {err.get('input')!r}: {err['msg']}")
+        parts.append(f"{_flag(field)} {err.get('input')!r}: {err['msg']}")
     return "bad option " + "; ".join(parts)
 
 
@@ -370,11 +349,10 @@ _RESUME_OPTIONS = {"resume", "endpoint", "api_key", "timeout", "wait", "retries"
 
 
 def cmd_tune(args) -> int:
-    from bbt import rundir
+    from bbt import api, rundir
     from bbt.data import limit_test, load_task_folder
     from bbt.protocol import TaskSpec
     from bbt.rundir import load_run_config
-    from bbt.runs import run_ensemble, run_gradient, run_tune
     from bbt.tasks import resolve_task
 
     if args.resume:
@@ -428,16 +406,8 @@ def cmd_tune(args) -> int:
         if args.test_limit:
             context["test_limit"] = args.test_limit
         try:
-            if cfg.method in GRADIENT_METHODS:
-                if args.resume or args.ensemble:
-                    raise ConfigError(f"--method {cfg.method} runs in one go: --resume and --ensemble are for bbt and bbtv2")
-                run_gradient(cfg, task, data, backend, out, context=context)
-            elif args.ensemble is not None:
-                run_ensemble(cfg, args.ensemble, task, data, backend, out, context=context, progress=not args.quiet,
-                             resume=bool(args.resume))
-            else:
-                run_tune(cfg, task, data, backend, out, context=context, progress=not args.quiet, resume=bool(args.resume),
-                         report_to=args.report_to)
+            api.tune(cfg, task, data, backend, out, ensemble=args.ensemble, resume=bool(args.resume), context=context,
+                     progress=not args.quiet, report_to=args.report_to)
         except BackendError as exc:
             raise BackendError(f"{exc}\n{_after_failure(out, cfg)}") from exc
         except KeyboardInterrupt:
@@ -487,7 +457,8 @@ def _hide_loading_bars() -> None:
 
 
 def _tune_config(args) -> TuneConfig:
-    """The TuneConfig of `bbt tune`'s options; a bad value gets one line naming its option."""
+    """The TuneConfig of `bbt tune`'s options (those given, and the defaults of the rest); a bad
+    value gets one line naming its option."""
     # the rules Budget enforces, in the words of the command line
     if args.max_cost is not None and not args.price_per_1k_tokens:
         raise ConfigError("--max-cost needs --price-per-1k-tokens: without a price nothing is charged against it")
@@ -495,44 +466,20 @@ def _tune_config(args) -> TuneConfig:
         raise ConfigError("--budget none needs another limit (--max-requests, --max-examples, --max-tokens or "
                           "--max-cost), else tuning never stops")
     try:
-        budget = Budget(queries=args.budget, requests=args.max_requests, examples=args.max_examples, tokens=args.max_tokens,
-                        cost=args.max_cost, price_per_1k_tokens=args.price_per_1k_tokens)
-        given = {k: v for k, v in (("method", args.method), ("prompt_length", args.prompt_length), ("alpha", args.alpha),
-                                   ("init", args.init or ("instruction" if args.init_text else None)),
-                                   ("verbalizer", args.verbalizer or ("auto" if args.label_words else None)),
-                                   ("label_words", args.label_words), ("select", args.select), ("folds", args.folds),
-                                   ("local", args.local or ("cobyla" if args.local_share or args.local_dim else None)),
-                                   ("local_share", args.local_share), ("local_dim", args.local_dim)) if v is not None}
-        return TuneConfig(**given, model=args.model, seed=args.seed,
-                          intrinsic_dim=args.intrinsic_dim, popsize=args.popsize, sigma=args.sigma, loss=args.loss,
-                          projection=args.projection, bound=args.bound, init_text=args.init_text,
-                          search_seed=args.search_seed, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
-                          diagonal=args.diagonal, rounds=args.rounds, patience=args.patience, encoding=args.encoding,
-                          k_shot=args.k_shot, skip_bad_rows=args.skip_bad_rows, budget=budget)
+        budget = Budget(**{name: getattr(args, _dest(name)) for name in _BUDGET_FLAGS})
+        given = {name: getattr(args, name) for name in TuneConfig.model_fields
+                 if name != "budget" and getattr(args, name) is not None}
+        return TuneConfig(**given, budget=budget)
     except ValidationError as exc:  # e.g. --popsize 1, --budget 0: one line naming the option, no traceback
         raise ConfigError(_option_errors(exc)) from None
 
 
 def _with_cache(backend, args):
-    """The backend behind the evaluation cache that --cache / --no-cache / $BBT_CACHE choose.
+    """The backend behind the evaluation cache that --cache / --no-cache / $BBT_CACHE choose."""
+    from bbt.cache import with_cache
 
-    A cache the user named must open; the default one may not (a read-only home): then the run
-    goes on without it, and says so.
-    """
-    from bbt.cache import CachedBackend, EvaluationCache, default_cache_path
-
-    if args.no_cache:
-        return backend
-    path = Path(args.cache) if args.cache else default_cache_path()
-    if path is None:
-        return backend
-    try:
-        return CachedBackend(backend, EvaluationCache(path))
-    except ConfigError as exc:
-        if args.cache or os.environ.get("BBT_CACHE"):
-            raise
-        print(f"warning: {exc}; going on without a cache", file=sys.stderr)
-        return backend
+    return with_cache(backend, args.cache, enabled=not args.no_cache,
+                      warn=lambda line: print(f"warning: {line}", file=sys.stderr))
 
 
 def cmd_evaluate(args) -> int:

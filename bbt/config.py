@@ -19,96 +19,134 @@ GRADIENT_METHODS = ("prompt-tuning", "p-tuning", "prefix-tuning", "p-tuning-v2")
 # SST-2 for MiniLM; docs/models.md). `bbt serve`, `bbt sweep` and the Python API default to it too.
 DEFAULT_MODEL = "smollm2"
 
+# which bundled model suits what (the help of --model in bbt tune, sweep and serve; figures: docs/models.md)
+MODEL_CHOICE = (f"{DEFAULT_MODEL} (the default; SmolLM2-135M-Instruct, a 135M causal LM, where tuning gains most: "
+                "+5.9 points on SST-2 and +11.5 on AG News at 500 queries; BBT and BBTv2) or minilm (all-MiniLM-L6-v2, "
+                "a small sentence encoder: fast, with less to gain from tuning, +0.5 points on SST-2)")
+
 
 class TuneConfig(BaseModel):
-    """Everything that decides a tuning run. The same config and seed give the same run."""
+    """Everything that decides a tuning run. The same config and seed give the same run.
+
+    Each field is a `bbt tune` option of the same name (`prompt_length` is `--prompt-length`),
+    generated from it with this description as its help; the budget's fields are `--budget` and
+    `--max-*`. A setting named between backquotes in a description is another field. Settings not
+    given take their model family's defaults (`FAMILY_DEFAULTS`); giving `init_text` implies `init`
+    instruction, `label_words` verbalizer auto, and `local_share` or `local_dim` local cobyla.
+    """
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    model: str = Field(default=DEFAULT_MODEL, description="model name or local path (the server's name with an "
-                       "endpoint): smollm2 (the default), minilm, a folder or a .gguf file")
+    model: str = Field(default=DEFAULT_MODEL, description=f"{MODEL_CHOICE}; or a local model directory or a .gguf "
+                       "file (in process); with an endpoint, a model the server serves")
     method: Literal["bbt", "bbtv2", "prompt-tuning", "p-tuning", "prefix-tuning", "p-tuning-v2"] = Field(
         default="bbt",
-        description="bbt: input prompt; bbtv2: a prompt per layer; the rest: gradient baselines through PEFT "
-        "(in process only: they need the weights)",
+        description="bbt: input prompt; bbtv2: deep prompt, layer by layer; prompt-tuning, p-tuning, prefix-tuning, "
+        "p-tuning-v2: the gradient baselines through PEFT (in process only: they need the weights; `lr`, `epochs`, "
+        "`batch_size`); asking for a second search stage (`local`) keeps bbt",
     )
-    seed: int = Field(default=42, ge=0, description="seeds the data split, p0, and (unless search_seed) the search")
+    seed: int = Field(default=42, ge=0, description="picks the 16-shot split and p0 (the soft prompt the search "
+                      "starts from), and seeds the search")
     search_seed: int | None = Field(
         default=None, ge=0,
-        description="seeds the projections and CMA-ES apart from the split, so prompts tuned on one split can "
-        "differ (ensembles); none: the split seed",
+        description="seeds the projections and CMA-ES apart from the split, so that prompts tuned on one split "
+        "differ (ensembles); default: the split's `seed`",
     )
-    prompt_length: int = Field(default=50, ge=1, description="L, soft-prompt tokens")
-    intrinsic_dim: int = Field(default=500, ge=1, description="d, the dimension CMA-ES searches")
+    prompt_length: int = Field(default=50, ge=1, description="soft-prompt tokens")
+    intrinsic_dim: int = Field(default=500, ge=1, description="size of z, the small vector CMA-ES searches; the soft "
+                               "prompt is p0 + A z, A a fixed random matrix")
     popsize: int = Field(
         default=20, ge=3,
-        description="candidates per generation (queries per request); at least 3: with 2, pycma's two-point step-size "
-        "rule (chosen for d >= 300) fails",
+        description="CMA-ES population (queries per generation); at least 3: with 2, pycma's two-point step-size rule "
+        "(chosen for d >= 300) fails",
     )
-    sigma: float = Field(default=1.0, gt=0, description="CMA-ES initial step size")
-    loss: LossKind = Field(default="ce", description="ce, hinge (margin 2) or perf (negative accuracy)")
+    sigma: float = Field(default=1.0, gt=0, description="CMA-ES initial step size, in units of z")
+    loss: LossKind = Field(default="ce", description="what CMA-ES minimises on train: ce cross-entropy, hinge a margin "
+                           "loss (margin 2), perf minus accuracy")
     projection: Literal["normal", "uniform"] = Field(
-        default="normal", description="normal: std alpha*sigma_hat/(sqrt(d)*sigma); uniform: PyTorch Linear init"
+        default="normal", description="how the random matrix A (z to prompt) is drawn: normal, std "
+        "alpha*sigma_hat/(sqrt(d)*sigma); uniform, as PyTorch initialises a Linear layer"
     )
     init: Literal["zero", "vocab", "instruction", "demos"] = Field(
         default="zero",
-        description="p0: zeros; embeddings of random vocabulary tokens (as in BBT); of an instruction text "
-        "(init_text, or the task's default); or of training examples written out as demonstrations",
+        description="p0, where the search starts: zeros; embeddings of random vocabulary tokens (BBT); of an "
+        "instruction (`init_text`, or the task's default); of training examples written out with the template "
+        "(demonstrations); an `init_text` implies instruction",
     )
-    init_text: str | None = Field(default=None, min_length=1, description="the instruction of init 'instruction'")
+    init_text: str | None = Field(default=None, min_length=1, description="the instruction p0 is made from "
+                                  "(implies `init` instruction)")
     verbalizer: Literal["manual", "auto"] = Field(
         default="auto",
-        description="auto: several words per class chosen on the training split, their number by accuracy on "
-        "held-out train folds and dev (bbt.verbalizers; 2 queries, an LM 3; the gradient methods: manual); "
-        "manual: the task's label words (or label texts)",
+        description="auto: several label words per class (sentence encoders: label texts), chosen on the training "
+        "split, how many by accuracy on train examples left out of the choice and on dev (2 queries of the budget; an "
+        "LM: 3); manual: the task's own, which the gradient methods keep unless told",
     )
     label_words: int | None = Field(
-        default=None, ge=1, le=32, description="verbalizer auto: words per class; none: chosen from 1, 2, 3, 5, 8 on held-out train folds + dev"
+        default=None, ge=1, le=32, description="with `verbalizer` auto (which it implies): words per class (default: "
+        "1, 2, 3, 5 or 8, the best on train examples left out of the choice and on dev)"
     )
     select: Literal["dev-metric", "dev-loss", "train-dev"] = Field(
         default="dev-metric",
-        description="which candidate a run returns, among the bests on train scored on dev: the best on dev by the "
-        "task's metric (ties: lower dev loss); by dev loss alone (smoother than the metric on 32 examples); or by "
-        "the metric on train and dev together (ties: lower loss on both), twice the inputs of dev alone",
+        description="the prompt a run returns, among the bests on train: best on dev by the task's metric (ties: dev "
+        "loss), by dev loss (smoother than the metric on 32 examples), or by the metric on train + dev together "
+        "(ties: their loss)",
     )
     folds: Literal[1, 2] = Field(
         default=1,
         description="2: train and dev swap roles halfway through the query budget (the second half searches on dev "
-        "from z = 0 and checks on train); the prompt returned is the better of the two by its held-out score",
+        "from z = 0, the starting prompt p0, and checks on train); the better of the two by its score on the split "
+        "it did not search on is returned",
     )
     local: Literal["none", "cobyla"] = Field(
         default="none",
-        description="a second search stage for bbt: COBYLA (scipy) from CMA-ES's best point, in the local_dim "
-        "principal directions of its covariance, for the last local_share of the query budget",
+        description="bbt: a second search stage, COBYLA (scipy) from CMA-ES's best point in the `local_dim` principal "
+        "directions of its covariance, for the last `local_share` of the query budget; giving either turns it on",
     )
-    local_share: float = Field(default=0.3, gt=0, lt=1, description="share of the query budget the second stage gets")
+    local_share: float = Field(default=0.3, gt=0, lt=1, description="share of the query budget for the second stage")
     local_dim: int = Field(default=20, ge=1, description="directions the second stage searches")
-    alpha: float = Field(default=1.0, gt=0, description="scale of the normal projection")
-    bound: float | None = Field(default=None, gt=0, description="keep z in [-bound, bound]; none: unbounded")
-    diagonal: bool = Field(default=False, description="separable CMA-ES (diagonal covariance), for large d")
+    alpha: float = Field(default=1.0, gt=0, description="scale of a normal A")
+    bound: float | None = Field(default=None, gt=0, description="keep each coordinate of z within plus or minus this "
+                                "(default: unbounded)")
+    diagonal: bool = Field(default=False, description="separable CMA-ES (a diagonal covariance), for a large "
+                           "intrinsic dimension")
     encoding: Literal["intrinsic", "float32", "float16"] = Field(
-        default="intrinsic", description="how candidates travel: z + projection seed, or prompts as float32/float16"
+        default="intrinsic", description="how candidates travel to the model: intrinsic sends z and A's seed (the "
+        "server rebuilds the prompt: the smallest requests); float32/float16 send the prompts themselves"
     )
     rounds: int | None = Field(
         default=None, ge=1,
-        description="stop after this many rounds, a round being one generation per prompted layer "
-        "(BBT: one generation; BBTv2: one per layer, bottom to top); none: when the budget ends",
+        description="stop after this many rounds of one generation per prompted layer (bbtv2: each layer once a "
+        "round; bbt: one generation); default: when the budget ends",
     )
     patience: int | None = Field(
         default=None, ge=1,
-        description="stop after this many generations in a row without a better dev score (BBTv2: generations, "
-        "not rounds); none: run to the budget",
+        description="stop early after this many generations in a row without a better dev score (bbtv2: "
+        "generations, not rounds); default: never",
     )
-    lr: float | None = Field(default=None, gt=0, description="gradient methods: learning rate (none: the paper's)")
+    lr: float | None = Field(default=None, gt=0, description="gradient methods: learning rate (default: the paper's)")
     epochs: int = Field(default=30, ge=1, description="gradient methods: passes over the training split")
     batch_size: int = Field(default=8, ge=1, description="gradient methods: examples per step")
     k_shot: int = Field(default=16, ge=1, description="examples per class when a split is sampled from a pool")
     skip_bad_rows: bool = Field(
         default=False,
         description="leave out data rows whose text (or text_pair) is missing, empty or too long, and say how many "
-        "per file; false: such a row stops the run, naming its file and line",
+        "per file, instead of stopping at the first one (naming its file and line)",
     )
     budget: Budget = Field(default_factory=Budget)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _implied(cls, data):
+        """A setting that only means something with another one given turns that one on, unless it was given."""
+        if isinstance(data, dict):
+            data = dict(data)
+            if data.get("init_text") is not None:
+                data.setdefault("init", "instruction")
+            if data.get("label_words") is not None:
+                data.setdefault("verbalizer", "auto")
+            if data.get("local_share") is not None or data.get("local_dim") is not None:
+                data.setdefault("local", "cobyla")
+        return data
 
     @property
     def search(self) -> int:
@@ -149,8 +187,6 @@ def with_family_defaults(cfg: TuneConfig, family: str, modes: list[str] | None =
         missing.pop("method")  # e.g. vLLM takes input prompts only: its causal LM is tuned with BBT
     if cfg.method in GRADIENT_METHODS and "verbalizer" not in cfg.model_fields_set:
         missing["verbalizer"] = "manual"
-    if "init" in missing and cfg.init_text is not None:
-        missing.pop("init")
     if "method" in missing and cfg.local != "none":
         missing.pop("method")  # a second search stage is BBT's: asking for it asks for BBT
     return cfg.model_copy(update=missing) if missing else cfg

@@ -51,18 +51,15 @@ def run_demo(budget: int, out: str, in_process: bool) -> int:
           f"{len(data.test)} test examples; model {MODEL}, budget {budget} queries")
     start = time.perf_counter()
     if in_process:
-        from bbt.backends.local import LocalBackend
-
         print("running the model in this process")
-        metrics = _tune(cfg, task, data, LocalBackend(), out, endpoint=None)
+        metrics = _tune(cfg, task, data, out, endpoint=None)
     else:
-        from bbt.backends.http import HTTPBackend
         from servers.process import running_server
 
         print(f"starting bbt serve --model {MODEL} on a free loopback port (loading the model takes a few seconds)")
         with running_server("--model", MODEL) as server:  # stopped on the way out: errors and Ctrl-C included
             print(f"server ready at {server.url}; tuning through it over HTTP")
-            metrics = _tune(cfg, task, data, HTTPBackend([server.url]), out, endpoint=server.url)
+            metrics = _tune(cfg, task, data, out, endpoint=server.url)
         print("server stopped")
     seconds = time.perf_counter() - start
     plain, tuned = metrics["no_prompt_test_acc"], metrics["test_acc"]
@@ -75,14 +72,13 @@ def run_demo(budget: int, out: str, in_process: bool) -> int:
     return 0
 
 
-def _tune(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend, out: str, endpoint: str | None) -> dict:
-    from bbt.runs import run_tune
+def _tune(cfg: TuneConfig, task: TaskSpec, data: TaskData, out: str, endpoint: str | None) -> dict:
+    """The demo's run through the one entry point, against the server at `endpoint` (None: in process)."""
+    from bbt import api
 
-    try:
-        return run_tune(cfg, task, data, backend, out, context={"data": str(DEMO_DIR), "endpoint": endpoint},
+    with api.open_backend([endpoint] if endpoint else None, engine="bbt") as backend:
+        return api.tune(cfg, task, data, backend, out, context={"data": str(DEMO_DIR), "endpoint": endpoint},
                         progress=sys.stderr.isatty(), replace=True)  # a demo run again replaces the last one
-    finally:
-        backend.close()
 
 
 def _require_server_extra(in_process: bool) -> None:

@@ -9,6 +9,8 @@
     RUN/prompt.safetensors  the prompt as the model received it, p0 + A z: "prompts" [layers, L, H]
     RUN/path.json      each time the prompt to return changed: queries used and z (the prompt at a smaller budget)
     RUN/metrics.json   scores, baselines, spending and timings (versioned: RunMetrics)
+    RUN/running.json   while a process tunes the run: its host and pid (a watcher tells a run in
+                       progress from one that died)
     RUN/adapter/       a gradient baseline's PEFT adapter, in place of the prompt files
     OUT/ensemble.json  an ensemble: its member run folders (OUT/member-1, ...)
 
@@ -18,7 +20,10 @@ that knows a run folder, so every module that does can import it.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
 import warnings
 from pathlib import Path
 from typing import Any
@@ -41,8 +46,10 @@ PATH_FILE = "path.json"
 METRICS_FILE = "metrics.json"
 ADAPTER_DIR = "adapter"
 INDEX_FILE = "ensemble.json"
+OWNER_FILE = "running.json"
 # what a tuning run writes, in the order it writes them (removed again when it fails before spending)
-RUN_FILES = (CONFIG_FILE, LEDGER_FILE, LOG_FILE, STATE_FILE, ARTIFACT_FILE, PROMPTS_FILE, PATH_FILE, METRICS_FILE)
+RUN_FILES = (CONFIG_FILE, LEDGER_FILE, LOG_FILE, STATE_FILE, ARTIFACT_FILE, PROMPTS_FILE, PATH_FILE, METRICS_FILE,
+             OWNER_FILE)
 
 ARTIFACT_VERSION = 1
 METRICS_VERSION = 1
@@ -131,6 +138,41 @@ def load_run_config(run: str | Path) -> dict:
 def is_run(folder: str | Path) -> bool:
     """Whether `folder` holds a run's config (a run started there, finished or not)."""
     return (Path(folder) / CONFIG_FILE).exists()
+
+
+@contextlib.contextmanager
+def running(folder: str | Path):
+    """RUN/running.json names this process (host and pid) while the block runs: a run tuned, or
+    one killed (then the pid is gone), as opposed to one that ended or stopped on an error."""
+    path = Path(folder) / OWNER_FILE
+    path.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` of this host is alive (one of another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def being_tuned(folder: str | Path) -> bool:
+    """Whether a process is tuning the run in `folder` now: its running.json names a live process
+    (or one on another host, which cannot be checked from here)."""
+    try:
+        owner = json.loads((Path(folder) / OWNER_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(owner, dict) or not isinstance(owner.get("pid"), int):
+        return False
+    return owner.get("host") != socket.gethostname() or pid_alive(owner["pid"])
 
 
 def is_gradient_run(run: str | Path) -> bool:

@@ -72,7 +72,7 @@ def run_tune(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, 
                               "or pick another --out")
         undo = _undone_unless_spent(out)
         run_id = uuid.uuid4().hex  # tags what this run pays for in a shared evaluation cache
-    with undo:
+    with undo, rundir.running(out):  # marked before config.json appears, so a watcher never sees it unowned
         if not resume:
             jsonfile.write(out / rundir.CONFIG_FILE, {
                 "bbt_version": __version__, "run_id": run_id, "config": cfg.model_dump(), "task": task.model_dump(),
@@ -358,54 +358,56 @@ def run_gradient(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backe
     gradient.check(pm, cfg.method, cfg.prompt_length)
     if (out / rundir.CONFIG_FILE).exists():
         raise ConfigError(f"{out} already holds a run: pick another --out (nothing was overwritten)")
-    with _undone_unless_spent(out):
-        jsonfile.write(out / rundir.CONFIG_FILE, {"bbt_version": __version__, "config": cfg.model_dump(),
-                                             "task": task.model_dump(), **(context or {})}, indent=2)
-        ledger = Ledger(cfg.budget, out / rundir.LEDGER_FILE)  # the no-prompt baseline is scored like any run's
-        try:
-            plain, _ = scoring.evaluate_split(backend, cfg.model, task, data.test, None, ledger)
-        finally:
-            ledger.close()
-    log(f"no-prompt {data.test_name} accuracy: {plain.accuracy:.4f}")
-    opt, lr, source = gradient.DEFAULTS[cfg.method]
-    log(f"{cfg.method}: {opt}, learning rate {cfg.lr or lr} ({'given' if cfg.lr else source}), up to {cfg.epochs} "
-        f"epochs of batches of {cfg.batch_size}")
-    with (out / rundir.LOG_FILE).open("w") as log_file:
-        def on_epoch(record: dict) -> None:
-            log_file.write(jsonfile.dumps(record) + "\n")
-            log_file.flush()
+    with contextlib.ExitStack() as owned:
+        with _undone_unless_spent(out):
+            owned.enter_context(rundir.running(out))  # until metrics.json is written
+            jsonfile.write(out / rundir.CONFIG_FILE, {"bbt_version": __version__, "config": cfg.model_dump(),
+                                                 "task": task.model_dump(), **(context or {})}, indent=2)
+            ledger = Ledger(cfg.budget, out / rundir.LEDGER_FILE)  # the no-prompt baseline is scored like any run's
+            try:
+                plain, _ = scoring.evaluate_split(backend, cfg.model, task, data.test, None, ledger)
+            finally:
+                ledger.close()
+        log(f"no-prompt {data.test_name} accuracy: {plain.accuracy:.4f}")
+        opt, lr, source = gradient.DEFAULTS[cfg.method]
+        log(f"{cfg.method}: {opt}, learning rate {cfg.lr or lr} ({'given' if cfg.lr else source}), up to {cfg.epochs} "
+            f"epochs of batches of {cfg.batch_size}")
+        with (out / rundir.LOG_FILE).open("w") as log_file:
+            def on_epoch(record: dict) -> None:
+                log_file.write(jsonfile.dumps(record) + "\n")
+                log_file.flush()
 
-        result = gradient.train(pm, task, data.train.examples, data.train.labels, data.dev.examples, data.dev.labels,
-                                method=cfg.method, length=cfg.prompt_length, seed=cfg.search, lr=cfg.lr,
-                                epochs=cfg.epochs, batch_size=cfg.batch_size,
-                                patience=10 if cfg.patience is None else cfg.patience, on_epoch=on_epoch)
-    result.peft_model.save_pretrained(str(out / rundir.ADAPTER_DIR))
-    test_logits = gradient.predict_logits(pm, result.peft_model, task, data.test.examples, cfg.method)
-    test = Evaluation.of(test_logits, data.test.labels, task.metric)
-    out_metrics = {
-        "method": cfg.method,
-        "train_acc": result.train.accuracy, "dev_acc": result.dev.accuracy, "test_acc": test.accuracy,
-        "zero_prompt_test_acc": None,  # no z = 0: a gradient method starts from PEFT's initialisation
-        "no_prompt_test_acc": plain.accuracy, "test_split": data.test_name,
-        "train_loss": result.train.loss, "dev_loss": result.dev.loss, "test_loss": test.loss,
-        "queries_used": 0,  # no black-box queries: it reads gradients
-        "epochs": result.epochs, "best_epoch": result.best_epoch, "stop_reason": result.stop_reason,
-        "forward_passes": result.forward_passes + math.ceil(len(data.test) / 32),
-        "backward_passes": result.backward_passes, "examples_seen": result.examples_seen,
-        "trainable_parameters": result.trainable_parameters, "learning_rate": cfg.lr or lr, "optimizer": opt,
-        "tuning_seconds": round(result.seconds, 3),
-    }
-    if task.metric == "f1":
-        out_metrics.update(train_f1=result.train.metric, dev_f1=result.dev.metric, test_f1=test.metric,
-                           no_prompt_test_f1=plain.metric)
-    out_metrics["wall_seconds"] = round(time.perf_counter() - wall_start, 3)
-    out_metrics = rundir.write_metrics(out, **out_metrics)
-    log(f"{cfg.method} {data.test_name} accuracy: {test.accuracy:.4f} (no prompt: {plain.accuracy:.4f}); "
-        f"{result.epochs} epochs, best {result.best_epoch}, {result.backward_passes} backward passes, "
-        f"{result.trainable_parameters} trainable parameters")
-    below = below_plain(out_metrics)
-    if below is not None:
-        log(below)
+            result = gradient.train(pm, task, data.train.examples, data.train.labels, data.dev.examples, data.dev.labels,
+                                    method=cfg.method, length=cfg.prompt_length, seed=cfg.search, lr=cfg.lr,
+                                    epochs=cfg.epochs, batch_size=cfg.batch_size,
+                                    patience=10 if cfg.patience is None else cfg.patience, on_epoch=on_epoch)
+        result.peft_model.save_pretrained(str(out / rundir.ADAPTER_DIR))
+        test_logits = gradient.predict_logits(pm, result.peft_model, task, data.test.examples, cfg.method)
+        test = Evaluation.of(test_logits, data.test.labels, task.metric)
+        out_metrics = {
+            "method": cfg.method,
+            "train_acc": result.train.accuracy, "dev_acc": result.dev.accuracy, "test_acc": test.accuracy,
+            "zero_prompt_test_acc": None,  # no z = 0: a gradient method starts from PEFT's initialisation
+            "no_prompt_test_acc": plain.accuracy, "test_split": data.test_name,
+            "train_loss": result.train.loss, "dev_loss": result.dev.loss, "test_loss": test.loss,
+            "queries_used": 0,  # no black-box queries: it reads gradients
+            "epochs": result.epochs, "best_epoch": result.best_epoch, "stop_reason": result.stop_reason,
+            "forward_passes": result.forward_passes + math.ceil(len(data.test) / 32),
+            "backward_passes": result.backward_passes, "examples_seen": result.examples_seen,
+            "trainable_parameters": result.trainable_parameters, "learning_rate": cfg.lr or lr, "optimizer": opt,
+            "tuning_seconds": round(result.seconds, 3),
+        }
+        if task.metric == "f1":
+            out_metrics.update(train_f1=result.train.metric, dev_f1=result.dev.metric, test_f1=test.metric,
+                               no_prompt_test_f1=plain.metric)
+        out_metrics["wall_seconds"] = round(time.perf_counter() - wall_start, 3)
+        out_metrics = rundir.write_metrics(out, **out_metrics)
+        log(f"{cfg.method} {data.test_name} accuracy: {test.accuracy:.4f} (no prompt: {plain.accuracy:.4f}); "
+            f"{result.epochs} epochs, best {result.best_epoch}, {result.backward_passes} backward passes, "
+            f"{result.trainable_parameters} trainable parameters")
+        below = below_plain(out_metrics)
+        if below is not None:
+            log(below)
     log(f"run folder: {out}")
     return out_metrics
 

@@ -10,7 +10,6 @@ import numpy as np
 from bbt.backends.base import Backend
 from bbt.budget import Ledger
 from bbt.data import Split
-from bbt.errors import ConfigError
 from bbt.prompt import Prompt
 from bbt.protocol import EvaluateRequest, TaskSpec
 from bbt.session import Session
@@ -47,12 +46,7 @@ def score_candidates(backend, model: str, task: TaskSpec, split: Split, candidat
                           candidates=candidates, return_prompts=return_prompts)
     answers = Session(backend, model, ledger).score(req, k, chunk=EVAL_CHUNK, on_chunk=on_chunk)
     chunks = [resp.logits.to_numpy() for resp in answers]  # (K, n, C)
-    received = None
-    if return_prompts:
-        if answers[0].prompts is None:
-            raise ConfigError("the server did not return the prompts it received (return_prompts): it runs an "
-                              "older bbt")
-        received = answers[0].prompts.to_numpy()
+    received = answers[0].prompts.to_numpy() if return_prompts else None  # Session.score refuses a missing one
     return np.concatenate(chunks, axis=1), received
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from bbt.backends.base import Backend
+from bbt.backends.base import Backend, PayerTagging
 from bbt.budget import Ledger
+from bbt.errors import ConfigError
 from bbt.protocol import EvaluateRequest, EvaluateResponse, ModelInfo, Usage
 
 
@@ -44,8 +45,10 @@ class Session:
         (`tuning`: counted against the query budget; else evaluation) against what the client
         expected it to cost: `queries`, `examples` and `tokens` (None: the answer's own count)."""
         payer = None if self.ledger is None else self.ledger.payer()
-        tagged = getattr(self.backend, "evaluate_tagged", None)  # a CachedBackend: who paid a cached answer
-        resp, paid_by = tagged(request, payer) if tagged is not None else (self.backend.evaluate(request), None)
+        if isinstance(self.backend, PayerTagging):  # an answer from a cache says who paid for it
+            resp, paid_by = self.backend.evaluate_tagged(request, payer)
+        else:
+            resp, paid_by = self.backend.evaluate(request), None
         if self.ledger is not None:
             expected = Usage(queries=queries, requests=1, examples=examples,
                              tokens=resp.usage.tokens if tokens is None else tokens)
@@ -56,7 +59,8 @@ class Session:
               on_chunk: Callable[[int], None] | None = None) -> list[EvaluateResponse]:
         """`request` (of `k` candidates) sent in requests of at most `chunk` of its inputs (and
         labels), each booked as evaluation, `k` queries; only the first asks for the prompts the
-        server received (`return_prompts`). `on_chunk(n)`: called after each with its inputs."""
+        server received (`return_prompts`), and a server that does not send them is refused there.
+        `on_chunk(n)`: called after each with its inputs."""
         answers = []
         for start in range(0, len(request.inputs), chunk):
             inputs = request.inputs[start : start + chunk]
@@ -64,6 +68,9 @@ class Session:
             part = request.model_copy(update={"inputs": inputs, "labels": labels,
                                               "return_prompts": request.return_prompts and start == 0})
             answers.append(self.query(part, tuning=False, queries=k, examples=k * len(inputs)))
+            if part.return_prompts and answers[-1].prompts is None:  # said before the other chunks are paid
+                raise ConfigError("the server did not return the prompts it received (return_prompts): it runs an "
+                                  "older bbt")
             if on_chunk is not None:
                 on_chunk(len(inputs))
         return answers

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bbt import jsonfile, metrics
+from bbt import jsonfile, metrics, rundir
 from bbt.budget import Budget
 from bbt.config import DEFAULT_MODEL, GRADIENT_METHODS, TuneConfig
 from bbt.errors import ConfigError
@@ -132,16 +132,6 @@ def _save_spec(out: Path, spec: SweepSpec) -> None:
 
 # ---- claims -------------------------------------------------------------------------------------
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def claim(path: Path) -> bool:
     """Take the claim file `path` (True), or leave it to a live owner (False). A claim whose owner
     on this host is dead is taken over."""
@@ -154,7 +144,7 @@ def claim(path: Path) -> bool:
                 owner = json.loads(path.read_text() or "{}")
             except (OSError, json.JSONDecodeError):
                 owner = {}
-            if owner.get("host") == socket.gethostname() and not _alive(int(owner.get("pid", -1))):
+            if owner.get("host") == socket.gethostname() and not rundir.pid_alive(int(owner.get("pid", -1))):
                 path.unlink(missing_ok=True)  # its worker died: the cell resumes from its checkpoint
                 continue
             return False
@@ -168,25 +158,18 @@ def claim(path: Path) -> bool:
 
 def _backend(spec: SweepSpec, cell_index: int):
     """The backend a cell runs against: an endpoint (round robin over cells) or this process, behind the cache."""
-    from bbt.cache import CachedBackend, EvaluationCache, default_cache_path
+    from bbt.backends.endpoints import open_backend
+    from bbt.cache import with_cache
 
-    if spec.endpoints:
-        from bbt.backends.endpoints import open_endpoint
-
-        backend = open_endpoint(spec.endpoints[cell_index % len(spec.endpoints)], api_key=spec.api_key)
-    else:
-        from bbt.backends.local import LocalBackend
-
-        backend = LocalBackend(dtype=spec.dtype)
-    path = default_cache_path()
-    return backend if path is None else CachedBackend(backend, EvaluationCache(path))
+    endpoint = spec.endpoints[cell_index % len(spec.endpoints)] if spec.endpoints else None
+    return with_cache(open_backend(endpoint, api_key=spec.api_key, dtype=spec.dtype), warn=print)
 
 
 def run_cell(spec: SweepSpec, cell: Cell, out: Path, backend, log=lambda *a: None) -> list[dict] | None:
     """Run one cell (unless another worker holds it) and write its scores; its rows, or None if left to another."""
     from bbt.data import limit_test, load_task_folder
+    from bbt import api
     from bbt.rundir import is_run, load_artifact, prompt_at, read_metrics
-    from bbt.runs import run_gradient, run_tune
     from bbt.scoring import evaluate_split
     from bbt.tasks import BUILTIN_TASKS, for_family, resolve_task
 
@@ -219,12 +202,11 @@ def run_cell(spec: SweepSpec, cell: Cell, out: Path, backend, log=lambda *a: Non
                     import shutil
 
                     shutil.rmtree(folder)  # a gradient run cut short starts over: it has no checkpoint
-                m = run_gradient(cfg, task, data, backend, folder, context=context, log=log)
+                m = api.tune(cfg, task, data, backend, folder, context=context, log=log)
             rows = [{**base, "budget": None, "test": m[key], "no_prompt": m[plain_key], "queries_used": 0,
                      "backward_passes": m["backward_passes"]}]
         else:
-            m = run_tune(cfg, task, data, backend, folder, context=context, progress=False, log=log,
-                         resume=is_run(folder))
+            m = api.tune(cfg, task, data, backend, folder, context=context, log=log, resume=is_run(folder))
             rows, scored = [], {}
             task = load_artifact(folder).task  # as the run read it (--verbalizer auto chooses its words)
             for b in sorted(spec.budgets):
@@ -374,6 +356,18 @@ def _run_ray(spec: SweepSpec, todo: list[Cell], out: Path, address: str | bool, 
 
 
 # ---- the report ---------------------------------------------------------------------------------
+
+def sweep(tasks: list[str], data_root: str | Path, *, out: str | Path, seeds: list[int] = (13, 42, 87),
+          budgets: list[int] = (500,), methods: list[str] = ("bbt",), model: str = DEFAULT_MODEL, workers: int = 1,
+          test_limit: int | None = 500, grid: dict | None = None, **settings) -> list[dict]:
+    """Run (or finish) a sweep into `out` and return its table (`bbt.sweep`): one dict per task,
+    method, settings and budget with `test`, `test_se`, `no_prompt`, `gap`, `gap_se` (points) and
+    `seeds`. `settings`: TuneConfig fields for every cell; `grid`: field -> list of values."""
+    spec = SweepSpec(tasks=list(tasks), seeds=list(seeds), methods=list(methods), budgets=list(budgets),
+                     data_root=str(data_root), model=model, settings=settings, grid=grid or {}, test_limit=test_limit)
+    run_sweep(spec, out, workers=workers, log=lambda *a: None)
+    return table(out)
+
 
 def rows(out: str | Path) -> list[dict]:
     """Every finished cell's rows."""

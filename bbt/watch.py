@@ -3,7 +3,8 @@
 A run folder says everything a view needs: config.json (the budget), log.jsonl (one line per
 generation or epoch) and metrics.json (written last, when the run ends). The view shows the
 loss and dev score against queries, the budget spent and left, queries per second and when
-tuning should end at that speed; it redraws as the log grows and returns when the run ends. A
+tuning should end at that speed; it redraws as the log grows and returns when the run ends, or
+when no process tunes it any more (RUN/running.json names none alive: it stopped). A
 sweep folder shows one line per cell. A folder where no run has started yet is waited for a while
 (`wait` seconds); one that holds something else is refused.
 """
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 
 from bbt import rundir
-from bbt.errors import ConfigError
+from bbt.errors import BBTError, ConfigError
 
 _BLOCKS = "▁▂▃▄▅▆▇█"
 
@@ -57,7 +58,9 @@ def run_snapshot(run: str | Path) -> dict:
     gradient = bool(log) and "epoch" in log[-1]
     last = log[-1] if log else {}
     snap = {
-        "run": str(run), "status": "done" if metrics else "running", "method": cfg.get("method"),
+        # a run no live process tunes has stopped: it failed, was interrupted or killed (--resume continues it)
+        "run": str(run), "status": "done" if metrics else "running" if rundir.being_tuned(run) else "stopped",
+        "method": cfg.get("method"),
         "model": cfg.get("model"), "task": config.get("task", {}).get("name"),
         "budget": (cfg.get("budget") or {}).get("queries"), "steps": len(log),
         "queries_used": last.get("queries_used", 0), "seconds": last.get("seconds", 0.0),
@@ -210,7 +213,7 @@ def watch(path: str | Path, *, interval: float = 1.0, once: bool = False, consol
     def ended(snap) -> bool:
         if is_sweep:
             return all(c["status"] in ("done", "failed") for c in snap)
-        return snap["status"] == "done"
+        return snap["status"] in ("done", "stopped")
 
     snap = take()
     view = _sweep_view if is_sweep else _run_view
@@ -224,4 +227,7 @@ def watch(path: str | Path, *, interval: float = 1.0, once: bool = False, consol
             if not is_sweep and not rundir.is_run(path):  # removed: it failed before spending anything
                 raise ConfigError(f"the run at {path} is gone: it stopped before it spent anything")
             live.update(view(snap))
+    if not is_sweep and snap["status"] == "stopped":
+        raise BBTError(f"the run at {path} stopped before it ended (no process is tuning it: it failed, was "
+                       f"interrupted or killed); what it spent is recorded there: continue it with bbt tune --resume {path}")
     return snap

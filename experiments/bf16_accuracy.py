@@ -3,6 +3,7 @@ bfloat16, on sst2 and agnews x seeds 13, 42, 87, each run pinned to its own core
 
     python experiments/bf16_accuracy.py --out runs/bf16-accuracy [--cores 0 1] [--only bfloat16]
     python experiments/bf16_accuracy.py --out runs/bf16-accuracy --report
+    python experiments/bf16_accuracy.py --out runs/bf16-accuracy --tasks sst2 --seeds 21 100 --cores 1
 
 Each cell is one `bbt tune --model smollm2 --method bbtv2 --task T --data ../shared/data/T --seed S
 --budget 500 --test-limit 500 --dtype D --no-cache --quiet` in OUT/T-S-D, run under
@@ -48,7 +49,7 @@ def command(out: Path, task: str, seed: int, dtype: str, data_root: str) -> list
 def run(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cells = [(t, s, d) for t in TASKS for s in SEEDS for d in args.only or DTYPES
+    cells = [(t, s, d) for t in args.tasks for s in args.seeds for d in args.only or DTYPES
              if not (out / f"{t}-{s}-{d}" / "metrics.json").exists()]
     # longest first, but float32 AG News last: its GPU rows exist, the bfloat16 ones are what is new
     cells.sort(key=lambda c: ((c[0], c[2]) == ("agnews", "float32"), -GUESS[(c[0], c[2])]))
@@ -88,8 +89,8 @@ def recorded(path: Path) -> dict:
 def report(args) -> None:
     out = Path(args.out)
     rows, old = {}, {} if args.no_recorded else recorded(Path(args.recorded))
-    for task in TASKS:
-        for seed in SEEDS:
+    for task in args.tasks:
+        for seed in args.seeds:
             for dtype in DTYPES:
                 path = out / f"{task}-{seed}-{dtype}" / "metrics.json"
                 if path.exists():
@@ -111,9 +112,9 @@ def report(args) -> None:
 
     print("| task | dtype | seeds | test acc | plain model | gap to plain | queries/s (shared machine) |")
     print("|---|---|---|---|---|---|---|")
-    for task in TASKS:
+    for task in args.tasks:
         for dtype in DTYPES:
-            got = [(s, rows[(task, s, dtype)]) for s in SEEDS if (task, s, dtype) in rows]
+            got = [(s, rows[(task, s, dtype)]) for s in args.seeds if (task, s, dtype) in rows]
             acc = [100 * m["test_acc"] for _, m in got]
             gap = [100 * (m["test_acc"] - m["no_prompt_test_acc"]) for _, m in got]
             plain = sorted({round(100 * m["no_prompt_test_acc"], 1) for _, m in got})
@@ -125,9 +126,9 @@ def report(args) -> None:
     print()
     print("| task | seed | float32 | bfloat16 | bfloat16 - float32 | words per class (float32, bfloat16) |")
     print("|---|---|---|---|---|---|")
-    for task in TASKS:
+    for task in args.tasks:
         diffs = []
-        for seed in SEEDS:
+        for seed in args.seeds:
             a, b = rows.get((task, seed, "float32")), rows.get((task, seed, "bfloat16"))
             fa = f"{100 * a['test_acc']:.1f}" if a else "-"
             fb = f"{100 * b['test_acc']:.1f}" if b else "-"
@@ -146,6 +147,9 @@ def main() -> None:
     ap.add_argument("--data-root", default="../shared/data")
     ap.add_argument("--cores", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--only", nargs="+", choices=DTYPES, help="run only these precisions")
+    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="split seeds (the shared data has 13, 42, "
+                    "87, 21 and 100)")
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--recorded", default=str(Path(__file__).resolve().parent / "results" / "remedies.jsonl"),
                     help="float32 rows recorded earlier (--report)")

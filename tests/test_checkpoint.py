@@ -86,6 +86,51 @@ def test_a_generation_rewrites_only_the_optimizer_it_moved(tmp_path):
         assert np.array_equal(mine.ask(), theirs.ask())
 
 
+def test_the_path_keeps_only_the_layers_each_point_changed(tmp_path):
+    """BBTv2 moves one layer per generation: the path stores that layer's z, not all of them,
+    and every point comes back whole and exact."""
+    from safetensors.numpy import load_file
+
+    path, state = tmp_path / "state.json", _state(4)
+    rng, z = np.random.default_rng(1), np.zeros((4, 16))
+    points = [(0, z.copy())]
+    for g in range(12):
+        z[g % 4] = rng.standard_normal(16)
+        points.append((6 * (g + 1), z.copy()))
+    z[:] = rng.standard_normal((4, 16))  # a point that moves every layer (a second fold starting over) and more after it
+    points += [(80, z.copy()), (86, z.copy() + np.eye(4, 16))]
+    state.tuning.path = points
+    checkpoint.save(path, state)
+
+    document = json.loads(path.read_text())
+    rows = load_file(checkpoint.parts_dir(path) / document["arrays"])["path_rows"]
+    assert rows.shape == (4 + 12 + 4 + 4, 16)  # the first point whole, then what changed
+    assert "path_z" not in load_file(checkpoint.parts_dir(path) / document["arrays"])
+    loaded = checkpoint.load(path).tuning.path
+    assert [q for q, _ in loaded] == [q for q, _ in points]
+    assert all(np.array_equal(a, b) and b.flags.writeable for (_, a), (_, b) in zip(points, loaded))
+
+
+def test_a_checkpoint_with_the_whole_path_still_resumes(tmp_path):
+    """Format 3 (written before the path kept only changed layers) is read as it was written."""
+    from safetensors.numpy import load_file, save_file
+
+    path, state = tmp_path / "state.json", _state(2)
+    state.tuning.path = [(6, np.zeros((2, 16))), (12, state.tuning.best_z.copy())]
+    checkpoint.save(path, state)
+    document = json.loads(path.read_text())
+    parts = checkpoint.parts_dir(path)
+    arrays = dict(load_file(parts / document["arrays"]))
+    arrays["path_z"] = np.stack([z for _, z in state.tuning.path])
+    del arrays["path_rows"]
+    save_file(arrays, parts / document["arrays"])  # as format 3 wrote it
+    del document["state"]["tuning"]["path_layers"]
+    document["format"] = 3
+    path.write_text(json.dumps(document))
+    loaded = checkpoint.load(path).tuning.path
+    assert [q for q, _ in loaded] == [6, 12] and np.array_equal(loaded[1][1], state.tuning.best_z)
+
+
 def test_an_ask_without_a_tell_changes_the_part(tmp_path):
     """A cut final generation asks and never tells: its sampler has moved, so its part must be rewritten."""
     path, state = tmp_path / "state.json", _state(1)

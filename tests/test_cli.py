@@ -94,6 +94,19 @@ def test_tune_help_shows_every_documented_option(capsys):
     assert not missing, f"documented for bbt tune but missing from bbt tune --help: {missing}"
 
 
+def test_every_tune_option_has_a_row_in_the_docs():
+    """The other way round: an option `bbt tune --help` gives (generated from TuneConfig or not) is
+    in an option table of the docs, not only in prose."""
+    tune = build_parser()._subparsers._group_actions[0].choices["tune"]
+    options = {o for action in tune._actions for o in action.option_strings if o.startswith("--") and o != "--help"}
+    rows = set()
+    for page in DOCS.glob("*.md"):
+        for line in page.read_text(encoding="utf-8").splitlines():
+            if line.startswith("| `--"):
+                rows |= set(OPTION.findall(line.split(" | ")[0]))
+    assert not options - rows, f"bbt tune options with no row in a docs table: {sorted(options - rows)}"
+
+
 def test_no_command_prints_help_and_fails(capsys):
     assert main([]) == 2
     assert "usage: bbt" in capsys.readouterr().out

@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from bbt import watch
+from bbt import rundir, watch
 from bbt.cli import _Help, build_parser, main
 from serverproc import REPO, free_port
 
@@ -122,7 +122,7 @@ def test_help_says_how_long_the_default_budget_takes():
     tune = build_parser()._subparsers._group_actions[0].choices["tune"]
     budget = next(a for a in tune._actions if "--budget" in a.option_strings)
     help_text = _Help("tune")._expand_help(budget)  # unwrapped: argparse may break a line inside --dry-run
-    assert "Default 8000" in help_text and "hours" in help_text and "--dry-run estimates the time" in help_text
+    assert "(default: 8000)" in help_text and "hours" in help_text and "--dry-run estimates the time" in help_text
 
 
 # ---- bbt predict ---------------------------------------------------------------------------------
@@ -175,10 +175,12 @@ def test_watch_shows_when_tuning_ends(tmp_path, capsys):
     (run / "config.json").write_text(json.dumps({"config": {"method": "bbt", "model": "m", "budget": {"queries": 100}},
                                                  "task": {"name": "t"}}))
     (run / "log.jsonl").write_text(json.dumps({"queries_used": 20, "seconds": 10.0, "loss_min": 0.7}) + "\n")
-    snap = watch.run_snapshot(run)
-    assert snap["eta"] == pytest.approx(40.0)  # 80 queries left at 2 per second
-    watch.watch(run, once=True)
+    with rundir.running(run):  # a run in progress: running.json names its (this) process
+        snap = watch.run_snapshot(run)
+        assert snap["eta"] == pytest.approx(40.0)  # 80 queries left at 2 per second
+        watch.watch(run, once=True)
     assert "ETA" in capsys.readouterr().out and "0:40" in watch._clock(snap["eta"])
+    assert watch.run_snapshot(run)["status"] == "stopped" and watch.run_snapshot(run)["eta"] is None  # no one tunes it
 
 
 # ---- --help ---------------------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
-"""`bbt watch` on a finished run, on a run still going (it returns when the run ends), on a sweep;
-and `--report-to tensorboard`."""
+"""`bbt watch` on a finished run, on a run still going (it returns when the run ends), on a run
+killed midway (it says so and returns), on a sweep; and `--report-to tensorboard`."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 
 from bbt import watch
 from bbt.cli import main
@@ -47,6 +49,25 @@ def test_watch_follows_a_running_tune_and_returns_when_it_ends(tiny_encoder, dat
     assert view.returncode == 0, view.stderr
     assert "queries" in view.stdout and "done" in view.stdout
     assert (out / "metrics.json").exists()
+
+
+def test_watch_returns_when_the_run_is_killed_and_says_how_to_go_on(tiny_encoder, data_dir, tmp_path):
+    out = tmp_path / "run"
+    tune = subprocess.Popen([sys.executable, "-m", "bbt.cli", *_tune_args(tiny_encoder, data_dir, out, "4000")],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / "log.jsonl").exists() and (out / "log.jsonl").stat().st_size) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert watch.run_snapshot(out)["status"] == "running" and (out / "running.json").exists()
+    finally:
+        tune.send_signal(signal.SIGKILL)  # no finally block of bbt's runs: running.json stays, naming a dead pid
+        tune.wait(timeout=60)
+    assert (out / "running.json").exists() and not (out / "metrics.json").exists()
+    view = subprocess.run([sys.executable, "-m", "bbt.cli", "watch", str(out), "--interval", "0.2"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert view.returncode == 1 and "stopped before it ended" in view.stderr and f"--resume {out}" in view.stderr
+    assert watch.run_snapshot(out)["status"] == "stopped"
 
 
 def test_once_on_a_sweep_lists_its_cells(tiny_encoder, data_dir, tmp_path, capsys, monkeypatch):

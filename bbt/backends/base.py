@@ -1,4 +1,5 @@
-"""The Backend contract: how a query reaches a model. Four methods, all in protocol objects."""
+"""The Backend contract: how a query reaches a model. Four methods, all in protocol objects; and
+PayerTagging, what a backend that keeps answers adds."""
 
 from __future__ import annotations
 
@@ -22,3 +23,12 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Release connections or models."""
+
+
+@runtime_checkable
+class PayerTagging(Protocol):
+    """A Backend that keeps answers (`bbt.cache.CachedBackend`) and says who paid for one it answers
+    from its store, so that a resumed run books its own earlier requests as paid, not as free hits."""
+
+    def evaluate_tagged(self, request: EvaluateRequest, payer: str | None = None) -> tuple[EvaluateResponse, str | None]:
+        """The answer, and None when it was paid for now (stored under `payer`), else the tag stored with it."""

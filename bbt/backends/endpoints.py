@@ -1,14 +1,16 @@
-"""One factory for a backend behind a URL: a bbt server, or an engine bbt talks to directly (vLLM).
+"""One factory for every backend: the model in this process, a bbt server behind a URL, or an
+engine bbt talks to directly (vLLM). The CLI, the Python API, sweeps and the demo all open theirs here.
 
-    backend = open_endpoint(["http://127.0.0.1:8001"])           # the engine recognised from its answers
-    backend = open_endpoint(url, engine="vllm", model_files="/models/smollm2")
+    backend = open_backend()                                     # the model in this process
+    backend = open_backend(["http://127.0.0.1:8001"])            # the engine recognised from its answers
+    backend = open_backend(url, engine="vllm", model_files="/models/smollm2")
 """
 
 from __future__ import annotations
 
 import httpx
 
-from bbt.backends.http import FIRST_CONTACT_WAIT, HTTPBackend, base_url
+from bbt.backends.http import FIRST_CONTACT_WAIT, TIMEOUT, WAIT, HTTPBackend, base_url
 from bbt.errors import ConfigError
 
 ENGINES = ("auto", "bbt", "vllm")
@@ -41,7 +43,7 @@ def _json(resp: httpx.Response) -> dict:
 
 
 def open_endpoint(urls: list[str] | str, *, engine: str = "auto", model_files: str | None = None,
-                  api_key: str | None = None, timeout: float = 120.0, wait: float = 300.0, retries: int | None = None,
+                  api_key: str | None = None, timeout: float = TIMEOUT, wait: float = WAIT, retries: int | None = None,
                   first_contact_wait: float | None = FIRST_CONTACT_WAIT):
     """The backend for `urls`: `HTTPBackend` for bbt servers, `VLLMBackend` for a vLLM server
     (`engine` 'auto' asks the first URL which it is). `first_contact_wait`: seconds of retries for a
@@ -63,3 +65,23 @@ def open_endpoint(urls: list[str] | str, *, engine: str = "auto", model_files: s
                           "own model files")
     return HTTPBackend(urls, api_key=api_key, timeout=timeout, wait=wait, retries=retries,
                        first_contact_wait=first_contact_wait)
+
+
+def open_backend(endpoint: str | list[str] | None = None, *, models: list[str] | None = None, device: str | None = None,
+                 dtype: str | None = None, engine: str = "auto", model_files: str | None = None,
+                 api_key: str | None = None, timeout: float = TIMEOUT, wait: float = WAIT, retries: int | None = None,
+                 first_contact_wait: float | None = FIRST_CONTACT_WAIT):
+    """The backend for `endpoint` (one URL or several: see `open_endpoint`), or without one the
+    model in this process (`LocalBackend`: `models` loaded at once, on `device`, in `dtype`;
+    None: auto and float32). `device` and `dtype` name the in-process model: with an endpoint the
+    server decides its own, so a `device` is refused (a `dtype` is checked against the server's
+    by the caller, which knows the model)."""
+    if endpoint:
+        if device is not None:
+            raise ConfigError("--device sets where a model in this process runs; with --endpoint the server decides "
+                              "(start it with bbt serve --device DEV)")
+        return open_endpoint(endpoint, engine=engine, model_files=model_files, api_key=api_key, timeout=timeout,
+                             wait=wait, retries=retries, first_contact_wait=first_contact_wait)
+    from bbt.backends.local import LocalBackend
+
+    return LocalBackend(models, device=device or "auto", dtype=dtype or "float32")

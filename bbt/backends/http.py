@@ -71,6 +71,8 @@ log = logging.getLogger(__name__)
 API_KEY_ENV = "BBT_API_KEY"
 MAX_RETRY_AFTER = 600.0  # seconds: a longer Retry-After is taken as this (a guard against nonsense)
 FIRST_CONTACT_WAIT = 10.0  # seconds of retries for an endpoint that has never answered as a bbt server
+TIMEOUT = 120.0  # seconds to wait for one answer, unless told otherwise (the CLI's --timeout, bbt.remote)
+WAIT = 300.0  # seconds of retries for a server that answered before and is now down (a restart)
 _NP = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
 
 
@@ -96,8 +98,8 @@ class HTTPBackend:
     `bytes_received` (response bodies), `attempts` (HTTP requests made, retries included).
     """
 
-    def __init__(self, endpoints: list[str] | str, *, api_key: str | None = None, timeout: float = 120.0,
-                 wait: float = 300.0, retries: int | None = None, backoff: float = 0.5, max_backoff: float = 10.0,
+    def __init__(self, endpoints: list[str] | str, *, api_key: str | None = None, timeout: float = TIMEOUT,
+                 wait: float = WAIT, retries: int | None = None, backoff: float = 0.5, max_backoff: float = 10.0,
                  first_contact_wait: float | None = FIRST_CONTACT_WAIT):
         urls = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         if not urls:
