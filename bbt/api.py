@@ -29,6 +29,7 @@ from bbt.config import GRADIENT_METHODS, TuneConfig
 from bbt.data import TaskData
 from bbt.errors import ConfigError, DataError
 from bbt.protocol import TaskSpec
+from bbt.session import Session
 
 # the CLI's --budget default: the papers' (BBT: 8000 queries)
 DEFAULT_BUDGET = Budget.model_fields["queries"].default
@@ -135,20 +136,21 @@ def evaluate(runs: str | Path | list, *, split: str = "test", data: str | Path |
         chosen, name = _split_of(members[0], first.task, split, data)
         key = first.task.metric
         n = len(chosen)
+        session = Session(b, first.model)  # scored, not booked: these queries belong to no run's budget
         with scoring_bar(f"scoring {name}: no prompt", n, progress) as tick:
-            plain, _ = evaluate_split(b, first.model, first.plain_task or first.task, chosen, None, on_chunk=tick)
+            plain, _ = evaluate_split(session, first.plain_task or first.task, chosen, None, on_chunk=tick)
         if len(members) == 1:
             prompt = first.prompt()
             with scoring_bar(f"scoring {name}: tuned, z = 0", 2 * n, progress) as tick:
-                tuned, _ = evaluate_split(b, first.model, first.task, chosen, prompt, on_chunk=tick)
-                zero, _ = evaluate_split(b, first.model, first.task, chosen, prompt.untuned(), on_chunk=tick)
+                tuned, _ = evaluate_split(session, first.task, chosen, prompt, on_chunk=tick)
+                zero, _ = evaluate_split(session, first.task, chosen, prompt.untuned(), on_chunk=tick)
             result = {"split": name, "examples": len(chosen), "acc": tuned.accuracy, "loss": tuned.loss,
                       "zero_prompt_acc": zero.accuracy, "no_prompt_acc": plain.accuracy}
             if key == "f1":
                 result.update(f1=tuned.metric, zero_prompt_f1=zero.metric, no_prompt_f1=plain.metric)
             if first.plain_task is not None:  # what the chosen words alone buy, as metrics.json reports it
                 with scoring_bar(f"scoring {name}: no prompt, chosen words", n, progress) as tick:
-                    words, _ = evaluate_split(b, first.model, first.task, chosen, None, on_chunk=tick)
+                    words, _ = evaluate_split(session, first.task, chosen, None, on_chunk=tick)
                 result["no_prompt_verbalizer_acc"] = words.accuracy
             return result
         from bbt.budget import Ledger
@@ -156,7 +158,7 @@ def evaluate(runs: str | Path | list, *, split: str = "test", data: str | Path |
         ledger = Ledger(Budget())
         prompts = [a.prompt() for a in artifacts]
         with scoring_bar(f"scoring {name}: {len(prompts)} members", ens.passes(prompts) * n, progress) as tick:
-            scores, _ = ens.evaluate(b, first.model, first.task, chosen, prompts, vote, ledger, on_chunk=tick)
+            scores, _ = ens.evaluate(Session(b, first.model, ledger), first.task, chosen, prompts, vote, on_chunk=tick)
     result = {
         "split": name, "examples": len(chosen), "vote": vote, f"ensemble_{key}": scores.ensemble,
         "members": [{"run": str(r), key: m} for r, m in zip(members, scores.members)],
@@ -181,7 +183,7 @@ def _evaluate_gradient(run: Path, split: str, data, backend: Backend, progress: 
     chosen, name = _split_of(run, task, split, data)
     task, logits = gradient_logits(backend, run, chosen.examples)
     with scoring_bar(f"scoring {name}: no prompt", len(chosen), progress) as tick:
-        plain, _ = evaluate_split(backend, saved["config"]["model"], task, chosen, None, on_chunk=tick)
+        plain, _ = evaluate_split(Session(backend, saved["config"]["model"]), task, chosen, None, on_chunk=tick)
     tuned = Evaluation.of(logits, chosen.labels, task.metric)
     result = {"split": name, "examples": len(chosen), "method": saved["config"]["method"],
               "acc": tuned.accuracy, "loss": tuned.loss, "no_prompt_acc": plain.accuracy}

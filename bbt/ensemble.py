@@ -14,12 +14,11 @@ from typing import Literal
 import numpy as np
 
 from bbt import metrics, scoring
-from bbt.backends.base import Backend
-from bbt.budget import Ledger
 from bbt.data import Split
 from bbt.errors import ConfigError
 from bbt.protocol import PromptTensor, TaskSpec, Tensor
 from bbt.prompt import Prompt
+from bbt.session import Session
 
 Vote = Literal["majority", "mean"]
 
@@ -33,8 +32,7 @@ def passes(prompts: list[Prompt]) -> int:
     return len({_p0_key(p) for p in prompts})
 
 
-def score_prompts(backend: Backend, model: str, task: TaskSpec, split: Split, prompts: list[Prompt],
-                  ledger: Ledger | None = None, on_chunk=None) -> np.ndarray:
+def score_prompts(session: Session, task: TaskSpec, split: Split, prompts: list[Prompt], on_chunk=None) -> np.ndarray:
     """Class scores of every prompt on a split: logits [M, N, C].
 
     Prompts that share a starting point p0 (members of one `--ensemble` do) and a shape travel as
@@ -52,8 +50,7 @@ def score_prompts(backend: Backend, model: str, task: TaskSpec, split: Split, pr
         first = prompts[members[0]]
         tensor = np.concatenate([prompts[i].materialize() for i in members])  # (M, layers, L, H)
         candidates = PromptTensor(prompts=Tensor.from_numpy(tensor), init_seed=first.init_seed, init_text=first.init_text)
-        logits, _ = scoring.score_candidates(backend, model, task, split, candidates, len(members), ledger,  # (M, N, C)
-                                          on_chunk=on_chunk)
+        logits, _ = scoring.score_candidates(session, task, split, candidates, len(members), on_chunk=on_chunk)
         for j, i in enumerate(members):
             out[i] = logits[j]
     return np.stack(out)
@@ -104,10 +101,10 @@ class EnsembleScores:
         return float(np.max(self.members))
 
 
-def evaluate(backend: Backend, model: str, task: TaskSpec, split: Split, prompts: list[Prompt], vote: Vote = "majority",
-             ledger: Ledger | None = None, on_chunk=None) -> tuple[EnsembleScores, np.ndarray]:
+def evaluate(session: Session, task: TaskSpec, split: Split, prompts: list[Prompt], vote: Vote = "majority",
+             on_chunk=None) -> tuple[EnsembleScores, np.ndarray]:
     """The ensemble's and each member's metric on a split, and the members' logits [M, N, C]."""
-    logits = score_prompts(backend, model, task, split, prompts, ledger, on_chunk)
+    logits = score_prompts(session, task, split, prompts, on_chunk)
     labels = np.asarray(split.labels)
     combined = combine(logits, vote)[None]
     scores = EnsembleScores(

@@ -26,10 +26,11 @@ from bbt.budget import Budget, Ledger
 from bbt.config import GRADIENT_METHODS, TuneConfig, check_mode, with_family_defaults
 from bbt.data import Split, TaskData
 from bbt.errors import ConfigError
-from bbt.protocol import Example, ModelInfo, TaskSpec
+from bbt.protocol import Example, TaskSpec
 from bbt.rundir import PromptArtifact
 from bbt.tasks import for_family
-from bbt.tuner import Evaluation, TuneState, tune
+from bbt.session import Session
+from bbt.tuner import Evaluation, TuneState, search
 from bbt.version import __version__
 
 
@@ -78,9 +79,9 @@ def run_tune(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, 
                 "bbt_version": __version__, "run_id": run_id, "config": cfg.model_dump(), "task": task.model_dump(),
                 "engine": info.engine, **(context or {})}, indent=2)
         ledger = Ledger(cfg.budget, out / rundir.LEDGER_FILE, run_id=run_id)
-        try:
-            return _run(cfg, task, data, backend, info, out, ledger, saved, progress=progress, log=log,
-                        wall_start=wall_start, report_to=report_to)
+        try:  # the run's one session: every query it pays goes out through it
+            return _run(cfg, task, data, Session(backend, cfg.model, ledger, info), out, saved, progress=progress,
+                        log=log, wall_start=wall_start, report_to=report_to)
         finally:
             ledger.close()
 
@@ -164,14 +165,15 @@ def _ledger_written(out: Path) -> bool:
     return ledger.exists() and ledger.stat().st_size > 0
 
 
-def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, info: ModelInfo, out: Path,
-         ledger: Ledger, saved: RunState | None, *, progress: bool, log, wall_start: float, report_to: str = "none") -> dict:
+def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, session: Session, out: Path, saved: RunState | None, *,
+         progress: bool, log, wall_start: float, report_to: str = "none") -> dict:
+    ledger, info = session.ledger, session.info
     for note in data.notes:
         log(f"note: {note}")
     if saved is None:
         ledger.rewind(0)  # killed before its first checkpoint: start over (what it paid stays in the ledger)
         with scoring.scoring_bar(f"scoring {data.test_name}: no prompt", len(data.test), progress) as tick:
-            plain, _ = scoring.evaluate_split(backend, cfg.model, task, data.test, None, ledger, on_chunk=tick)
+            plain, _ = scoring.evaluate_split(session, task, data.test, None, on_chunk=tick)
         saved = RunState(plain=plain, ledger_step=ledger.step)
         checkpoint.save(out / rundir.STATE_FILE, saved)
     else:
@@ -183,11 +185,11 @@ def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, info
     log(f"no-prompt {data.test_name} accuracy: {plain.accuracy:.4f}")
     family = info.family
     if cfg.verbalizer == "auto" and saved.choice is None and saved.tuning is None:
-        saved.choice = verbalizers.choose(backend, cfg.model, family, task, data.train, data.dev, ledger, cfg.label_words)
+        saved.choice = verbalizers.choose(session, task, data.train, data.dev, cfg.label_words)
         if saved.choice.task != task:
             with scoring.scoring_bar(f"scoring {data.test_name}: no prompt, chosen words", len(data.test), progress) as tick:
-                saved.chosen_plain, _ = scoring.evaluate_split(backend, cfg.model, saved.choice.task, data.test, None, ledger,
-                                                       on_chunk=tick)
+                saved.chosen_plain, _ = scoring.evaluate_split(session, saved.choice.task, data.test, None,
+                                                               on_chunk=tick)
         saved.ledger_step = ledger.step
         checkpoint.save(out / rundir.STATE_FILE, saved)
     own_words = task
@@ -229,7 +231,7 @@ def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, info
         checkpoint.save(out / rundir.STATE_FILE, saved)
 
     try:
-        result = tune(backend, cfg, task, data.train, data.dev, ledger, on_generation, state=saved.tuning, on_state=on_state)
+        result = search(session, cfg, task, data.train, data.dev, on_generation, state=saved.tuning, on_state=on_state)
     finally:
         log_file.close()
         if bar is not None:
@@ -248,11 +250,10 @@ def _run(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, info
     (out / rundir.ARTIFACT_FILE).write_text(artifact.model_dump_json(indent=1))
     jsonfile.write(out / rundir.PATH_FILE, {"version": 1, "points": [{"queries": q, "z": z.tolist()} for q, z in result.path]})
     # the plain model on dev too, so that a prompt below it there is said (a folder without a test set: the same split)
-    plain_dev = plain if data.test is data.dev else scoring.evaluate_split(backend, cfg.model, own_words, data.dev, None,
-                                                                   ledger)[0]
+    plain_dev = plain if data.test is data.dev else scoring.evaluate_split(session, own_words, data.dev, None)[0]
     with scoring.scoring_bar(f"scoring {data.test_name}: z = 0, tuned", 2 * len(data.test), progress) as tick:
-        zero, _ = scoring.evaluate_split(backend, cfg.model, task, data.test, prompt.untuned(), ledger, on_chunk=tick)
-        tuned, _, received = scoring.evaluate_materialized(backend, cfg.model, task, data.test, prompt, ledger, on_chunk=tick)
+        zero, _ = scoring.evaluate_split(session, task, data.test, prompt.untuned(), on_chunk=tick)
+        tuned, _, received = scoring.evaluate_materialized(session, task, data.test, prompt, on_chunk=tick)
     export.save_prompts(out / rundir.PROMPTS_FILE, received, method=cfg.method, model=cfg.model,
                         prompt_placement=info.prompt_placement, prompt_position=info.prompt_position)
     dev = result.dev
@@ -365,7 +366,7 @@ def run_gradient(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backe
                                                  "task": task.model_dump(), **(context or {})}, indent=2)
             ledger = Ledger(cfg.budget, out / rundir.LEDGER_FILE)  # the no-prompt baseline is scored like any run's
             try:
-                plain, _ = scoring.evaluate_split(backend, cfg.model, task, data.test, None, ledger)
+                plain, _ = scoring.evaluate_split(Session(backend, cfg.model, ledger), task, data.test, None)
             finally:
                 ledger.close()
         log(f"no-prompt {data.test_name} accuracy: {plain.accuracy:.4f}")
@@ -485,8 +486,9 @@ def run_ensemble(cfg: TuneConfig, n: int, task: TaskSpec, data: TaskData, backen
     prompts = [a.prompt() for a in artifacts]
     ledger = Ledger(Budget(), out / rundir.LEDGER_FILE)  # what scoring the ensemble spends (evaluation: no limit)
     try:
-        dev, _ = ensemble.evaluate(backend, cfg.model, task, data.dev, prompts, "majority", ledger)
-        test_logits = ensemble.score_prompts(backend, cfg.model, task, data.test, prompts, ledger)
+        session = Session(backend, cfg.model, ledger)
+        dev, _ = ensemble.evaluate(session, task, data.dev, prompts, "majority")
+        test_logits = ensemble.score_prompts(session, task, data.test, prompts)
     finally:
         ledger.close()
     labels = np.asarray(data.test.labels)
@@ -536,7 +538,8 @@ def predict(backend: Backend, artifact: PromptArtifact | list[PromptArtifact], t
         raise ConfigError(f"task {first.task.name!r} takes sentence pairs: give a text_pair for every text")
     examples = [Example(text=t, text_pair=pairs[i] if pairs else None) for i, t in enumerate(texts)]
     split = Split(examples, [0] * len(examples))
-    logits = ensemble.score_prompts(backend, model or first.model, first.task, split, [a.prompt() for a in artifacts])
+    prompts = [a.prompt() for a in artifacts]
+    logits = ensemble.score_prompts(Session(backend, model or first.model), first.task, split, prompts)
     labels = ensemble.combine(logits, vote).argmax(axis=1)
     probs = ensemble.probabilities(logits).mean(axis=0)
     return [(first.task.labels[int(y)], [round(float(x), 4) for x in p]) for y, p in zip(labels, probs)]

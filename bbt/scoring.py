@@ -7,8 +7,6 @@ import contextlib
 
 import numpy as np
 
-from bbt.backends.base import Backend
-from bbt.budget import Ledger
 from bbt.data import Split
 from bbt.prompt import Prompt
 from bbt.protocol import EvaluateRequest, TaskSpec
@@ -18,42 +16,42 @@ from bbt.tuner import Evaluation
 EVAL_CHUNK = 500  # examples per evaluation request (servers cap N per request)
 
 
-def evaluate_split(backend: Backend, model: str, task: TaskSpec, split: Split, prompt: Prompt | None,
-                   ledger: Ledger | None = None, loss: str = "ce", on_chunk=None) -> tuple[Evaluation, np.ndarray]:
+def evaluate_split(session: Session, task: TaskSpec, split: Split, prompt: Prompt | None, loss: str = "ce",
+                   on_chunk=None) -> tuple[Evaluation, np.ndarray]:
     """Scores of one prompt (None: the model without a soft prompt) on a whole split; logits [N, C].
 
-    Large splits go out in chunks of EVAL_CHUNK examples; spending is booked as evaluation.
+    Large splits go out in chunks of EVAL_CHUNK examples; spending is booked as evaluation on the
+    session's ledger (`Session(backend, model)`, without one: booked nowhere).
     `on_chunk(n)` is called with each chunk's number of examples once it is scored (a progress bar).
     """
-    ev, logits, _ = _score_split(backend, model, task, split, prompt, ledger, loss, on_chunk=on_chunk)
+    ev, logits, _ = _score_split(session, task, split, prompt, loss, on_chunk=on_chunk)
     return ev, logits
 
 
-def evaluate_materialized(backend: Backend, model: str, task: TaskSpec, split: Split, prompt: Prompt,
-                          ledger: Ledger | None = None, on_chunk=None) -> tuple[Evaluation, np.ndarray, np.ndarray]:
+def evaluate_materialized(session: Session, task: TaskSpec, split: Split, prompt: Prompt,
+                          on_chunk=None) -> tuple[Evaluation, np.ndarray, np.ndarray]:
     """`evaluate_split`, and the prompt as the model received it (p0 + A z, [layers, L, H]) from the
     same requests: only the server knows p0, and asking it separately would cost a query."""
-    return _score_split(backend, model, task, split, prompt, ledger, "ce", return_prompts=True, on_chunk=on_chunk)
+    return _score_split(session, task, split, prompt, "ce", return_prompts=True, on_chunk=on_chunk)
 
 
-def score_candidates(backend, model: str, task: TaskSpec, split: Split, candidates, k: int,
-                     ledger: Ledger | None, loss: str = "ce", return_prompts: bool = False, on_chunk=None):
+def score_candidates(session: Session, task: TaskSpec, split: Split, candidates, k: int, loss: str = "ce",
+                     return_prompts: bool = False, on_chunk=None):
     """Class logits [K, N, C] of `k` candidates (a request's `candidates`, None: no soft prompt) on
     a split, one request per EVAL_CHUNK inputs, each booked as evaluation (k queries: `Session.score`); with
     `return_prompts`, also the prompts [K, layers, L, H] the server received. `on_chunk(n)`: called
     after each request with its number of inputs."""
-    req = EvaluateRequest(model=model, task=task, inputs=split.examples, return_logits=True, loss=loss,
+    req = EvaluateRequest(model=session.model, task=task, inputs=split.examples, return_logits=True, loss=loss,
                           candidates=candidates, return_prompts=return_prompts)
-    answers = Session(backend, model, ledger).score(req, k, chunk=EVAL_CHUNK, on_chunk=on_chunk)
+    answers = session.score(req, k, chunk=EVAL_CHUNK, on_chunk=on_chunk)
     chunks = [resp.logits.to_numpy() for resp in answers]  # (K, n, C)
     received = answers[0].prompts.to_numpy() if return_prompts else None  # Session.score refuses a missing one
     return np.concatenate(chunks, axis=1), received
 
 
-def _score_split(backend, model, task, split, prompt, ledger, loss, return_prompts: bool = False, on_chunk=None):
+def _score_split(session, task, split, prompt, loss, return_prompts: bool = False, on_chunk=None):
     candidates = None if prompt is None else prompt.candidates()
-    logits, received = score_candidates(backend, model, task, split, candidates, 1, ledger, loss, return_prompts,
-                                        on_chunk)
+    logits, received = score_candidates(session, task, split, candidates, 1, loss, return_prompts, on_chunk)
     return Evaluation.of(logits[0], split.labels, task.metric, loss), logits[0], None if received is None else received[0]
 
 

@@ -19,19 +19,20 @@ from bbt.protocol import EvaluateRequest, EvaluateResponse, ModelInfo, Usage
 
 @dataclass
 class Session:
-    """`backend` serving `model`, its queries booked on `ledger` (None: booked nowhere, as for a prediction)."""
+    """`backend` serving `model`, its queries booked on `ledger` (None: booked nowhere, as for a
+    prediction). A run opens one and hands it to the search, the word choice and evaluation."""
 
     backend: Backend
     model: str
     ledger: Ledger | None = None
-    _info: ModelInfo | None = field(default=None, repr=False)
+    card: ModelInfo | None = field(default=None, repr=False)  # the model's card, where the caller has it already
 
     @property
     def info(self) -> ModelInfo:
         """The model's card, asked of the backend once."""
-        if self._info is None:
-            self._info = self.backend.model_info(self.model)
-        return self._info
+        if self.card is None:
+            self.card = self.backend.model_info(self.model)
+        return self.card
 
     def affordable(self, k: int, *, examples: int, tokens: int) -> int:
         """How many of `k` queries of `examples` inputs and `tokens` tokens each the budget still pays for."""

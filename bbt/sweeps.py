@@ -171,6 +171,7 @@ def run_cell(spec: SweepSpec, cell: Cell, out: Path, backend, log=lambda *a: Non
     from bbt import api
     from bbt.rundir import is_run, load_artifact, prompt_at, read_metrics
     from bbt.scoring import evaluate_split
+    from bbt.session import Session
     from bbt.tasks import BUILTIN_TASKS, for_family, resolve_task
 
     folder = out / "cells" / cell.name
@@ -213,7 +214,7 @@ def run_cell(spec: SweepSpec, cell: Cell, out: Path, backend, log=lambda *a: Non
                 prompt = prompt_at(folder, b)
                 z = prompt.z.tobytes()
                 if z not in scored:
-                    ev, _ = evaluate_split(backend, cfg.model, task, data.test, prompt)
+                    ev, _ = evaluate_split(Session(backend, cfg.model), task, data.test, prompt)
                     scored[z] = ev.metric
                 rows.append({**base, "budget": b, "test": scored[z], "no_prompt": m[plain_key],
                              "queries_used": min(b, m["queries_used"])})

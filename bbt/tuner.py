@@ -246,7 +246,15 @@ def tune(backend: Backend, cfg: TuneConfig, task: TaskSpec, train: Split, dev: S
     that way (and a ledger rewound to its `ledger_step`), the search continues exactly where it
     was: the same seed gives the same result whether or not the run was interrupted.
     """
-    session = Session(backend, cfg.model, ledger)
+    return search(Session(backend, cfg.model, ledger), cfg, task, train, dev, on_generation, state=state,
+                  on_state=on_state)
+
+
+def search(session: Session, cfg: TuneConfig, task: TaskSpec, train: Split, dev: Split,
+           on_generation: Callable[[dict], None] | None = None, *, state: TuneState | None = None,
+           on_state: Callable[[TuneState], None] | None = None) -> TuneResult:
+    """`tune` through a run's session: its queries booked on the session's ledger."""
+    ledger = session.ledger
     train_scorer = Scorer(session, cfg, task, train)
     dev_scorer = Scorer(session, cfg, task, dev)
     if state is None:

@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bbt.budget import Ledger
 from bbt.data import Split
 from bbt.metrics import CHANCE_MARGIN
 from bbt.protocol import MAX_LABELS, MAX_WORDS_PER_LABEL, EvaluateRequest, StatsRequest, TaskSpec, words_of
@@ -72,24 +71,25 @@ def queries(family: str, label_words: int | None) -> list[str]:
     return ["train"] * (1 if family == "encoder" else 2) + (["dev"] if label_words is None else [])
 
 
-def choose(backend, model: str, family: str, task: TaskSpec, train: Split, dev: Split, ledger: Ledger,
-           label_words: int | None = None) -> Choice:
-    """The task with words per class chosen on `train` (their number held out, unless given).
+def choose(session: Session, task: TaskSpec, train: Split, dev: Split, label_words: int | None = None) -> Choice:
+    """The task with words per class chosen on `train` (their number held out, unless given), by
+    queries of the plain model booked on the session's ledger as tuning.
 
     Costs the queries `queries` lists; a budget that cannot pay for those on train leaves the task's
     own verbalizer, one that cannot pay for dev chooses on train folds.
     """
+    ledger, family = session.ledger, session.info.family
     start = ledger.tuning.queries
     field_name = "label_texts" if family == "encoder" else "verbalizer"
     own = [words_of(e) for e in getattr(task, field_name)]
-    train_tokens = _tokens(backend, model, task, train)
+    train_tokens = _tokens(session, task, train)
     if family == "encoder":
         names = _candidates(train, own, _pattern(task))
     else:
-        names = _shortlist(backend, model, task, train, ledger, own, train_tokens)
+        names = _shortlist(session, task, train, own, train_tokens)
         if names is None:
             return Choice(task=task, label_words=1)
-    scores = _scores(backend, model, family, task, train, ledger, names, train_tokens)
+    scores = _scores(session, task, train, names, train_tokens)
     if scores is None:
         return Choice(task=task, label_words=1, queries=ledger.tuning.queries - start)
     labels = np.asarray(train.labels)
@@ -105,7 +105,7 @@ def choose(backend, model: str, family: str, task: TaskSpec, train: Split, dev: 
         (k, chosen), = tasks.items()
         return Choice(task=chosen, label_words=k, queries=ledger.tuning.queries - start)
     right = held_out_right(scores, labels, names, own, list(tasks))
-    dev_scores = _scores(backend, model, family, task, dev, ledger, names, _tokens(backend, model, task, dev))
+    dev_scores = _scores(session, task, dev, names, _tokens(session, task, dev))
     if dev_scores is not None:
         index = {n: j for j, n in enumerate(names)}
         for k in tasks:
@@ -204,11 +204,11 @@ def _candidates(train: Split, own: list[list[str]], pattern: str) -> list[str]:
     return (names + [t for t in words if t not in names])[:MAX_LABELS]
 
 
-def _shortlist(backend, model, task, train, ledger, own, tokens: int) -> list[str] | None:
+def _shortlist(session: Session, task: TaskSpec, train: Split, own: list[list[str]], tokens: int) -> list[str] | None:
     """An LM's candidate words (1 query, None if unaffordable): the classes' own words, then per
     class the `SHORTLIST` with the best margins among the words each training input finds likeliest
     at {mask}, a word missing from an input's `TOP_WORDS` counting as that list's last."""
-    resp = _query(backend, model, task, train, ledger, tokens, labels=False, top_words=TOP_WORDS)
+    resp = _query(session, task, train, tokens, labels=False, top_words=TOP_WORDS)
     if resp is None:
         return None
     names = list(dict.fromkeys(w for o in own for w in o))
@@ -221,14 +221,15 @@ def _shortlist(backend, model, task, train, ledger, own, tokens: int) -> list[st
     return names + list(dict.fromkeys(w for r in ranked for w in r))
 
 
-def _scores(backend, model, family, task, split, ledger, names, tokens: int) -> np.ndarray | None:
+def _scores(session: Session, task: TaskSpec, split: Split, names: list[str], tokens: int) -> np.ndarray | None:
     """[N, W] scores of the candidates `names` on `split` from one query (None if unaffordable),
     each read as its own label: a sentence encoder's scaled cosines with the label texts, an LM's
     logits of the words at {mask}. `tokens` is what one query of `split` bills (`_tokens`)."""
+    family = session.info.family
     placeholders = [f"w{i}" for i in range(len(names))]
     probe = TaskSpec(name=f"{task.name}-words", labels=placeholders, template=task.template, pair=task.pair,
                      verbalizer=placeholders if family == "encoder" else names, label_texts=names)
-    resp = _query(backend, model, probe, split, ledger, tokens, labels=False)
+    resp = _query(session, probe, split, tokens, labels=False)
     if resp is None:
         return None
     scores = resp.logits.to_numpy()[0]
@@ -253,18 +254,17 @@ def _columns(words: list[list[tuple[str, float]]], names: list[str]) -> np.ndarr
     return out
 
 
-def _tokens(backend, model, task, split) -> int:
+def _tokens(session: Session, task: TaskSpec, split: Split) -> int:
     """Tokens one query of `split` bills. The words change none: a verbalizer is read at {mask}, and
     a sentence encoder's label texts are not part of its input."""
-    return sum(backend.stats(StatsRequest(model=model, task=task, inputs=split.examples)).tokens)
+    return sum(session.backend.stats(StatsRequest(model=session.model, task=task, inputs=split.examples)).tokens)
 
 
-def _query(backend, model, task, split, ledger, tokens: int, *, labels: bool = True, top_words: int = 0):
+def _query(session: Session, task: TaskSpec, split: Split, tokens: int, *, labels: bool = True, top_words: int = 0):
     """One tuning query of the plain model on `split`, or None when the budget cannot pay for it."""
-    session = Session(backend, model, ledger)
     if session.affordable(1, examples=len(split), tokens=tokens) < 1:
         return None
-    req = EvaluateRequest(model=model, task=task, inputs=split.examples, labels=split.labels if labels else None,
+    req = EvaluateRequest(model=session.model, task=task, inputs=split.examples, labels=split.labels if labels else None,
                           return_logits=True, top_words=top_words)
     return session.query(req, tuning=True, queries=1, examples=len(split), tokens=tokens)
 

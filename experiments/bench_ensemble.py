@@ -31,6 +31,7 @@ from bbt.runs import run_ensemble
 from bbt.scoring import evaluate_split
 from bbt.sweeps import mean_se
 from bbt.tasks import BUILTIN_TASKS, for_family
+from bbt.session import Session
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
@@ -105,10 +106,10 @@ def main() -> None:
     prompts = [load_artifact(r).prompt() for r in member_runs([out])]
     together, apart = Ledger(Budget()), Ledger(Budget())
     t0 = time.perf_counter()
-    ensemble.score_prompts(backend, args.model, task, data.test, prompts, together)
+    ensemble.score_prompts(Session(backend, args.model, together), task, data.test, prompts)
     t1 = time.perf_counter()
     for p in prompts:
-        evaluate_split(backend, args.model, task, data.test, p, apart)
+        evaluate_split(Session(backend, args.model, apart), task, data.test, p)
     t2 = time.perf_counter()
     print(f"\nscoring {len(prompts)} members on {len(data.test)} test examples: one population "
           f"{together.evaluation.requests} requests, {t1 - t0:.1f} s; one by one {apart.evaluation.requests} requests, "

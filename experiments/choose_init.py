@@ -27,6 +27,7 @@ from bbt.scoring import evaluate_split
 from bbt.protocol import StatsRequest
 from bbt.tasks import BUILTIN_TASKS, for_family
 from bbt.tuner import _INIT, derive_seed, start_state
+from bbt.session import Session
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
@@ -70,7 +71,7 @@ def main() -> None:
                             text = starts.init_text(cfg.init, task, None, data.train, stats.tokens, length,
                                                     derive_seed(seed, _INIT))
                             prompt = start_state(cfg, info, stats.hidden_std, text).prompt
-                        ev, _ = evaluate_split(backend, args.model, task, both, prompt)
+                        ev, _ = evaluate_split(Session(backend, args.model), task, both, prompt)
                         row = dict(zip(("model", "task", "seed", "length", "init"), key), acc=ev.accuracy, loss=ev.loss)
                         done[key] = row
                         with args.results.open("a") as f:

@@ -26,6 +26,7 @@ from bbt.budget import Budget, Ledger
 from bbt.data import load_task_folder
 from bbt.scoring import evaluate_split
 from bbt.tasks import BUILTIN_TASKS, for_family, resolve_task
+from bbt.session import Session
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,9 +48,11 @@ def main() -> None:
         for seed in args.seeds:
             data = load_task_folder(args.data_root / name, task, seed=seed)
             test = data.test.sample(args.test_limit)
-            plain, _ = evaluate_split(backend, args.model, task, test, None)
-            choice = verbalizers.choose(backend, args.model, family, task, data.train, data.dev, Ledger(Budget(queries=10)))
-            words = plain if choice.label_words == 1 else evaluate_split(backend, args.model, choice.task, test, None)[0]
+            plain, _ = evaluate_split(Session(backend, args.model), task, test, None)
+            choice = verbalizers.choose(Session(backend, args.model, Ledger(Budget(queries=10))), task, data.train,
+                                        data.dev)
+            words = plain if choice.label_words == 1 else evaluate_split(Session(backend, args.model), choice.task, test,
+                                                                         None)[0]
             row = {"model": args.model, "task": name, "seed": seed, "label_words": choice.label_words,
                    "held_out": {str(k): round(v, 4) for k, v in choice.held_out.items()}, "queries": choice.queries,
                    "no_prompt": round(100 * plain.accuracy, 1), "no_prompt_words": round(100 * words.accuracy, 1),

@@ -30,6 +30,7 @@ from bbt.data import load_task_folder
 from bbt.protocol import words_of
 from bbt.scoring import evaluate_split
 from bbt.tasks import BUILTIN_TASKS, for_family
+from bbt.session import Session
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -152,7 +153,7 @@ def main() -> None:
         args.seed = seed
         data = load_task_folder(args.data_root / args.task, task, seed=seed)
         test = data.test.sample(args.test_limit or None)
-        plain, _ = evaluate_split(backend, args.model, task, test, None)
+        plain, _ = evaluate_split(Session(backend, args.model), task, test, None)
         emit(kind=args.kind, seed=seed, plain=round(100 * plain.accuracy, 1), test_examples=len(test))
         scores = KINDS[args.kind](pm, task, data, test, args)
         best = max(range(len(scores)), key=scores.__getitem__)

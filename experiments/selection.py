@@ -44,6 +44,7 @@ from bbt.rundir import load_artifact
 from bbt.runs import run_tune
 from bbt.scoring import evaluate_split, score_candidates
 from bbt.tasks import for_family, resolve_task
+from bbt.session import Session
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "runs" / "selection"
@@ -98,8 +99,8 @@ def run_cell(backend, model: str, task_name: str, seed: int, data_root: Path, bu
 
     art = load_artifact(folder)
     task = art.task
-    plain_train, _ = evaluate_split(backend, model, task, data.train, None)
-    plain_dev, _ = evaluate_split(backend, model, task, data.dev, None)
+    plain_train, _ = evaluate_split(Session(backend, model), task, data.train, None)
+    plain_dev, _ = evaluate_split(Session(backend, model), task, data.dev, None)
     plain_pooled = (plain_train.accuracy + plain_dev.accuracy) / 2
 
     budgets = [b for b in BUDGETS if b <= budget]
@@ -109,7 +110,7 @@ def run_cell(backend, model: str, task_name: str, seed: int, data_root: Path, bu
     z = np.stack([dev_z[i] for i in chosen])  # (K, layers, d)
     prompts = IntrinsicPrompts(z=Tensor.from_numpy(z), projections=art.projections, prompt_length=art.prompt_length,
                                init_seed=art.init_seed, init_text=art.init_text)
-    logits, _ = score_candidates(backend, model, task, data.test, prompts, len(chosen), None)
+    logits, _ = score_candidates(Session(backend, model), task, data.test, prompts, len(chosen))
     labels = np.asarray(data.test.labels)
     test = {i: float((logits[j].argmax(-1) == labels).mean()) for j, i in enumerate(chosen)}
 

@@ -25,6 +25,7 @@ from bbt.errors import ConfigError
 from bbt.estimate import _PerQuery, _replay, estimate
 from bbt.runs import run_tune
 from bbt.scoring import evaluate_split
+from bbt.session import Session
 from conftest import REPO
 
 UNITS = ("queries", "requests", "examples", "tokens", "cost")
@@ -105,7 +106,7 @@ def test_estimate_bounds_what_a_real_run_spends(kind, tiny_encoder, local_backen
     # words, which the estimate counts and a run skips where they are the task's own (as the plain pass costs)
     skipped = Ledger(Budget(price_per_1k_tokens=budget.price_per_1k_tokens))
     if metrics["verbalizer"]["label_words"] == 1:
-        evaluate_split(local_backend, cfg.model, sst2_task, tiny_data.test, None, skipped)
+        evaluate_split(Session(local_backend, cfg.model, skipped), sst2_task, tiny_data.test, None)
     for unit in ("queries", "requests", "examples", "tokens"):
         assert getattr(est.evaluation, unit) - getattr(skipped.evaluation, unit) == real_eval[unit], unit
     assert est.evaluation.cost - skipped.evaluation.cost == pytest.approx(real_eval["cost"])

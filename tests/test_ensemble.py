@@ -16,6 +16,7 @@ from bbt.errors import ConfigError
 from bbt.runs import run_ensemble, share_budget
 from bbt.scoring import evaluate_split
 from bbt.tuner import tune
+from bbt.session import Session
 from recording import RecordingBackend
 
 
@@ -38,11 +39,11 @@ def test_members_in_one_request_score_as_each_alone(tiny_gpt2, local_backend, ti
                     Ledger(Budget(queries=12))).prompt for s in (1, 2, 3)]
     counting = RecordingBackend(local_backend)
     ledger = Ledger(Budget())
-    logits = ensemble.score_prompts(counting, str(tiny_gpt2), sst2_task, tiny_data.test, prompts, ledger)
+    logits = ensemble.score_prompts(Session(counting, str(tiny_gpt2), ledger), sst2_task, tiny_data.test, prompts)
     assert len(counting.requests) == 1 and ledger.evaluation.queries == 3
     assert logits.shape == (3, len(tiny_data.test), 2)
     for p, got in zip(prompts, logits):
-        _, alone = evaluate_split(local_backend, str(tiny_gpt2), sst2_task, tiny_data.test, p)
+        _, alone = evaluate_split(Session(local_backend, str(tiny_gpt2)), sst2_task, tiny_data.test, p)
         np.testing.assert_allclose(got, alone, atol=1e-5)
 
 

@@ -152,9 +152,9 @@ def test_a_cell_with_an_automatic_verbalizer_is_scored_through_its_words(tiny_gp
     scored_with = []
     inner = scoring.evaluate_split
 
-    def spy(backend, model, task, split, prompt, *args, **kwargs):
+    def spy(session, task, split, prompt, *args, **kwargs):
         scored_with.append(task)
-        return inner(backend, model, task, split, prompt, *args, **kwargs)
+        return inner(session, task, split, prompt, *args, **kwargs)
 
     monkeypatch.setattr(scoring, "evaluate_split", spy)
     out = tmp_path / "S"

@@ -12,6 +12,7 @@ from bbt.errors import ConfigError
 from bbt.projection import normal_spec
 from bbt.protocol import EvaluateRequest, StatsRequest
 from bbt.tuner import Prompt, derive_seed, tune
+from bbt.session import Session
 from conftest import SHARED_DATA
 
 
@@ -127,10 +128,12 @@ def test_evaluation_in_chunks_equals_one_pass(tiny_bert_mlm, local_backend, tiny
 
     prompt = Prompt(z=np.random.default_rng(0).standard_normal((1, 6)), prompt_length=2,
                     projections=[normal_spec(seed=0, d=6, D=2 * 32, target_std=0.5)])
-    whole, whole_logits = scoring.evaluate_split(local_backend, str(tiny_bert_mlm), sst2_task, tiny_data.test, prompt)
+    whole, whole_logits = scoring.evaluate_split(Session(local_backend, str(tiny_bert_mlm)), sst2_task, tiny_data.test,
+                                                 prompt)
     monkeypatch.setattr(scoring, "EVAL_CHUNK", 5)
     ledger = Ledger(Budget())
-    parts, part_logits = scoring.evaluate_split(local_backend, str(tiny_bert_mlm), sst2_task, tiny_data.test, prompt, ledger)
+    parts, part_logits = scoring.evaluate_split(Session(local_backend, str(tiny_bert_mlm), ledger), sst2_task,
+                                                tiny_data.test, prompt)
     # chunks pad to other lengths than the whole split, so fp32 kernels sum in another order: last bits differ
     np.testing.assert_allclose(part_logits, whole_logits, rtol=1e-4, atol=1e-5)
     assert part_logits.shape == (12, 2)
@@ -219,7 +222,7 @@ def test_run_reports_whether_the_prompt_reads_its_held_out_split_above_chance(fo
     assert check["split"] == ("train" if out.get("fold") == 1 else "dev")
     artifact = load_artifact(tmp_path / "run")
     split = tiny_data.dev if check["split"] == "dev" else tiny_data.train
-    _, logits = evaluate_split(local_backend, cfg.model, artifact.task, split, artifact.prompt())
+    _, logits = evaluate_split(Session(local_backend, cfg.model), artifact.task, split, artifact.prompt())
     t = float(m.above_chance(logits[None], np.asarray(split.labels))[0])
     assert check["above_chance"] == pytest.approx(t, abs=2e-3)  # population vs single scoring: float32 noise
     assert check["passed"] == (t >= m.CHANCE_MARGIN) and check["threshold"] == m.CHANCE_MARGIN

@@ -17,6 +17,7 @@ from bbt.config import TuneConfig, with_family_defaults
 from bbt.errors import ConfigError
 from bbt.protocol import EvaluateRequest, TaskSpec
 from bbt.tasks import BUILTIN_TASKS
+from bbt.session import Session
 from recording import RecordingBackend
 
 SST2 = BUILTIN_TASKS["sst2"]
@@ -140,7 +141,7 @@ def test_choice_looks_at_train_and_dev_only_and_is_paid_for(tiny_gpt2, local_bac
     model = str(tiny_gpt2)
     backend = RecordingBackend(local_backend)
     ledger = Ledger(Budget(queries=100))
-    choice = verbalizers.choose(backend, model, "causal", SST2, tiny_data.train, tiny_data.dev, ledger)
+    choice = verbalizers.choose(Session(backend, model, ledger), SST2, tiny_data.train, tiny_data.dev)
     train = [e.text for e in tiny_data.train.examples]
     dev = [e.text for e in tiny_data.dev.examples]
     sent = [[e.text for e in r.inputs] for r in backend.requests]
@@ -161,13 +162,13 @@ def test_choice_looks_at_train_and_dev_only_and_is_paid_for(tiny_gpt2, local_bac
         assert (entry if isinstance(entry, str) else entry[0]) == own
     assert choice.task.labels == SST2.labels and choice.task.template == SST2.template
 
-    fixed = verbalizers.choose(local_backend, model, "causal", SST2, tiny_data.train, tiny_data.dev,
-                               Ledger(Budget(queries=100)), label_words=3)
+    fixed = verbalizers.choose(Session(local_backend, model, Ledger(Budget(queries=100))), SST2, tiny_data.train,
+                               tiny_data.dev, label_words=3)
     assert fixed.queries == 2 and fixed.label_words == 3 and fixed.held_out == {}
     assert all(isinstance(e, list) and len(e) <= 3 for e in fixed.task.verbalizer)
 
     broke = Ledger(Budget(examples=len(tiny_data.train) - 1))  # cannot pay for one query on train
-    assert verbalizers.choose(local_backend, model, "causal", SST2, tiny_data.train, tiny_data.dev, broke).task == SST2
+    assert verbalizers.choose(Session(local_backend, model, broke), SST2, tiny_data.train, tiny_data.dev).task == SST2
     assert broke.tuning.queries == 0
 
 
@@ -176,11 +177,10 @@ def test_an_lm_chooses_on_the_scores_the_model_reads_its_words_by(tiny_gpt2, loc
     # with several words, not the top-words estimates the shortlist comes from
     model = str(tiny_gpt2)
     ledger = Ledger(Budget(queries=10))
-    train_tokens, dev_tokens = (verbalizers._tokens(local_backend, model, SST2, s)
-                                for s in (tiny_data.train, tiny_data.dev))
-    names = verbalizers._shortlist(local_backend, model, SST2, tiny_data.train, ledger, [["bad"], ["great"]],
-                                   train_tokens)
-    exact = verbalizers._scores(local_backend, model, "causal", SST2, tiny_data.dev, ledger, names, dev_tokens)
+    session = Session(local_backend, model, ledger)
+    train_tokens, dev_tokens = (verbalizers._tokens(session, SST2, s) for s in (tiny_data.train, tiny_data.dev))
+    names = verbalizers._shortlist(session, SST2, tiny_data.train, [["bad"], ["great"]], train_tokens)
+    exact = verbalizers._scores(session, SST2, tiny_data.dev, names, dev_tokens)
     assert exact.shape == (len(tiny_data.dev), len(names)) and ledger.tuning.queries == 2
     assert names[:2] == ["bad", "great"] and len(names) <= 2 + 2 * verbalizers.SHORTLIST
     # no candidate may be the token an own word is read by (a probe with two labels on one token fails)
@@ -198,8 +198,8 @@ def test_a_sentence_encoder_chooses_label_texts_from_the_training_words(tiny_enc
     assert verbalizers._pattern(SST2) == "It was {}."
     agnews = BUILTIN_TASKS["agnews"]
     assert verbalizers._pattern(agnews) == "{}"  # "Technology news." does not hold "Tech"
-    choice = verbalizers.choose(local_backend, str(tiny_encoder), "encoder", SST2, tiny_data.train, tiny_data.dev,
-                                Ledger(Budget(queries=100)), label_words=2)
+    choice = verbalizers.choose(Session(local_backend, str(tiny_encoder), Ledger(Budget(queries=100))), SST2,
+                                tiny_data.train, tiny_data.dev, label_words=2)
     words = {w.lower() for e in tiny_data.train.examples for w in e.text.split()}
     for own, entry in zip(SST2.label_texts, choice.task.label_texts):
         texts = [entry] if isinstance(entry, str) else entry
@@ -250,9 +250,9 @@ def test_top_words_over_http_equal_in_process(tiny_gpt2, local_backend, tiny_dat
         np.testing.assert_allclose([[lp for _, lp in r] for r in got.words], [[lp for _, lp in r] for r in want.words],
                                    rtol=0, atol=1e-6)
         ledger = Ledger(Budget(queries=50))
-        over_http = verbalizers.choose(http, model, "causal", SST2, tiny_data.train, tiny_data.dev, ledger)
-    in_process = verbalizers.choose(local_backend, model, "causal", SST2, tiny_data.train, tiny_data.dev,
-                                    Ledger(Budget(queries=50)))
+        over_http = verbalizers.choose(Session(http, model, ledger), SST2, tiny_data.train, tiny_data.dev)
+    in_process = verbalizers.choose(Session(local_backend, model, Ledger(Budget(queries=50))), SST2, tiny_data.train,
+                                    tiny_data.dev)
     assert over_http.task == in_process.task and over_http.held_out == in_process.held_out
 
 
