@@ -163,6 +163,8 @@ def folder_kind(path: Path) -> str | None:
         return "run"
     if (path / rundir.INDEX_FILE).exists():
         raise ConfigError(f"{path} is an ensemble folder: watch its members, e.g. bbt watch {path / 'member-1'}")
+    if (path / rundir.OWNER_FILE).exists():
+        return None  # a run starting: its process named itself, its config.json comes next
     if path.is_dir() and any(path.iterdir()):
         runs = sorted(p.name for p in path.iterdir() if rundir.is_run(p) or (p / sweeps.SWEEP_FILE).exists())
         inside = f"; runs in it: {', '.join(runs[:5])}{', ...' if len(runs) > 5 else ''}" if runs else ""

@@ -8,8 +8,11 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from bbt import watch
 from bbt.cli import main
+from bbt.errors import ConfigError
 from serverproc import REPO
 
 
@@ -68,6 +71,20 @@ def test_watch_returns_when_the_run_is_killed_and_says_how_to_go_on(tiny_encoder
                           capture_output=True, text=True, timeout=60)
     assert view.returncode == 1 and "stopped before it ended" in view.stderr and f"--resume {out}" in view.stderr
     assert watch.run_snapshot(out)["status"] == "stopped"
+
+
+def test_a_run_that_is_starting_is_waited_for_not_refused(tmp_path):
+    """A run names its process (running.json) before it writes config.json: a watcher that looks
+    in between sees a run starting, not a folder of something else."""
+    from bbt import rundir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with rundir.running(out):
+        assert watch.folder_kind(out) is None
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not a run or sweep folder"):
+        watch.folder_kind(out)
 
 
 def test_once_on_a_sweep_lists_its_cells(tiny_encoder, data_dir, tmp_path, capsys, monkeypatch):
