@@ -95,12 +95,12 @@ def _option_type(annotation) -> tuple[type, list | None]:
     return _option_type(args[0]) if args else (annotation, None)
 
 
-def _add_setting(group, name: str, field, flag: str | None = None) -> None:
+def _add_setting(group, name: str, field) -> None:
     """One option for a TuneConfig (or Budget) field: its description as help, its default said once."""
     text = _setting_help(field.description)
     kind, choices = _option_type(field.annotation)
     if kind is bool:
-        group.add_argument(flag or _flag(name), action="store_true", help=text)
+        group.add_argument(_flag(name), action="store_true", help=text)
         return
     default = field.default
     if name in _LEFT_OPEN:
@@ -110,7 +110,7 @@ def _add_setting(group, name: str, field, flag: str | None = None) -> None:
         default = None
     if name == "queries":
         kind, text = _query_limit, text + "; none: no query limit, with one of the limits below"
-    group.add_argument(flag or _flag(name), type=kind, choices=choices, default=default, metavar=_METAVARS.get(name),
+    group.add_argument(_flag(name), type=kind, choices=choices, default=default, metavar=_METAVARS.get(name),
                        help=text)
 
 
@@ -182,8 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--report-to", choices=["none", "tensorboard"], default="none",
                    help="also log each generation as TensorBoard scalars in RUN/tensorboard (pip install tensorboardX)")
     b = t.add_argument_group("budget (tuning: train and dev queries; never exceeded)")
-    for name, flag in _BUDGET_FLAGS.items():
-        _add_setting(b, name, Budget.model_fields[name], flag=flag)
+    for name in _BUDGET_FLAGS:
+        _add_setting(b, name, Budget.model_fields[name])
     t.add_argument("--dry-run", action="store_true", help="print what the run would spend and about how long it "
                    "takes (a model in this process is timed on three unbilled requests on train), then exit")
     t.add_argument("--quiet", action="store_true", help="no progress bars (the model's loading bar included)")

@@ -152,7 +152,13 @@ def running(folder: str | Path):
         path.unlink(missing_ok=True)
 
 
-def pid_alive(pid: int) -> bool:
+def owner_alive(owner: dict) -> bool:
+    """Whether the process a {"host", "pid"} record names may be alive: by its pid on this host; on
+    another host it cannot be checked from here, so yes. (running.json, a sweep cell's claim)"""
+    return owner.get("host") != socket.gethostname() or _pid_alive(int(owner.get("pid", -1)))
+
+
+def _pid_alive(pid: int) -> bool:
     """Whether process `pid` of this host is alive (one of another user's counts)."""
     try:
         os.kill(pid, 0)
@@ -172,7 +178,7 @@ def being_tuned(folder: str | Path) -> bool:
         return False
     if not isinstance(owner, dict) or not isinstance(owner.get("pid"), int):
         return False
-    return owner.get("host") != socket.gethostname() or pid_alive(owner["pid"])
+    return owner_alive(owner)
 
 
 def is_gradient_run(run: str | Path) -> bool:

@@ -144,7 +144,7 @@ def claim(path: Path) -> bool:
                 owner = json.loads(path.read_text() or "{}")
             except (OSError, json.JSONDecodeError):
                 owner = {}
-            if owner.get("host") == socket.gethostname() and not rundir.pid_alive(int(owner.get("pid", -1))):
+            if not rundir.owner_alive(owner):
                 path.unlink(missing_ok=True)  # its worker died: the cell resumes from its checkpoint
                 continue
             return False
