@@ -5,7 +5,7 @@ random projection maps them to soft prompts, and a Backend scores each populatio
 this process or on a server over HTTP.
 """
 
-from bbt.api import evaluate, local, predict, remote, run
+from bbt.api import evaluate, local, predict, remote, resume, run
 from bbt.budget import Budget, Ledger
 from bbt.cache import CachedBackend, EvaluationCache
 from bbt.config import TuneConfig
@@ -34,5 +34,5 @@ __all__ = sorted([
     "Ledger", "ModelNotFound", "Prompt", "QuotaExhausted", "RequestRejected", "ServerUnavailable", "Split", "TaskData",
     "TuneConfig", "TuneResult", "TuneState", "__version__", "build_matrix", "k_shot", "load_file", "load_task_file",
     "load_task_folder", "normal_spec", "project", "resolve_task", "tune", "uniform_spec",
-    "evaluate", "local", "predict", "remote", "run", "sweep",
+    "evaluate", "local", "predict", "remote", "resume", "run", "sweep",
 ])

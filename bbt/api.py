@@ -86,17 +86,98 @@ def run(task: str, data: str | Path, *, out: str | Path, budget: int | None = DE
     """Tune a prompt (or a gradient baseline, `method=...`) on `task` from the folder `data`, into
     the run folder `out`; returns its metrics.json. `budget`: queries (the whole ensemble's with
     `ensemble`; default 8000, the papers' and the CLI's); `settings`: any TuneConfig field
-    (method, model, prompt_length, init, ...)."""
+    (method, model, prompt_length, init, ...). `resume`: continue the run in `out` as `resume`
+    does; the settings given must be the run's own."""
     from bbt.data import load_task_folder
+    from bbt.rundir import Origin
     from bbt.tasks import resolve_task
 
     cfg = TuneConfig(seed=seed, budget=Budget(queries=budget), **settings)
     spec = resolve_task(task, data)
+    if resume:
+        from bbt.api import resume as resume_run  # the keyword hides the function of that name
+
+        _check_same_run(out, cfg, spec, ensemble, given=("seed", "budget", *settings))
+        return resume_run(out, backend=backend, progress=progress)
     split = load_task_folder(data, spec, seed=seed, k=cfg.k_shot, skip_bad_rows=cfg.skip_bad_rows)
-    context = {"data": str(Path(data).resolve()), "endpoint": None}
     with _backend(backend) as b:
-        return tune(cfg, spec, split, b, out, ensemble=ensemble, resume=resume, context=context, progress=progress,
+        context = Origin(data=str(Path(data).resolve()), dtype=b.model_info(cfg.model).dtype, **_where(b)).record()
+        return tune(cfg, spec, split, b, out, ensemble=ensemble, context=context, progress=progress,
                     log=print if progress else (lambda *a: None))
+
+
+def _where(backend: Backend) -> dict:
+    """The server(s) a backend of bbt's asks, as config.json records them (nothing: in process), so
+    that `resume` goes back there; through an evaluation cache."""
+    from bbt.backends.http import HTTPBackend
+    from bbt.backends.vllm import VLLMBackend
+    from bbt.cache import CachedBackend
+
+    while isinstance(backend, CachedBackend):
+        backend = backend.backend
+    if isinstance(backend, HTTPBackend):
+        return {"endpoint": backend.endpoints}
+    if isinstance(backend, VLLMBackend):
+        return {"endpoint": [backend.engine.url], "model_files": backend.model_files}
+    return {}
+
+
+def _check_same_run(out: str | Path, cfg: TuneConfig, task: TaskSpec, ensemble: int | None, given) -> None:
+    """Refuse `bbt.run(..., resume=True)` with a setting the run in `out` was not started with: a
+    run continues with its own (what `resume` reads from its config.json)."""
+    from bbt.rundir import saved_run
+
+    saved = saved_run(out)
+    differ = [f"{k}={getattr(saved.cfg, k)!r}" for k in given if getattr(cfg, k) != getattr(saved.cfg, k)]
+    if task.name != saved.task.name:
+        differ.append(f"task={saved.task.name!r}")
+    if (ensemble or None) != saved.ensemble:
+        differ.append(f"ensemble={saved.ensemble!r}")
+    if differ:
+        raise ConfigError(f"{out} was started with {', '.join(differ)}: give those, or continue it with its own "
+                          f"settings with bbt.resume({str(out)!r})")
+
+
+def resume(run: str | Path, *, backend: Backend | None = None, api_key: str | None = None, timeout: float = TIMEOUT,
+           wait: float = WAIT, progress: bool = False, report_to: str = "none") -> dict:
+    """Continue the run (or ensemble) in folder `run` where it stopped, as `bbt tune --resume RUN`
+    does: with the settings, task, data, test sample and precision its config.json recorded, asking
+    the server it was tuned through (`api_key`, `timeout`, `wait` for it), or the model in this
+    process where it was tuned there. A finished run returns its metrics.json and pays nothing.
+    `backend`: ask this one instead (the same model, in the run's precision)."""
+    from bbt.data import limit_test, load_task_folder
+    from bbt.rundir import saved_run
+
+    saved = saved_run(run)
+    cfg, origin = saved.cfg, saved.origin
+    data = load_task_folder(origin.data, saved.task, seed=cfg.seed, k=cfg.k_shot, skip_bad_rows=cfg.skip_bad_rows)
+    data = limit_test(data, origin.test_limit)
+    owned = backend is None
+    if owned:  # the server has answered this run before: it gets the whole `wait` from the first request
+        backend = open_backend(origin.endpoint, engine=origin.engine_choice, model_files=origin.model_files,
+                               dtype=None if origin.endpoint else origin.dtype, api_key=api_key, timeout=timeout,
+                               wait=wait, first_contact_wait=None)
+    try:
+        served_dtype(backend, cfg.model, origin.dtype, wanted_by=f"{run} was paid in")
+        return tune(cfg, saved.task, data, backend, run, ensemble=saved.ensemble, resume=True,
+                    context=origin.record(), progress=progress, report_to=report_to,
+                    log=print if progress else (lambda *a: None))
+    finally:
+        if owned:
+            backend.close()
+
+
+def served_dtype(backend: Backend, model: str, dtype: str | None, *, wanted_by: str = "--dtype") -> str | None:
+    """The precision `model` runs in behind `backend` (None: an upstream engine's own). A `dtype`
+    asked for (by `wanted_by`; None and auto ask nothing) that it does not run in is refused,
+    before anything is spent."""
+    served = backend.model_info(model).dtype
+    if dtype not in (None, "auto") and served != dtype:
+        runs = served or "its engine's own precision"
+        way = ", or leave --dtype out" if wanted_by == "--dtype" else " to continue it there"
+        raise ConfigError(f"{wanted_by} {dtype}: the server runs {model} in {runs}; "
+                          f"start it with bbt serve --dtype {dtype}{way}")
+    return served
 
 
 def _split_of(run: Path, task, split: str, data: str | Path | None):

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from bbt.version import __version__
 from bbt.backends.http import TIMEOUT, WAIT
 from bbt.budget import Budget
-from bbt.config import DEFAULT_MODEL, FAMILY_DEFAULTS, GRADIENT_METHODS, MODEL_CHOICE, TuneConfig
+from bbt.config import DEFAULT_MODEL, FAMILY_DEFAULTS, GRADIENT_METHODS, IMPLIES, MODEL_CHOICE, TuneConfig
 from bbt.errors import BackendError, BBTError, ConfigError
 
 EXAMPLES = """examples:
@@ -64,9 +64,8 @@ _METAVARS = {"seed": "S", "search_seed": "S", "popsize": "N", "sigma": "S", "k_s
 _BUDGET_FLAGS = {"queries": "--budget", "requests": "--max-requests", "examples": "--max-examples",
                  "tokens": "--max-tokens", "cost": "--max-cost", "price_per_1k_tokens": "--price-per-1k-tokens"}
 # settings parsed as None unless given, so that the model family's default, or a setting that implies
-# them (init_text: init; label_words: verbalizer; local_*: local), decides (TuneConfig.model_fields_set)
-_LEFT_OPEN = {*FAMILY_DEFAULTS["causal"], "init", "init_text", "verbalizer", "label_words", "local", "local_share",
-              "local_dim"}
+# them (config.IMPLIES), decides (TuneConfig.model_fields_set)
+_LEFT_OPEN = {*FAMILY_DEFAULTS["causal"], *IMPLIES, *(implied for implied, _ in IMPLIES.values())}
 
 
 def _flag(name: str) -> str:
@@ -153,7 +152,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"bbt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    d = TuneConfig()
     t = sub.add_parser("tune", help="tune a soft prompt for a few-shot task", description=(
         "Tune a soft prompt with CMA-ES within a query budget, then score it on the test split. "
         "Writes config.json, log.jsonl, prompt.json and metrics.json to --out. The method and budget options are "
@@ -244,8 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--methods", nargs="+", default=["bbt"], choices=["bbt", "bbtv2", *GRADIENT_METHODS],
                    help="each cell names its method, so a sweep does not take a model family's default (default: bbt)")
     w.add_argument("--budgets", nargs="+", type=int, default=[500], metavar="Q", help="queries at which to score")
-    w.add_argument("--model", default=d.model, help=f"the model (a server's name with --endpoint): {MODEL_CHOICE}")
-    w.add_argument("--prompt-length", type=int, default=None, metavar="L", help="soft-prompt tokens (default: bbt's)")
+    for name in ("model", "prompt_length"):  # as bbt tune's; any other setting goes through --set
+        _add_setting(w, name, TuneConfig.model_fields[name])
     w.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="a tune setting for every cell (e.g. init=vocab alpha=0.5); KEY=V1,V2 makes it an axis of the grid")
     w.add_argument("--grid", metavar="FILE", help="a YAML or JSON file with any of tasks, seeds, methods, budgets, "
@@ -353,8 +351,6 @@ _RESUME_OPTIONS = {"resume", "endpoint", "api_key", "timeout", "wait", "retries"
 def cmd_tune(args) -> int:
     from bbt import api, rundir
     from bbt.data import limit_test, load_task_folder
-    from bbt.protocol import TaskSpec
-    from bbt.rundir import load_run_config
     from bbt.tasks import resolve_task
 
     if args.resume:
@@ -363,21 +359,14 @@ def cmd_tune(args) -> int:
         if changed:
             raise ConfigError("--resume takes the run's settings from RUN/config.json; drop "
                               + ", ".join("--" + k.replace("_", "-") for k in changed))
-        index = Path(args.resume) / rundir.INDEX_FILE
-        saved = json.loads(index.read_text()) if index.exists() else load_run_config(args.resume)
-        if index.exists():
-            args.ensemble = len(saved["members"])
-        try:
-            cfg, task = TuneConfig.model_validate(saved["config"]), TaskSpec.model_validate(saved["task"])
-        except (KeyError, ValidationError) as exc:
-            raise ConfigError(f"{args.resume}/config.json is not a bbt run config: {exc}") from None
-        data_dir, out = saved.get("data"), Path(args.resume)
-        if not data_dir:
-            raise ConfigError(f"{args.resume}/config.json does not say which data folder the run used")
-        answered_before = bool(saved.get("endpoint")) and args.endpoint in (None, saved.get("endpoint"))
-        _use_saved_endpoint(args, saved)
-        args.test_limit = saved.get("test_limit")
-        args.dtype = saved.get("dtype")  # a run continues in the precision it was paid in (None: before --dtype, float32)
+        saved = rundir.saved_run(args.resume)
+        cfg, task, out, args.ensemble = saved.cfg, saved.task, Path(args.resume), saved.ensemble
+        origin = saved.origin
+        answered_before = bool(origin.endpoint) and args.endpoint in (None, origin.endpoint)
+        _use_saved_endpoint(args, origin)
+        args.test_limit = origin.test_limit
+        args.dtype = origin.dtype  # a run continues in the precision it was paid in (None: before --dtype, float32)
+        data_dir = origin.data
     else:
         for flag in ("data", "out"):
             if getattr(args, flag) is None:
@@ -395,21 +384,20 @@ def cmd_tune(args) -> int:
     backend = make_backend(args, answered_before=answered_before)
     try:
         # a gradient method trains in float32 in this process (run_gradient refuses an endpoint)
-        dtype = "float32" if cfg.method in GRADIENT_METHODS else _served_dtype(backend, cfg.model, args)
+        dtype = "float32" if cfg.method in GRADIENT_METHODS else api.served_dtype(
+            backend, cfg.model, args.dtype if args.endpoint else None,
+            wanted_by=f"{out} was paid in" if args.resume else "--dtype")
         if args.dry_run:
             from bbt.estimate import estimate
 
             print(estimate(backend, cfg, task, data).describe())
             return 0
         backend = _with_cache(backend, args)
-        context = {"data": str(Path(data_dir).resolve()), "endpoint": args.endpoint, "dtype": dtype}
-        if args.model_files:
-            context["model_files"] = args.model_files
-        if args.test_limit:
-            context["test_limit"] = args.test_limit
+        origin = rundir.Origin(data=str(Path(data_dir).resolve()), endpoint=args.endpoint, dtype=dtype,
+                               model_files=args.model_files, test_limit=args.test_limit)
         try:
-            api.tune(cfg, task, data, backend, out, ensemble=args.ensemble, resume=bool(args.resume), context=context,
-                     progress=not args.quiet, report_to=args.report_to)
+            api.tune(cfg, task, data, backend, out, ensemble=args.ensemble, resume=bool(args.resume),
+                     context=origin.record(), progress=not args.quiet, report_to=args.report_to)
         except BackendError as exc:
             raise BackendError(f"{exc}\n{_after_failure(out, cfg)}") from exc
         except KeyboardInterrupt:
@@ -418,17 +406,6 @@ def cmd_tune(args) -> int:
     finally:
         backend.close()
     return 0
-
-
-def _served_dtype(backend, model: str, args) -> str | None:
-    """The precision `model` runs in behind `backend` (None: an upstream engine's own); a --dtype
-    the server does not run is refused before anything is spent."""
-    served = backend.model_info(model).dtype
-    if args.endpoint and args.dtype not in (None, "auto") and served != args.dtype:
-        runs = served or "its engine's own precision"
-        raise ConfigError(f"--dtype {args.dtype}: the server runs {model} in {runs}; "
-                          f"start it with bbt serve --dtype {args.dtype}, or leave --dtype out")
-    return served
 
 
 def _after_failure(out: Path, cfg: TuneConfig) -> str:
@@ -553,27 +530,27 @@ def _tuned_through(args, run: Path, command: str) -> None:
     """Unless --endpoint or --in-process says where the model is, point `args` at the server a run
     was tuned through (its config.json: endpoint, engine and model files), said on stderr; left
     alone for a run tuned in process (or a folder with a prompt.json alone, which does not say)."""
-    from bbt.rundir import is_run, load_run_config
+    from bbt.rundir import Origin, is_run, load_run_config
 
     if args.in_process and args.endpoint:
         raise ConfigError("--in-process runs the model here and --endpoint asks a server: give one of them")
-    saved = load_run_config(run) if is_run(run) else {}
+    origin = Origin.model_validate(load_run_config(run)) if is_run(run) else Origin()
     if args.dtype is None and not args.endpoint:
-        args.dtype = saved.get("dtype")  # scored in the precision it was tuned in
-    if args.endpoint or args.in_process or not saved.get("endpoint"):
+        args.dtype = origin.dtype  # scored in the precision it was tuned in
+    if args.endpoint or args.in_process or not origin.endpoint:
         return
-    print(f"bbt {command}: {run} was tuned through {', '.join(saved['endpoint'])}: asking it there (give --endpoint "
+    print(f"bbt {command}: {run} was tuned through {', '.join(origin.endpoint)}: asking it there (give --endpoint "
           "URL for another server, or --in-process to load the model here)", file=sys.stderr)
-    _use_saved_endpoint(args, saved)
+    _use_saved_endpoint(args, origin)
 
 
-def _use_saved_endpoint(args, saved: dict) -> None:
-    """The endpoint, engine and model files a run folder's config.json recorded, where the options
-    leave them open: a run tuned on vLLM stays on vLLM even while the engine is down."""
-    args.endpoint = args.endpoint or saved.get("endpoint")
-    args.model_files = args.model_files or saved.get("model_files")
-    if args.engine == "auto" and str(saved.get("engine", "")).startswith("vllm"):
-        args.engine = "vllm"
+def _use_saved_endpoint(args, origin) -> None:
+    """The endpoint, engine and model files a run's origin (`rundir.Origin`) records, where the
+    options leave them open."""
+    args.endpoint = args.endpoint or origin.endpoint
+    args.model_files = args.model_files or origin.model_files
+    if args.engine == "auto":
+        args.engine = origin.engine_choice
 
 
 def cmd_export(args) -> int:

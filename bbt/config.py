@@ -25,6 +25,15 @@ MODEL_CHOICE = (f"{DEFAULT_MODEL} (the default; SmolLM2-135M-Instruct, a 135M ca
                 "a small sentence encoder: fast, with less to gain from tuning, +0.5 points on SST-2)")
 
 
+# a setting that means something only with another: given, it sets that one (unless also given)
+IMPLIES: dict[str, tuple[str, str]] = {
+    "init_text": ("init", "instruction"),
+    "label_words": ("verbalizer", "auto"),
+    "local_share": ("local", "cobyla"),
+    "local_dim": ("local", "cobyla"),
+}
+
+
 class TuneConfig(BaseModel):
     """Everything that decides a tuning run. The same config and seed give the same run.
 
@@ -140,12 +149,9 @@ class TuneConfig(BaseModel):
         """A setting that only means something with another one given turns that one on, unless it was given."""
         if isinstance(data, dict):
             data = dict(data)
-            if data.get("init_text") is not None:
-                data.setdefault("init", "instruction")
-            if data.get("label_words") is not None:
-                data.setdefault("verbalizer", "auto")
-            if data.get("local_share") is not None or data.get("local_dim") is not None:
-                data.setdefault("local", "cobyla")
+            for given, (other, value) in IMPLIES.items():
+                if data.get(given) is not None:
+                    data.setdefault(other, value)
         return data
 
     @property

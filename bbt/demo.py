@@ -25,6 +25,7 @@ from bbt.config import TuneConfig
 from bbt.data import TaskData, load_file
 from bbt.errors import BBTError
 from bbt.protocol import TaskSpec
+from bbt.rundir import Origin
 from bbt.tasks import load_task_file
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
@@ -77,7 +78,7 @@ def _tune(cfg: TuneConfig, task: TaskSpec, data: TaskData, out: str, endpoint: s
     from bbt import api
 
     with api.open_backend([endpoint] if endpoint else None, engine="bbt") as backend:
-        return api.tune(cfg, task, data, backend, out, context={"data": str(DEMO_DIR), "endpoint": endpoint},
+        return api.tune(cfg, task, data, backend, out, context=Origin(data=str(DEMO_DIR), endpoint=[endpoint] if endpoint else None).record(),
                         progress=sys.stderr.isatty(), replace=True)  # a demo run again replaces the last one
 
 

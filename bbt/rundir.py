@@ -25,13 +25,15 @@ import json
 import os
 import socket
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from bbt import jsonfile
+from bbt.config import TuneConfig
 from bbt.errors import ConfigError
 from bbt.prompt import Prompt
 from bbt.protocol import ProjectionSpec, TaskSpec
@@ -133,6 +135,65 @@ def load_run_config(run: str | Path) -> dict:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{run} is not a run folder: {path} is missing") from None
+
+
+class Origin(BaseModel):
+    """Where a run's data and model came from, as config.json (an ensemble's ensemble.json) records
+    them beside its settings: what `bbt tune --resume`, `bbt.resume` and the scoring commands read
+    to go back to the same data, server and precision."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    data: str | None = None  # the data folder, resolved
+    endpoint: list[str] | None = None  # the server(s) it was tuned through; None: in process
+    engine: str | None = None  # what answered ("bbt", "vllm ..."), written by the run itself
+    model_files: str | None = None  # a vLLM run's tokenizer and input embeddings
+    dtype: str | None = None  # the precision it was paid in (None: before --dtype, float32; or an engine's own)
+    test_limit: int | None = None  # test examples scored (a seeded sample), None: all
+
+    @field_validator("endpoint", mode="before")
+    @classmethod
+    def _listed(cls, v):  # bbt demo's run folders recorded their one URL bare
+        return [v] if isinstance(v, str) else v
+
+    def record(self) -> dict:
+        """The keys a new run writes into config.json (the engine it writes itself, from the server's answer)."""
+        out = {"data": self.data, "endpoint": self.endpoint, "dtype": self.dtype}
+        return out | {k: v for k, v in (("model_files", self.model_files), ("test_limit", self.test_limit)) if v}
+
+    @property
+    def engine_choice(self) -> str:
+        """The engine to ask for when going back: a run tuned on vLLM stays on vLLM even while the
+        engine is down (auto would have to recognise it from an answer)."""
+        return "vllm" if str(self.engine or "").startswith("vllm") else "auto"
+
+
+@dataclass(frozen=True)
+class SavedRun:
+    """What continues a run folder or an ensemble folder: its settings, task and origin."""
+
+    cfg: TuneConfig
+    task: TaskSpec
+    origin: Origin
+    ensemble: int | None  # an ensemble folder: its members
+
+
+def saved_run(run: str | Path) -> SavedRun:
+    """RUN/config.json (OUT/ensemble.json for an ensemble) read and checked, with what is missing said."""
+    index = Path(run) / INDEX_FILE
+    try:
+        saved = json.loads(index.read_text()) if index.exists() else load_run_config(run)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{index} is not a bbt ensemble index: {exc}") from None
+    name = index if index.exists() else Path(run) / CONFIG_FILE
+    try:
+        cfg, task = TuneConfig.model_validate(saved["config"]), TaskSpec.model_validate(saved["task"])
+        origin = Origin.model_validate(saved)
+    except (KeyError, ValidationError) as exc:
+        raise ConfigError(f"{name} is not a bbt run config: {exc}") from None
+    if not origin.data:
+        raise ConfigError(f"{name} does not say which data folder the run used")
+    return SavedRun(cfg, task, origin, len(saved["members"]) if index.exists() else None)
 
 
 def is_run(folder: str | Path) -> bool:

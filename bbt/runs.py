@@ -359,29 +359,27 @@ def run_gradient(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backe
     gradient.check(pm, cfg.method, cfg.prompt_length)
     if (out / rundir.CONFIG_FILE).exists():
         raise ConfigError(f"{out} already holds a run: pick another --out (nothing was overwritten)")
-    with contextlib.ExitStack() as owned:
-        with _undone_unless_spent(out):
-            owned.enter_context(rundir.running(out))  # until metrics.json is written
-            jsonfile.write(out / rundir.CONFIG_FILE, {"bbt_version": __version__, "config": cfg.model_dump(),
-                                                 "task": task.model_dump(), **(context or {})}, indent=2)
-            ledger = Ledger(cfg.budget, out / rundir.LEDGER_FILE)  # the no-prompt baseline is scored like any run's
-            try:
-                plain, _ = scoring.evaluate_split(Session(backend, cfg.model, ledger), task, data.test, None)
-            finally:
-                ledger.close()
+    recipe = gradient.Recipe.of(cfg)
+    # one block, as run_tune's: running.json goes when the run ends or fails, and before the folder
+    # is removed by a failure before anything was spent (once the plain model is scored, the ledger
+    # holds its requests, and a later failure leaves the folder as it is)
+    with _undone_unless_spent(out), rundir.running(out):
+        jsonfile.write(out / rundir.CONFIG_FILE, {"bbt_version": __version__, "config": cfg.model_dump(),
+                                             "task": task.model_dump(), **(context or {})}, indent=2)
+        ledger = Ledger(cfg.budget, out / rundir.LEDGER_FILE)  # the no-prompt baseline is scored like any run's
+        try:
+            plain, _ = scoring.evaluate_split(Session(backend, cfg.model, ledger), task, data.test, None)
+        finally:
+            ledger.close()
         log(f"no-prompt {data.test_name} accuracy: {plain.accuracy:.4f}")
-        opt, lr, source = gradient.DEFAULTS[cfg.method]
-        log(f"{cfg.method}: {opt}, learning rate {cfg.lr or lr} ({'given' if cfg.lr else source}), up to {cfg.epochs} "
-            f"epochs of batches of {cfg.batch_size}")
+        log(f"{cfg.method}: {recipe.optimizer}, learning rate {recipe.learning_rate} ({recipe.lr_source}), up to "
+            f"{cfg.epochs} epochs of batches of {cfg.batch_size}")
         with (out / rundir.LOG_FILE).open("w") as log_file:
             def on_epoch(record: dict) -> None:
                 log_file.write(jsonfile.dumps(record) + "\n")
                 log_file.flush()
 
-            result = gradient.train(pm, task, data.train.examples, data.train.labels, data.dev.examples, data.dev.labels,
-                                    method=cfg.method, length=cfg.prompt_length, seed=cfg.search, lr=cfg.lr,
-                                    epochs=cfg.epochs, batch_size=cfg.batch_size,
-                                    patience=10 if cfg.patience is None else cfg.patience, on_epoch=on_epoch)
+            result = gradient.train(pm, task, data.train, data.dev, recipe, on_epoch=on_epoch)
         result.peft_model.save_pretrained(str(out / rundir.ADAPTER_DIR))
         test_logits = gradient.predict_logits(pm, result.peft_model, task, data.test.examples, cfg.method)
         test = Evaluation.of(test_logits, data.test.labels, task.metric)
@@ -395,7 +393,8 @@ def run_gradient(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backe
             "epochs": result.epochs, "best_epoch": result.best_epoch, "stop_reason": result.stop_reason,
             "forward_passes": result.forward_passes + math.ceil(len(data.test) / 32),
             "backward_passes": result.backward_passes, "examples_seen": result.examples_seen,
-            "trainable_parameters": result.trainable_parameters, "learning_rate": cfg.lr or lr, "optimizer": opt,
+            "trainable_parameters": result.trainable_parameters, "learning_rate": recipe.learning_rate,
+            "optimizer": recipe.optimizer,
             "tuning_seconds": round(result.seconds, 3),
         }
         if task.metric == "f1":

@@ -3,7 +3,8 @@
 The search, the verbalizer choice, evaluation and ensembles all ask through a session, so what a
 paid query needs is written once: whether the budget affords it, the evaluation cache (an answer
 already paid for is not paid again, and says who paid it), and its line in the run's ledger. The
-model's card (`ModelInfo`, free) is asked once per session.
+model's card (`ModelInfo`, free) is asked once per session, and a split's token counts and hidden
+states' spread (`stats`, no query) once per template and split.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from dataclasses import dataclass, field
 
 from bbt.backends.base import Backend, PayerTagging
 from bbt.budget import Ledger
+from bbt.data import Split
 from bbt.errors import ConfigError
-from bbt.protocol import EvaluateRequest, EvaluateResponse, ModelInfo, Usage
+from bbt.protocol import EvaluateRequest, EvaluateResponse, ModelInfo, StatsRequest, StatsResponse, TaskSpec, Usage
 
 
 @dataclass
@@ -26,6 +28,7 @@ class Session:
     model: str
     ledger: Ledger | None = None
     card: ModelInfo | None = field(default=None, repr=False)  # the model's card, where the caller has it already
+    _stats: dict = field(default_factory=dict, init=False, repr=False)
 
     @property
     def info(self) -> ModelInfo:
@@ -33,6 +36,16 @@ class Session:
         if self.card is None:
             self.card = self.backend.model_info(self.model)
         return self.card
+
+    def stats(self, task: TaskSpec, split: Split) -> StatsResponse:
+        """Each input's tokens (template included, prompt excluded) and the spread of each layer's
+        hidden states on `split` under `task`'s template, asked of the backend once: the words and
+        label texts change neither (a verbalizer is read at {mask}; an encoder's label texts are
+        not its input), so the word choice and the search share one answer."""
+        key = (task.template, task.pair, id(split))
+        if key not in self._stats:  # the split is kept with its answer, so that its id is not reused
+            self._stats[key] = (split, self.backend.stats(StatsRequest(model=self.model, task=task, inputs=split.examples)))
+        return self._stats[key][1]
 
     def affordable(self, k: int, *, examples: int, tokens: int) -> int:
         """How many of `k` queries of `examples` inputs and `tokens` tokens each the budget still pays for."""

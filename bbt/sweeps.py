@@ -169,7 +169,7 @@ def run_cell(spec: SweepSpec, cell: Cell, out: Path, backend, log=lambda *a: Non
     """Run one cell (unless another worker holds it) and write its scores; its rows, or None if left to another."""
     from bbt.data import limit_test, load_task_folder
     from bbt import api
-    from bbt.rundir import is_run, load_artifact, prompt_at, read_metrics
+    from bbt.rundir import Origin, is_run, load_artifact, prompt_at, read_metrics
     from bbt.scoring import evaluate_split
     from bbt.session import Session
     from bbt.tasks import BUILTIN_TASKS, for_family, resolve_task
@@ -189,8 +189,9 @@ def run_cell(spec: SweepSpec, cell: Cell, out: Path, backend, log=lambda *a: Non
         task = for_family(task, backend.model_info(cfg.model).family)
         data = load_task_folder(data_dir, task, seed=cell.seed, k=cfg.k_shot, skip_bad_rows=cfg.skip_bad_rows)
         data = limit_test(data, spec.test_limit)
-        context = {"data": str(data_dir.resolve()), "endpoint": None, "sweep": str(out), "cell": cell.name,
-                   "dtype": backend.model_info(cfg.model).dtype}
+        origin = Origin(data=str(data_dir.resolve()), dtype=backend.model_info(cfg.model).dtype,
+                        test_limit=spec.test_limit)
+        context = {**origin.record(), "sweep": str(out), "cell": cell.name}
         key = "test_acc" if task.metric == "acc" else "test_f1"
         plain_key = "no_prompt_test_acc" if task.metric == "acc" else "no_prompt_test_f1"
         base = {"cell": cell.name, "task": cell.task, "seed": cell.seed, "method": cell.method,

@@ -34,7 +34,7 @@ from bbt.errors import ConfigError
 from bbt.optimizer import CMAES
 from bbt.prompt import Prompt
 from bbt.projection import normal_spec, uniform_spec
-from bbt.protocol import EvaluateRequest, ModelInfo, ProjectionSpec, StatsRequest, TaskSpec
+from bbt.protocol import EvaluateRequest, ModelInfo, ProjectionSpec, TaskSpec
 from bbt.session import Session
 
 
@@ -84,7 +84,7 @@ class Scorer:
 
     def __init__(self, session: Session, cfg: TuneConfig, task: TaskSpec, split: Split, *, tuning: bool = True):
         self.session, self.cfg, self.task, self.split, self.tuning = session, cfg, task, split, tuning
-        stats = session.backend.stats(StatsRequest(model=cfg.model, task=task, inputs=split.examples))
+        stats = session.stats(task, split)
         self.hidden_std = stats.hidden_std
         self.n = len(split)
         self.tokens = stats.tokens  # per example, template included, prompt excluded

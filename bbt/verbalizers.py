@@ -43,7 +43,7 @@ import numpy as np
 
 from bbt.data import Split
 from bbt.metrics import CHANCE_MARGIN
-from bbt.protocol import MAX_LABELS, MAX_WORDS_PER_LABEL, EvaluateRequest, StatsRequest, TaskSpec, words_of
+from bbt.protocol import MAX_LABELS, MAX_WORDS_PER_LABEL, EvaluateRequest, TaskSpec, words_of
 from bbt.session import Session
 
 CHOICES = (1, 2, 3, 5, 8)  # words per class tried when the number is not given
@@ -255,9 +255,8 @@ def _columns(words: list[list[tuple[str, float]]], names: list[str]) -> np.ndarr
 
 
 def _tokens(session: Session, task: TaskSpec, split: Split) -> int:
-    """Tokens one query of `split` bills. The words change none: a verbalizer is read at {mask}, and
-    a sentence encoder's label texts are not part of its input."""
-    return sum(session.backend.stats(StatsRequest(model=session.model, task=task, inputs=split.examples)).tokens)
+    """Tokens one query of `split` bills (the words change none: `Session.stats`)."""
+    return sum(session.stats(task, split).tokens)
 
 
 def _query(session: Session, task: TaskSpec, split: Split, tokens: int, *, labels: bool = True, top_words: int = 0):

@@ -43,10 +43,11 @@ def input_prompt(pm, task, data, test, args) -> list[float]:
     from servers import gradient  # the model side: torch, PEFT
 
     # test in the place of dev: the "best dev epoch" is then the epoch best on test (the oracle)
-    result = gradient.train(pm, task, data.train.examples, list(data.train.labels), test.examples, list(test.labels),
-                            method="prompt-tuning", length=args.prompt_length, seed=args.seed, epochs=args.epochs,
-                            patience=None, on_epoch=lambda r: emit(epoch=r["epoch"], train_loss=round(r["train_loss"], 4),
-                                                                   test=round(100 * r["dev_metric"], 1)))
+    recipe = gradient.Recipe("prompt-tuning", length=args.prompt_length, seed=args.seed, epochs=args.epochs,
+                             patience=None)
+    result = gradient.train(pm, task, data.train, test, recipe,
+                            on_epoch=lambda r: emit(epoch=r["epoch"], train_loss=round(r["train_loss"], 4),
+                                                    test=round(100 * r["dev_metric"], 1)))
     return [h["dev_metric"] for h in result.history]
 
 

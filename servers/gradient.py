@@ -20,15 +20,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bbt.data import Split
 from bbt.errors import ConfigError
 from bbt.protocol import Example, TaskSpec
 from servers.engine import PromptModel
 from servers.families import class_scores
+
+if TYPE_CHECKING:
+    from bbt.config import TuneConfig
 
 # method -> (optimizer, learning rate, where the default comes from)
 DEFAULTS: dict[str, tuple[str, float, str]] = {
@@ -38,6 +43,43 @@ DEFAULTS: dict[str, tuple[str, float, str]] = {
     "p-tuning-v2": ("adamw", 1e-2, "Liu et al. 2022: AdamW, learning rate 5e-3 to 1e-2 (1e-2 here), no reparameterization"),
 }
 PREFIX_METHODS = ("prefix-tuning", "p-tuning-v2")
+# epochs without a better dev score before a gradient run stops, unless told: TuneConfig's patience None
+# means never for a search, whose generations are cheap, but an epoch is a pass over the data
+GRADIENT_PATIENCE = 10
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a gradient method is trained (`train`): everything but the model, task and data."""
+
+    method: str  # a key of DEFAULTS
+    length: int  # virtual tokens
+    seed: int  # PEFT's initialisation and the order of the training examples
+    lr: float | None = None  # None: the method's paper's (DEFAULTS)
+    epochs: int = 30  # passes over the training split, at most
+    batch_size: int = 8  # examples per optimizer step
+    patience: int | None = GRADIENT_PATIENCE  # epochs without a better dev score before stopping; None: never
+
+    @classmethod
+    def of(cls, cfg: TuneConfig) -> Recipe:
+        """The recipe of a gradient run configured by `cfg`: its prompt length, its search seed, its
+        training settings, and GRADIENT_PATIENCE where it gives no patience."""
+        return cls(method=cfg.method, length=cfg.prompt_length, seed=cfg.search, lr=cfg.lr, epochs=cfg.epochs,
+                   batch_size=cfg.batch_size, patience=GRADIENT_PATIENCE if cfg.patience is None else cfg.patience)
+
+    @property
+    def optimizer(self) -> str:
+        return DEFAULTS[self.method][0]
+
+    @property
+    def learning_rate(self) -> float:
+        """The learning rate training uses: the one given, else the method's default."""
+        return DEFAULTS[self.method][1] if self.lr is None else self.lr
+
+    @property
+    def lr_source(self) -> str:
+        """Where `learning_rate` comes from, for a log line: "given", or the paper behind the default."""
+        return "given" if self.lr is not None else DEFAULTS[self.method][2]
 
 
 @dataclass
@@ -136,29 +178,29 @@ def predict_logits(pm: PromptModel, peft_model, task: TaskSpec, examples: list[E
     return torch.cat(out).numpy()
 
 
-def train(pm: PromptModel, task: TaskSpec, train_ex: list[Example], train_y: list[int], dev_ex: list[Example],
-          dev_y: list[int], *, method: str, length: int, seed: int, lr: float | None = None, epochs: int = 30,
-          batch_size: int = 8, patience: int | None = 10,
+def train(pm: PromptModel, task: TaskSpec, train_split: Split, dev_split: Split, recipe: Recipe, *,
           on_epoch: Callable[[dict], None] | None = None) -> GradientResult:
-    """Train a gradient method on the frozen model; the state best on dev (metric, then loss) is kept.
+    """Train `recipe.method` on the frozen model; the state best on dev (metric, then loss) is kept.
 
-    One epoch is one shuffled pass over train in batches of `batch_size` examples, then one scoring
-    of dev. `patience`: stop after that many epochs without a better dev score (None: never).
+    One epoch is one shuffled pass over `train_split` in batches of `recipe.batch_size` examples,
+    then one scoring of `dev_split`; training stops after `recipe.epochs` epochs, or after
+    `recipe.patience` epochs without a better dev score. `on_epoch` gets each epoch's record (the
+    entries of `GradientResult.history`) as soon as it is scored.
     """
     from peft import get_peft_model
 
-    check(pm, method, length)
-    opt_name, default_lr, _ = DEFAULTS[method]
-    lr = default_lr if lr is None else lr
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
+    method, batch_size, patience = recipe.method, recipe.batch_size, recipe.patience
+    train_ex, dev_ex = train_split.examples, dev_split.examples
+    check(pm, method, recipe.length)
+    torch.manual_seed(recipe.seed)
+    rng = np.random.default_rng(recipe.seed)
     base = copy.copy(pm.model)  # PEFT rebinds a few attributes of the model it wraps: not on the shared one
-    peft_model = get_peft_model(base, peft_config(method, pm.family.name, length, pm.hidden_size))
+    peft_model = get_peft_model(base, peft_config(method, pm.family.name, recipe.length, pm.hidden_size))
     params = [p for p in peft_model.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in params)
-    opt = _optimizer(opt_name, params, lr)
-    y_train = torch.tensor(train_y, device=pm.device)
-    y_dev = torch.tensor(dev_y, device=pm.device)
+    opt = _optimizer(recipe.optimizer, params, recipe.learning_rate)
+    y_train = torch.tensor(train_split.labels, device=pm.device)
+    y_dev = torch.tensor(dev_split.labels, device=pm.device)
     forward = backward = seen = 0
     best: tuple | None = None
     best_state, best_epoch, history = None, 0, []
@@ -166,7 +208,7 @@ def train(pm: PromptModel, task: TaskSpec, train_ex: list[Example], train_y: lis
     stop_reason = "epochs"
     epoch = 0
     with pm.lock, torch.inference_mode(False):
-        for epoch in range(1, epochs + 1):
+        for epoch in range(1, recipe.epochs + 1):
             peft_model.train()
             order = rng.permutation(len(train_ex))
             losses = []
@@ -180,7 +222,7 @@ def train(pm: PromptModel, task: TaskSpec, train_ex: list[Example], train_y: lis
                 loss = F.cross_entropy(logits, y_train[idx])
                 if not torch.isfinite(loss):
                     raise ConfigError(f"{method}: the training loss became {float(loss)} at epoch {epoch}; "
-                                      f"lower the learning rate (now {lr})")
+                                      f"lower the learning rate (now {recipe.learning_rate})")
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

@@ -189,7 +189,7 @@ def test_projection_spec_is_frozen():
 
 # ---- the scripting surface: backends, run, evaluate, predict, sweep ------------------------
 
-SURFACE = {"local", "remote", "run", "evaluate", "predict", "sweep"}
+SURFACE = {"local", "remote", "resume", "run", "evaluate", "predict", "sweep"}
 
 
 def test_the_surface_is_exported_and_not_shadowed_by_modules():
@@ -288,3 +288,37 @@ def test_no_import_cycle_among_a_packages_modules(package):
 
     for module in sorted(edges):
         visit(module)
+
+
+def test_run_with_resume_refuses_other_settings_and_continues_with_the_same(tiny_encoder, data_dir, tmp_path):
+    settings = dict(model=str(tiny_encoder), prompt_length=4, intrinsic_dim=8, popsize=4)
+    with bbt.local() as backend:
+        m = bbt.run("sst2", data_dir, out=tmp_path / "r", budget=8, seed=13, backend=backend, **settings)
+        with pytest.raises(ConfigError, match=r"started with seed=13, popsize=4: .*bbt.resume"):
+            bbt.run("sst2", data_dir, out=tmp_path / "r", budget=8, seed=14, backend=backend, **{**settings, "popsize": 6},
+                    resume=True)
+        again = bbt.run("sst2", data_dir, out=tmp_path / "r", budget=8, seed=13, backend=backend, resume=True, **settings)
+        assert again == m == bbt.resume(tmp_path / "r", backend=backend)  # finished: its metrics, nothing paid
+
+
+def test_a_run_through_a_remote_backend_records_its_server_and_resumes_there(tiny_encoder, data_dir, tmp_path,
+                                                                              monkeypatch):
+    from appserver import serving
+    from bbt.backends import local
+    from servers.app import create_app
+    from servers.service import ModelService
+
+    with serving(create_app(ModelService([str(tiny_encoder)], lazy=False))) as url:
+        with bbt.remote(url) as backend:
+            m = bbt.run("sst2", data_dir, out=tmp_path / "r", budget=8, seed=13, backend=backend,
+                        model=str(tiny_encoder), prompt_length=4, intrinsic_dim=8, popsize=4)
+        config = json.loads((tmp_path / "r" / "config.json").read_text())
+        assert config["endpoint"] == [url] and config["dtype"] == "float32"
+        (tmp_path / "r" / "metrics.json").unlink()  # as if cut short before it wrote them
+
+        def loaded_here(*args, **kwargs):
+            raise AssertionError("resumed in process, not through the run's server")
+
+        monkeypatch.setattr(local.LocalBackend, "__init__", loaded_here)
+        again = bbt.resume(tmp_path / "r")
+    assert again["test_acc"] == m["test_acc"] and again["queries_used"] == m["queries_used"]

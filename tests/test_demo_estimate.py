@@ -278,6 +278,6 @@ def test_demo_through_a_real_server(smollm2, tmp_path):
     url = re.search(r"server ready at (http://127\.0\.0\.1:\d+)", done.stdout).group(1)
     assert "server stopped" in done.stdout
     config = json.loads((out / "config.json").read_text())
-    assert config["endpoint"] == url
+    assert config["endpoint"] == [url]
     with pytest.raises(httpx.TransportError):  # the server is gone
         httpx.get(url + "/v1/health", timeout=2)

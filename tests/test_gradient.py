@@ -44,9 +44,8 @@ def test_training_lowers_the_loss_and_the_best_dev_state_is_kept(tiny_gpt2, loca
 
     pm = local_backend.service.get(str(tiny_gpt2))
     task = for_family(sst2_task, "causal")
-    result = gradient.train(pm, task, tiny_data.train.examples, tiny_data.train.labels, tiny_data.dev.examples,
-                            tiny_data.dev.labels, method="prompt-tuning", length=3, seed=0, epochs=8, batch_size=8,
-                            patience=None)
+    recipe = gradient.Recipe("prompt-tuning", length=3, seed=0, epochs=8, batch_size=8, patience=None)
+    result = gradient.train(pm, task, tiny_data.train, tiny_data.dev, recipe)
     losses = [r["train_loss"] for r in result.history]
     assert min(losses[1:]) < losses[0]
     best = max(result.history, key=lambda r: (r["dev_metric"], -r["dev_loss"]))
@@ -148,3 +147,70 @@ def test_an_adapter_peft_cannot_read_or_made_for_another_model_is_refused(damage
     if damage in ("other-width", "other-method"):
         assert "not made for this model and method" in err and ("64" in err or "PREFIX_TUNING" in err)
     assert (out / "metrics.json").read_text() == before
+
+
+def _run_gradient(tiny_gpt2, local_backend, tiny_data, sst2_task, out, **log):
+    from bbt import runs
+    from bbt.config import TuneConfig
+
+    cfg = TuneConfig(model=str(tiny_gpt2), method="prompt-tuning", prompt_length=3, epochs=2, batch_size=8, seed=13)
+    return runs.run_gradient(cfg, sst2_task, tiny_data, local_backend, out, **({"log": lambda _: None} | log))
+
+
+def _watch_training(monkeypatch, out, fail: bool = False) -> list[dict]:
+    """running.json as each epoch of the next gradient run finds it (read from inside training);
+    with `fail`, that run fails after its first epoch."""
+    from servers import gradient
+
+    seen, train = [], gradient.train
+
+    def watched(*args, on_epoch, **kwargs):
+        def each(record):
+            seen.append(json.loads((out / "running.json").read_text()))
+            on_epoch(record)
+            if fail:
+                raise RuntimeError("stopped in training")
+
+        return train(*args, on_epoch=each, **kwargs)
+
+    monkeypatch.setattr(gradient, "train", watched)
+    return seen
+
+
+def test_running_json_names_this_process_while_a_gradient_run_trains(tiny_gpt2, local_backend, tiny_data, sst2_task,
+                                                                     tmp_path, monkeypatch):
+    import os
+
+    out = tmp_path / "run"
+    seen = _watch_training(monkeypatch, out)
+    _run_gradient(tiny_gpt2, local_backend, tiny_data, sst2_task, out)
+    assert [s["pid"] for s in seen] == [os.getpid()] * 2  # each of the 2 epochs
+    assert (out / "metrics.json").is_file() and not (out / "running.json").exists()
+
+
+def test_a_gradient_run_that_fails_in_training_removes_running_json(tiny_gpt2, local_backend, tiny_data, sst2_task,
+                                                                     tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    seen = _watch_training(monkeypatch, out, fail=True)
+    with pytest.raises(RuntimeError, match="stopped in training"):
+        _run_gradient(tiny_gpt2, local_backend, tiny_data, sst2_task, out)
+    assert len(seen) == 1 and not (out / "running.json").exists()
+    # the plain model was scored (its requests are in the ledger): the folder stays, unfinished
+    assert (out / "config.json").is_file() and (out / "ledger.jsonl").stat().st_size > 0
+    assert not (out / "metrics.json").exists()
+
+
+def test_a_gradient_run_that_fails_before_spending_leaves_no_folder(tiny_gpt2, local_backend, tiny_data, sst2_task,
+                                                                     tmp_path, monkeypatch):
+    from bbt import scoring
+
+    out, held = tmp_path / "run", []
+
+    def refused(*args, **kwargs):
+        held.append((out / "running.json").exists())
+        raise RuntimeError("the server refused")
+
+    monkeypatch.setattr(scoring, "evaluate_split", refused)
+    with pytest.raises(RuntimeError, match="the server refused"):
+        _run_gradient(tiny_gpt2, local_backend, tiny_data, sst2_task, out)
+    assert held == [True] and not out.exists()

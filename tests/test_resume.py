@@ -197,3 +197,38 @@ def test_a_finished_run_folder_is_not_overwritten(tiny_encoder, data_dir, tmp_pa
     assert main(tune_args(tiny_encoder, data_dir, run, "--no-cache", budget=12)) == 1
     assert f"bbt tune --resume {run}" in capsys.readouterr().err
     assert (run / "ledger.jsonl").read_bytes() == before
+
+
+def test_bbt_resume_goes_back_to_the_server_the_run_was_tuned_through(clean_runs, tiny_encoder, data_dir, tmp_path,
+                                                                       monkeypatch):
+    """`bbt.resume(RUN)` continues a run stopped midway (Ctrl-C) against the endpoint its
+    config.json names, with no backend given and no model loaded here, and ends as the
+    uninterrupted run did."""
+    import bbt
+    from appserver import serving
+    from bbt.backends import http, local
+    from servers.app import create_app
+    from servers.service import ModelService
+
+    run = tmp_path / "run"
+    with serving(create_app(ModelService([str(tiny_encoder)], lazy=False))) as url:
+        calls, answer = [0], http.HTTPBackend.evaluate
+
+        def interrupted_at_the_fifth(self, request):
+            calls[0] += 1
+            if calls[0] == 5:
+                raise KeyboardInterrupt
+            return answer(self, request)
+
+        monkeypatch.setattr(http.HTTPBackend, "evaluate", interrupted_at_the_fifth)
+        assert main(tune_args(tiny_encoder, data_dir, run, "--no-cache", "--endpoint", url)) == 130
+        monkeypatch.undo()
+        assert (run / "ledger.jsonl").exists() and not (run / "metrics.json").exists()
+
+        def loaded_here(*args, **kwargs):
+            raise AssertionError("the run was resumed in process, not through its server")
+
+        monkeypatch.setattr(local.LocalBackend, "__init__", loaded_here)
+        m = bbt.resume(run)
+    assert m == json.loads((run / "metrics.json").read_text())
+    assert outcome(run) == outcome(clean_runs["bbt"])

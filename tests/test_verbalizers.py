@@ -208,14 +208,24 @@ def test_a_sentence_encoder_chooses_label_texts_from_the_training_words(tiny_enc
             assert t.startswith("It was ") and t[len("It was "):-1] in words
 
 
-def test_a_run_chooses_once_records_the_words_and_evaluates_with_them(tiny_gpt2, data_dir, tmp_path, capsys):
+def test_a_run_chooses_once_records_the_words_and_evaluates_with_them(tiny_gpt2, data_dir, tmp_path, capsys,
+                                                                      monkeypatch):
+    from bbt.backends.local import LocalBackend
     from bbt.cli import main
 
+    asked, stats = [], LocalBackend.stats
+
+    def counted(self, request):
+        asked.append((request.task.template, tuple(e.text for e in request.inputs)))
+        return stats(self, request)
+
+    monkeypatch.setattr(LocalBackend, "stats", counted)
     out = tmp_path / "run"
     args = ["tune", "--model", str(tiny_gpt2), "--task", "sst2", "--data", str(data_dir), "--seed", "13",
             "--prompt-length", "4", "--intrinsic-dim", "8", "--popsize", "4", "--budget", "20",
             "--verbalizer", "auto", "--label-words", "3", "--out", str(out), "--no-cache", "--quiet"]
     assert main(args) == 0  # 3 words each, so that the words differ from the task's own
+    assert len(asked) == len(set(asked)) == 2  # train's stats, shared by the word choice and the search; dev's
     metrics = json.loads((out / "metrics.json").read_text())
     v = metrics["verbalizer"]
     assert metrics["queries_used"] <= 20 and v["queries"] == 2 and v["label_words"] == 3
