@@ -15,6 +15,8 @@ about 4 MB each) and a generation moves only one of them, so a checkpoint of Smo
 layers writes 4 MB instead of 120. The path (z after each generation, for the prompt at any
 budget) is kept as the layers each point changed: a BBTv2 point adds one layer's z (4 kB), where
 the whole z (120 kB, all 30 layers) made an 8000-query run rewrite 48 MB of path per generation.
+Once the run is finished (metrics.json written), its checkpoint is written once more without the
+CMA-ES, which nothing needs again: what stays is the few MB at most that rewrite prompt.json.
 
 Every file is written to a temporary name, fsynced, then renamed; parts go first, then
 state.json, which names the parts it needs; parts no longer named are removed last. So a kill at
@@ -41,8 +43,10 @@ from bbt.protocol import ProjectionSpec, TaskSpec
 from bbt.tuner import Evaluation, TuneState
 from bbt.verbalizers import Choice
 
-FORMAT = 4  # 4: the path as changed layers; 3: as whole z (still read); 1 and 2: RUN/state.pkl (refused)
-READS = (3, 4)
+# 5: a finished search's state without its CMA-ES; 4: the path as changed layers; 3: as whole z (4 and 3
+# still read); 1 and 2: RUN/state.pkl (refused)
+FORMAT = 5
+READS = (3, 4, 5)
 LEGACY_FILE = "state.pkl"
 
 
@@ -90,11 +94,12 @@ def _encode(state: RunState, arrays: dict[str, np.ndarray], optimizers: list[CMA
         path_layers = []
         if s.path:
             arrays["path_rows"], path_layers = _path_changes([z for _, z in s.path])
-        optimizers += s.optimizers
+        if s.stop_reason is None:  # a finished search needs none of them again (TuneState.stop_reason)
+            optimizers += s.optimizers
         out["tuning"] = {
             "prompt": {"projections": [spec.model_dump(mode="json") for spec in p.projections],
                        "prompt_length": p.prompt_length, "init_seed": p.init_seed, "init_text": p.init_text},
-            "optimizers": len(s.optimizers),
+            "optimizers": len(optimizers), "stop_reason": s.stop_reason,
             "best_train": _evaluation(s.best_train), "best_dev": _evaluation(s.best_dev),
             "chosen_train": _evaluation(s.chosen_train), "generation": s.generation, "seconds": s.seconds,
             "ledger_step": s.ledger_step, "history": s.history, "path_queries": [q for q, _ in s.path],
@@ -129,7 +134,7 @@ def _decode(data: dict, arrays: dict[str, np.ndarray], optimizers: list[CMAES]) 
             ledger_step=t["ledger_step"], history=t["history"],
             path=[(q, path_z[i].copy()) for i, q in enumerate(t["path_queries"])], stage=t["stage"],
             local_base=arrays.get("local_base"), local_losses=t["local_losses"], fold=t["fold"],
-            fold_start=t["fold_start"], chosen_fold=t["chosen_fold"])
+            fold_start=t["fold_start"], chosen_fold=t["chosen_fold"], stop_reason=t.get("stop_reason"))
     return RunState(plain=_evaluation_of(data["plain"]), ledger_step=data["ledger_step"], tuning=tuning,
                     choice=choice, chosen_plain=_evaluation_of(data["chosen_plain"]))
 

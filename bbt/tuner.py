@@ -210,6 +210,9 @@ class TuneState:
     fold: int = 0
     fold_start: int = 0
     chosen_fold: int = 0
+    # why the search ended, once it has: a finished search answers from its state alone, so the
+    # checkpoint a finished run keeps holds no CMA-ES (BBTv2 on SmolLM2: 4 kB of z, not 120 MB)
+    stop_reason: str | None = None
 
 
 def start_state(cfg: TuneConfig, info: ModelInfo, hidden_std: list[float], init_text: str | None = None) -> TuneState:
@@ -262,13 +265,15 @@ def search(session: Session, cfg: TuneConfig, task: TaskSpec, train: Split, dev:
                                 derive_seed(cfg.seed, _INIT))
         state = start_state(cfg, session.info, train_scorer.hidden_std, text)
     s = state
+    half = None if cfg.folds == 1 else cfg.budget.queries // 2  # queries of the first fold (TuneConfig.folds)
+    if s.stop_reason is not None:  # a finished search (a finished run's checkpoint): its result, no query
+        return _result(s, s.seconds, s.stop_reason, two_folds=half is not None)
     prompt, layers = s.prompt, len(s.optimizers)
     start = time.perf_counter() - s.seconds
     stop_reason = "budget"
     max_generations = None if cfg.rounds is None else cfg.rounds * layers
     # the second stage takes the last local_share of the query budget (TuneConfig.local)
     first_stage = None if cfg.local == "none" else cfg.budget.queries - round(cfg.local_share * cfg.budget.queries)
-    half = None if cfg.folds == 1 else cfg.budget.queries // 2  # queries of the first fold (TuneConfig.folds)
 
     def finish(record: dict) -> None:
         """Book a completed generation (or second-stage window): state, path, log and checkpoint."""
@@ -357,11 +362,17 @@ def search(session: Session, cfg: TuneConfig, task: TaskSpec, train: Split, dev:
         finish(record)
     if s.stage == "local":
         stop_reason = _second_stage(s, cfg, prompt, train_scorer, check_dev, finish)
+    s.stop_reason = stop_reason
+    return _result(s, time.perf_counter() - start, stop_reason, two_folds=half is not None)
+
+
+def _result(s: TuneState, seconds: float, stop_reason: str, *, two_folds: bool) -> TuneResult:
+    """What a search returns from its state: the prompt picked on dev, with its scores."""
     fitted, held_out = s.chosen_train or s.best_train, s.best_dev
     if s.chosen_fold == 1:  # fitted to dev, checked on train: report each score under its split
         fitted, held_out = held_out, fitted
     return TuneResult(
-        prompt=prompt, train=fitted, dev=held_out, generations=s.generation, fold=s.chosen_fold if half else None,
-        seconds=time.perf_counter() - start, stop_reason=stop_reason, history=s.history, path=s.path,
-        above_chance=None if s.best_dev is None else s.best_dev.above_chance,
+        prompt=s.prompt, train=fitted, dev=held_out, generations=s.generation,
+        fold=s.chosen_fold if two_folds else None, seconds=seconds, stop_reason=stop_reason, history=s.history,
+        path=s.path, above_chance=None if s.best_dev is None else s.best_dev.above_chance,
     )

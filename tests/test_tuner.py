@@ -186,6 +186,32 @@ def test_rounds_end_the_run_before_the_budget(tiny_encoder, local_backend, tiny_
     assert ledger.tuning.queries == 4 * 3 * layers + dev_queries == result.history[-1]["queries_used"]
 
 
+def test_a_finished_search_answers_from_its_checkpoint_without_cma_es(tiny_encoder, local_backend, tiny_data,
+                                                                        sst2_task, tmp_path):
+    """Stopped by --rounds with budget left, the hard case: its final checkpoint, saved without
+    CMA-ES, gives the same result again and spends no query (a finished run's prompt.json rewritten)."""
+    from bbt import checkpoint
+    from bbt.checkpoint import RunState
+    from bbt.tuner import Evaluation
+
+    cfg = _cfg(tiny_encoder, budget=10_000, method="bbtv2", rounds=2, popsize=4)
+    states = []
+    first = tune(local_backend, cfg, sst2_task, tiny_data.train, tiny_data.dev, Ledger(cfg.budget),
+                 on_state=states.append)
+    assert first.stop_reason == "rounds" and states[-1].stop_reason == "rounds"
+    path = tmp_path / "state.json"
+    checkpoint.save(path, RunState(plain=Evaluation(0.7, 0.5, 0.5), ledger_step=0, tuning=states[-1]))
+    assert [part.name.split("-")[0] for part in checkpoint.parts_dir(path).iterdir()] == ["arrays"]
+    ledger = Ledger(cfg.budget)
+    again = tune(local_backend, cfg, sst2_task, tiny_data.train, tiny_data.dev, ledger,
+                 state=checkpoint.load(path).tuning)
+    assert ledger.tuning.queries == ledger.evaluation.queries == 0
+    assert np.array_equal(again.prompt.z, first.prompt.z) and again.prompt.projections == first.prompt.projections
+    assert (again.train, again.dev, again.generations, again.stop_reason, again.history) == (
+        first.train, first.dev, first.generations, first.stop_reason, first.history)
+    assert [q for q, _ in again.path] == [q for q, _ in first.path]
+
+
 @pytest.mark.parametrize("method", ["bbt", "bbtv2"])
 def test_patience_ends_the_run_when_dev_stops_improving(tiny_encoder, local_backend, tiny_data, sst2_task, method):
     """--patience G: the run stops G generations after the last better dev score, and returns that prompt."""

@@ -264,6 +264,8 @@ def test_a_checkpoint_of_an_earlier_bbt_is_refused_with_the_way_on(finished_run,
 
 
 def test_a_damaged_prompt_file_says_how_to_write_it_again(finished_run, capsys):
+    """From a finished run's checkpoint, which keeps no CMA-ES: the arrays and state.json only."""
+    assert [p.name.split("-")[0] for p in (finished_run / "state.parts").iterdir()] == ["arrays"]
     prompt = (finished_run / "prompt.json").read_text()
     before = json.loads((finished_run / "metrics.json").read_text())
     (finished_run / "prompt.json").write_text(prompt[: len(prompt) // 2])
