@@ -10,8 +10,9 @@ where a method is sent to its runner for the CLI, sweeps and the demo alike.
         print(bbt.predict("runs/sst2", ["a gripping film"], backend=backend))
 
 Every function takes run folders by path and the budget once (in queries), and returns plain
-dicts, as the command line prints them. Without a `backend`, each call runs the model in this
-process. Defaults are TuneConfig's and the backends' own, as on the command line. The pieces
+dicts, as the command line prints them. Without a `backend`, `run` runs the model in this
+process, and `resume`, `evaluate` and `predict` go where the run was tuned (the server its
+config.json names, else the model in this process, in the run's precision), as the command line does. Defaults are TuneConfig's and the backends' own, as on the command line. The pieces
 underneath (`bbt.tuner.tune`, `bbt.runs.run_tune`, `bbt.ensemble`) stay available for finer control.
 """
 
@@ -50,15 +51,31 @@ def remote(url: str | list[str], *, api_key: str | None = None, timeout: float =
 
 
 @contextmanager
-def _backend(backend: Backend | None):
+def _backend(backend: Backend | None, run: str | Path | None = None):
+    """`backend`, or one opened for the block: where `run` was tuned (`_open_origin`), or without
+    a run the model in this process."""
     if backend is not None:
         yield backend
         return
-    owned = local()
+    owned = local() if run is None else _open_origin(run)
     try:
         yield owned
     finally:
         owned.close()
+
+
+def _open_origin(run: str | Path, *, api_key: str | None = None, timeout: float = TIMEOUT,
+                 wait: float = WAIT) -> Backend:
+    """A backend where the run in folder `run` was tuned, as its config.json records it: the server
+    (vLLM stays vLLM; it has answered this run before, so it gets the whole `wait` from the first
+    request), else the model in this process, in the precision the run was paid in."""
+    from bbt.rundir import Origin, is_run, load_run_config
+
+    origin = Origin.model_validate(load_run_config(run)) if is_run(run) else Origin()
+    if origin.endpoint:
+        return open_backend(origin.endpoint, engine=origin.engine_choice, model_files=origin.model_files,
+                            api_key=api_key, timeout=timeout, wait=wait, first_contact_wait=None)
+    return open_backend(dtype=origin.dtype)
 
 
 def tune(cfg: TuneConfig, task: TaskSpec, data: TaskData, backend: Backend, out: str | Path, *,
@@ -153,10 +170,8 @@ def resume(run: str | Path, *, backend: Backend | None = None, api_key: str | No
     data = load_task_folder(origin.data, saved.task, seed=cfg.seed, k=cfg.k_shot, skip_bad_rows=cfg.skip_bad_rows)
     data = limit_test(data, origin.test_limit)
     owned = backend is None
-    if owned:  # the server has answered this run before: it gets the whole `wait` from the first request
-        backend = open_backend(origin.endpoint, engine=origin.engine_choice, model_files=origin.model_files,
-                               dtype=None if origin.endpoint else origin.dtype, api_key=api_key, timeout=timeout,
-                               wait=wait, first_contact_wait=None)
+    if owned:
+        backend = _open_origin(run, api_key=api_key, timeout=timeout, wait=wait)
     try:
         served_dtype(backend, cfg.model, origin.dtype, wanted_by=f"{run} was paid in")
         return tune(cfg, saved.task, data, backend, run, ensemble=saved.ensemble, resume=True,
@@ -200,7 +215,8 @@ def evaluate(runs: str | Path | list, *, split: str = "test", data: str | Path |
     """Scores on a split of a run's data: the tuned prompt beside its untuned start (z = 0) and the
     model without a prompt; several runs (or an ensemble folder): the ensemble, every member (one
     request per batch of inputs for all of them), their mean and the best; a gradient baseline:
-    its adapter, in process. `progress`: a progress bar on stderr for each scoring pass."""
+    its adapter, in process. `progress`: a progress bar on stderr for each scoring pass. Without a
+    `backend`, asked where the (first) run was tuned."""
     from bbt import ensemble as ens
     from bbt.rundir import is_gradient_run, load_artifact, member_runs
     from bbt.scoring import evaluate_split, scoring_bar
@@ -208,7 +224,7 @@ def evaluate(runs: str | Path | list, *, split: str = "test", data: str | Path |
     if split not in ("train", "dev", "test"):
         raise ConfigError(f"split {split!r}: train, dev or test")
     members = member_runs(runs if isinstance(runs, list) else [runs])
-    with _backend(backend) as b:
+    with _backend(backend, members[0]) as b:
         if len(members) == 1 and is_gradient_run(members[0]):
             return _evaluate_gradient(members[0], split, data, b, progress)
         artifacts = [load_artifact(r) for r in members]
@@ -276,7 +292,8 @@ def _evaluate_gradient(run: Path, split: str, data, backend: Backend, progress: 
 def predict(runs: str | Path | list, texts: list[str], *, pairs: list[str] | None = None, vote: str = "majority",
             backend: Backend | None = None) -> list[dict]:
     """{"text", "label", "probs"} for each text: one run, an ensemble (several runs or an ensemble
-    folder; label by `vote`, probabilities the members' mean) or a gradient baseline."""
+    folder; label by `vote`, probabilities the members' mean) or a gradient baseline. Without a
+    `backend`, asked where the (first) run was tuned."""
     from bbt import ensemble as ens
     from bbt.protocol import Example, TaskSpec
     from bbt.rundir import is_gradient_run, load_artifact, load_run_config, member_runs
@@ -284,7 +301,7 @@ def predict(runs: str | Path | list, texts: list[str], *, pairs: list[str] | Non
     from bbt.runs import predict as predict_prompts
 
     members = member_runs(runs if isinstance(runs, list) else [runs])
-    with _backend(backend) as b:
+    with _backend(backend, members[0]) as b:
         if len(members) == 1 and is_gradient_run(members[0]):
             task = TaskSpec.model_validate(load_run_config(members[0])["task"])
             if task.pair and (pairs is None or len(pairs) != len(texts)):

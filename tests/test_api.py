@@ -301,8 +301,8 @@ def test_run_with_resume_refuses_other_settings_and_continues_with_the_same(tiny
         assert again == m == bbt.resume(tmp_path / "r", backend=backend)  # finished: its metrics, nothing paid
 
 
-def test_a_run_through_a_remote_backend_records_its_server_and_resumes_there(tiny_encoder, data_dir, tmp_path,
-                                                                              monkeypatch):
+def test_a_run_through_a_remote_backend_is_resumed_and_scored_on_its_server(tiny_encoder, data_dir, tmp_path,
+                                                                             monkeypatch):
     from appserver import serving
     from bbt.backends import local
     from servers.app import create_app
@@ -321,4 +321,8 @@ def test_a_run_through_a_remote_backend_records_its_server_and_resumes_there(tin
 
         monkeypatch.setattr(local.LocalBackend, "__init__", loaded_here)
         again = bbt.resume(tmp_path / "r")
+        scored = bbt.evaluate(tmp_path / "r")  # no backend: the run's server, as bbt evaluate asks it
+        rows = bbt.predict(tmp_path / "r", ["a great film"])
     assert again["test_acc"] == m["test_acc"] and again["queries_used"] == m["queries_used"]
+    assert scored["acc"] == pytest.approx(m["test_acc"]) and scored["no_prompt_acc"] == pytest.approx(m["no_prompt_test_acc"])
+    assert rows[0]["label"] in ("negative", "positive")
