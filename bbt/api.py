@@ -12,7 +12,8 @@ where a method is sent to its runner for the CLI, sweeps and the demo alike.
 Every function takes run folders by path and the budget once (in queries), and returns plain
 dicts, as the command line prints them. Without a `backend`, `run` runs the model in this
 process, and `resume`, `evaluate` and `predict` go where the run was tuned (the server its
-config.json names, else the model in this process, in the run's precision), as the command line does. Defaults are TuneConfig's and the backends' own, as on the command line. The pieces
+config.json names, else the model in this process, in the run's precision), as the command line
+does. Defaults are TuneConfig's and the backends' own, as on the command line. The pieces
 underneath (`bbt.tuner.tune`, `bbt.runs.run_tune`, `bbt.ensemble`) stay available for finer control.
 """
 
@@ -30,6 +31,7 @@ from bbt.config import GRADIENT_METHODS, TuneConfig
 from bbt.data import TaskData
 from bbt.errors import ConfigError, DataError
 from bbt.protocol import TaskSpec
+from bbt.rundir import Origin
 from bbt.session import Session
 
 # the CLI's --budget default: the papers' (BBT: 8000 queries)
@@ -57,21 +59,20 @@ def _backend(backend: Backend | None, run: str | Path | None = None):
     if backend is not None:
         yield backend
         return
-    owned = local() if run is None else _open_origin(run)
+    from bbt.rundir import origin_of
+
+    owned = local() if run is None else _open_origin(origin_of(run))
     try:
         yield owned
     finally:
         owned.close()
 
 
-def _open_origin(run: str | Path, *, api_key: str | None = None, timeout: float = TIMEOUT,
+def _open_origin(origin: Origin, *, api_key: str | None = None, timeout: float = TIMEOUT,
                  wait: float = WAIT) -> Backend:
-    """A backend where the run in folder `run` was tuned, as its config.json records it: the server
-    (vLLM stays vLLM; it has answered this run before, so it gets the whole `wait` from the first
-    request), else the model in this process, in the precision the run was paid in."""
-    from bbt.rundir import Origin, is_run, load_run_config
-
-    origin = Origin.model_validate(load_run_config(run)) if is_run(run) else Origin()
+    """A backend where a run was tuned (`origin`, from its folder): the server (vLLM stays vLLM; it
+    has answered this run before, so it gets the whole `wait` from the first request), else the
+    model in this process, in the precision the run was paid in."""
     if origin.endpoint:
         return open_backend(origin.endpoint, engine=origin.engine_choice, model_files=origin.model_files,
                             api_key=api_key, timeout=timeout, wait=wait, first_contact_wait=None)
@@ -106,7 +107,6 @@ def run(task: str, data: str | Path, *, out: str | Path, budget: int | None = DE
     (method, model, prompt_length, init, ...). `resume`: continue the run in `out` as `resume`
     does; the settings given must be the run's own."""
     from bbt.data import load_task_folder
-    from bbt.rundir import Origin
     from bbt.tasks import resolve_task
 
     cfg = TuneConfig(seed=seed, budget=Budget(queries=budget), **settings)
@@ -171,7 +171,7 @@ def resume(run: str | Path, *, backend: Backend | None = None, api_key: str | No
     data = limit_test(data, origin.test_limit)
     owned = backend is None
     if owned:
-        backend = _open_origin(run, api_key=api_key, timeout=timeout, wait=wait)
+        backend = _open_origin(origin, api_key=api_key, timeout=timeout, wait=wait)  # an ensemble's: its index's
     try:
         served_dtype(backend, cfg.model, origin.dtype, wanted_by=f"{run} was paid in")
         return tune(cfg, saved.task, data, backend, run, ensemble=saved.ensemble, resume=True,

@@ -41,7 +41,6 @@ def default_cache_path() -> Path | None:
     return root / "bbt" / "evaluations.sqlite"
 
 
-
 def with_cache(backend: Backend, path: str | Path | None = None, *, enabled: bool = True, warn=None) -> Backend:
     """`backend` behind the evaluation cache at `path` (None: `default_cache_path()`), or `backend`
     itself when `enabled` is False or $BBT_CACHE is off. A cache the user named (`path` or
@@ -61,6 +60,7 @@ def with_cache(backend: Backend, path: str | Path | None = None, *, enabled: boo
         if warn is not None:
             warn(f"{exc}; going on without a cache")
         return backend
+
 
 class EvaluationCache:
     """Answers by key in one SQLite file; safe to share between threads, processes and runs."""

@@ -530,11 +530,11 @@ def _tuned_through(args, run: Path, command: str) -> None:
     """Unless --endpoint or --in-process says where the model is, point `args` at the server a run
     was tuned through (its config.json: endpoint, engine and model files), said on stderr; left
     alone for a run tuned in process (or a folder with a prompt.json alone, which does not say)."""
-    from bbt.rundir import Origin, is_run, load_run_config
+    from bbt.rundir import origin_of
 
     if args.in_process and args.endpoint:
         raise ConfigError("--in-process runs the model here and --endpoint asks a server: give one of them")
-    origin = Origin.model_validate(load_run_config(run)) if is_run(run) else Origin()
+    origin = origin_of(run)
     if args.dtype is None and not args.endpoint:
         args.dtype = origin.dtype  # scored in the precision it was tuned in
     if args.endpoint or args.in_process or not origin.endpoint:

@@ -77,8 +77,9 @@ def _tune(cfg: TuneConfig, task: TaskSpec, data: TaskData, out: str, endpoint: s
     """The demo's run through the one entry point, against the server at `endpoint` (None: in process)."""
     from bbt import api
 
-    with api.open_backend([endpoint] if endpoint else None, engine="bbt") as backend:
-        return api.tune(cfg, task, data, backend, out, context=Origin(data=str(DEMO_DIR), endpoint=[endpoint] if endpoint else None).record(),
+    urls = [endpoint] if endpoint else None
+    with api.open_backend(urls, engine="bbt") as backend:
+        return api.tune(cfg, task, data, backend, out, context=Origin(data=str(DEMO_DIR), endpoint=urls).record(),
                         progress=sys.stderr.isatty(), replace=True)  # a demo run again replaces the last one
 
 

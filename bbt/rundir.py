@@ -168,6 +168,12 @@ class Origin(BaseModel):
         return "vllm" if str(self.engine or "").startswith("vllm") else "auto"
 
 
+def origin_of(run: str | Path) -> Origin:
+    """Where the run in folder `run` came from (its config.json); nothing known for a folder that is
+    not a run's (an exported prompt)."""
+    return Origin.model_validate(load_run_config(run)) if is_run(run) else Origin()
+
+
 @dataclass(frozen=True)
 class SavedRun:
     """What continues a run folder or an ensemble folder: its settings, task and origin."""

@@ -326,3 +326,26 @@ def test_a_run_through_a_remote_backend_is_resumed_and_scored_on_its_server(tiny
     assert again["test_acc"] == m["test_acc"] and again["queries_used"] == m["queries_used"]
     assert scored["acc"] == pytest.approx(m["test_acc"]) and scored["no_prompt_acc"] == pytest.approx(m["no_prompt_test_acc"])
     assert rows[0]["label"] in ("negative", "positive")
+
+
+def test_an_ensemble_tuned_through_a_server_is_resumed_there(tiny_encoder, data_dir, tmp_path, monkeypatch):
+    """An ensemble folder holds no config.json: where it was tuned is read from its ensemble.json."""
+    from appserver import serving
+    from bbt.backends import local
+    from servers.app import create_app
+    from servers.service import ModelService
+
+    out = tmp_path / "e"
+    with serving(create_app(ModelService([str(tiny_encoder)], lazy=False))) as url:
+        with bbt.remote(url) as backend:
+            m = bbt.run("sst2", data_dir, out=out, budget=16, seed=13, backend=backend, ensemble=2,
+                        model=str(tiny_encoder), prompt_length=4, intrinsic_dim=8, popsize=4)
+        assert json.loads((out / "ensemble.json").read_text())["endpoint"] == [url]
+        (out / "metrics.json").unlink()  # cut after its members finished, before the ensemble was scored
+
+        def loaded_here(*args, **kwargs):
+            raise AssertionError("resumed in process, not through the ensemble's server")
+
+        monkeypatch.setattr(local.LocalBackend, "__init__", loaded_here)
+        again = bbt.resume(out)
+    assert again["test_acc"] == m["test_acc"] and again["members"] == 2
